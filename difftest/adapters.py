@@ -1,0 +1,77 @@
+"""Adapters to the engines our users run: ``vllm`` and ``sglang``.
+
+Each adapter points a dialect at the engine's installed op; the ops already
+follow DESIGN.md's calling conventions (which were taken from them), so an
+adapter is a lookup, not a wrapper. Names register only when the engine is
+importable; asking for an absent one is a usage error that says what to
+install. The lookups go through :data:`SOURCES`, which tests replace with
+fakes of the same signature to pin the conventions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any, Callable
+
+from .errors import ImplementationError
+
+# engine -> dialect -> candidate (module, attribute) pairs, first importable wins
+SOURCES: dict[str, dict[str, list[tuple[str, str]]]] = {
+    "vllm": {
+        "vllm-lora": [("vllm._custom_ops", "moe_lora_align_block_size")],
+        "align": [("vllm._custom_ops", "moe_align_block_size")],
+    },
+    "sglang": {
+        "sglang-lora": [("sglang.jit_kernel.moe_lora_align", "moe_lora_align_block_size"),
+                        ("sgl_kernel", "moe_lora_align_block_size")],
+    },
+}
+
+_INSTALL_HINT = {"vllm": "pip install vllm", "sglang": "pip install sglang sgl-kernel"}
+
+
+def _top_module(engine: str) -> str:
+    return SOURCES[engine][next(iter(SOURCES[engine]))][0][0].split(".")[0]
+
+
+def importable(engine: str) -> bool:
+    """True when the engine's top-level package can be found (nothing is imported)."""
+    try:
+        return importlib.util.find_spec(_top_module(engine)) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _lookup(engine: str, dialect: str) -> Callable[..., Any] | None:
+    for module_name, attr in SOURCES[engine][dialect]:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        fn = getattr(module, attr, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def load(engine: str) -> dict[str, Callable[..., Any]]:
+    """The engine's ops by dialect (only those present in the installed version)."""
+    ops = {d: fn for d in SOURCES[engine] if (fn := _lookup(engine, d)) is not None}
+    if not ops:
+        raise ImplementationError(
+            f"--impl {engine}: {engine} is installed but has none of "
+            f"{[f'{m}.{a}' for c in SOURCES[engine].values() for m, a in c]}")
+    return ops
+
+
+def implementation(engine: str) -> Any:
+    from .registry import Implementation
+
+    if not importable(engine):
+        raise ImplementationError(
+            f"--impl {engine}: the {engine} package is not importable here; install it "
+            f"({_INSTALL_HINT[engine]}) or choose another implementation (see `difftest list`)")
+    dialects = tuple(load(engine))
+    return Implementation(engine, engine, dialects, ("cuda",), stable=False,
+                          summary=f"the installed {engine} ops")

@@ -1,0 +1,425 @@
+"""``difftest`` — the command line (DESIGN.md; exit codes are binding).
+
+Exit 0: no failure. Exit 1: failures found (the run directory says which).
+Exit 2: usage or input error — one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import DifftestError, UsageError
+
+EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage)
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= i < n")
+    return i, n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="difftest", description="Differential testing of MoE align kernels "
+                "against an exact oracle.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("list", help="implementations, dialects, faults, edge classes")
+
+    def common_impl(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--impl", required=True, help="torch, torch:<fault>, cuda, "
+                        "cuda:<fault>, vllm, sglang, py:package.module:function")
+        sp.add_argument("--dialect", help="align, vllm-lora, sglang-lora, ep-remap")
+        sp.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+        sp.add_argument("--timeout", type=_positive_float, default=None,
+                        help="seconds a case may take before it is a timeout (default 5; "
+                        "60 for the first call, which may build kernels)")
+
+    run = sub.add_parser("run", help="run a campaign against the oracle")
+    common_impl(run)
+    run.add_argument("--contract", choices=("production", "defensive", "all"), default="all")
+    run.add_argument("--max-examples", type=_positive_int)
+    run.add_argument("--seconds", type=_positive_float)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--out", type=Path)
+    run.add_argument("--profile", choices=("ci", "dev", "nightly"),
+                     help="budget preset: ci (bounded, derandomised), dev, nightly (long)")
+    run.add_argument("--shrink-seconds", type=_positive_float, default=30.0,
+                     help="shrinking budget per failure signature (default 30)")
+    run.add_argument("--no-shrink", action="store_true", help="report failures unshrunk")
+    run.add_argument("--junit", type=Path, help="also write JUnit XML here")
+    run.add_argument("--db", type=Path, default=Path(".difftest/db"),
+                     help="failure database replayed first (default .difftest/db)")
+    run.add_argument("--no-db", action="store_true", help="neither replay nor save failures")
+    run.add_argument("--workers", type=_positive_int, default=1,
+                     help="parallel workers, one per GPU on CUDA; logs merged into --out")
+    run.add_argument("--gpus", help="'all' or a count: one worker per GPU")
+    run.add_argument("--shard", type=_shard, help="i/n: this CI shard (seed derived from it)")
+    run.add_argument("--in-process", action="store_true",
+                     help="run the implementation in this process (no crash isolation)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rp = sub.add_parser("replay", help="re-run one saved case")
+    rp.add_argument("case", type=Path)
+    common_impl(rp)
+
+    mn = sub.add_parser("minimize", help="shrink a failing case and write a bug report")
+    mn.add_argument("case", type=Path)
+    common_impl(mn)
+    mn.add_argument("--out", type=Path)
+    mn.add_argument("--shrink-seconds", type=_positive_float, default=60.0)
+
+    rpt = sub.add_parser("report", help="rebuild the HTML summary of a run directory")
+    rpt.add_argument("dir", type=Path)
+
+    sc = sub.add_parser("selfcheck", help="run every shipped fault, show what was caught")
+    sc.add_argument("--device", choices=("cpu", "cuda"))
+    sc.add_argument("--seconds", type=_positive_float, default=30.0,
+                    help="budget per fault (default 30)")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--out", type=Path)
+    sc.add_argument("--faults", help="comma-separated subset of fault names")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        ns = build_parser().parse_args(argv)
+        ns._argv = list(argv) if argv is not None else sys.argv[1:]
+        return _COMMANDS[ns.command](ns)
+    except DifftestError as exc:
+        text = str(exc).strip()
+        # build errors carry a compiler log worth reading whole; anything else is one line
+        print(f"difftest: {text if 'nvcc' in text else ' '.join(text.split())}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError) as exc:  # a caller error raised below us (oracle, cases)
+        print(f"difftest: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("difftest: interrupted; what was recorded so far is kept", file=sys.stderr)
+        return 130
+
+
+# -- helpers -----------------------------------------------------------------
+def default_device() -> str:
+    if os.environ.get("DIFFTEST_DEVICE"):
+        return os.environ["DIFFTEST_DEVICE"]
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    # device count only: creates no CUDA context in this process
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device_for(impl: Any, requested: str | None) -> str:
+    device = requested or ("cuda" if "cpu" not in impl.devices else default_device())
+    if device not in impl.devices:
+        raise UsageError(f"--device={device}: {impl.name} runs on {', '.join(impl.devices)}")
+    if device == "cuda" and default_device() != "cuda":
+        raise UsageError(f"--device=cuda: no CUDA device is available on this machine "
+                         f"(needed by {impl.name})")
+    return device
+
+
+def _runner(impl: Any, device: str, timeout: float | None, in_process: bool = False,
+            cuda_device: int | None = None) -> Any:
+    from .sandbox import DEFAULT_TIMEOUT_S, InProcessRunner, SandboxRunner
+
+    if in_process:
+        return InProcessRunner(impl, device)
+    return SandboxRunner(impl, device, timeout_s=timeout or DEFAULT_TIMEOUT_S,
+                         cuda_device=cuda_device)
+
+
+def _load_case(path: Path) -> Any:
+    from .case import Case
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"CASE={path}: cannot read it ({exc.strerror})") from None
+    return Case.from_json(text)
+
+
+def _out_dir(requested: Path | None, label: str) -> Path:
+    if requested is not None:
+        return requested
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+    return Path("difftest-out") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+
+
+PROFILES = {
+    # name: (max_examples, seconds, derandomise)
+    "ci": (2000, 120.0, True),
+    "dev": (None, 60.0, False),
+    "nightly": (None, 3600.0, False),
+}
+
+
+def shard_seed(seed: int | None, shard: tuple[int, int] | None) -> int | None:
+    """The seed of CI shard ``i/n``: distinct per shard, reproducible from the base seed."""
+    if shard is None:
+        return seed
+    base = 0 if seed is None else seed
+    return (base * 1_000_003 + shard[0] * 7919 + shard[1]) % (2**31)
+
+
+# -- commands ------------------------------------------------------------------
+def cmd_list(ns: argparse.Namespace) -> int:
+    from cuda_impl import FAULTS
+
+    from . import registry
+    from .case import CONTRACTS, DIALECTS, EDGE_CLASSES
+    from .dialects import DIALECT_INFO
+
+    print("implementations:")
+    for name in registry.names():
+        print(f"  {name}")
+    print("  py:package.module:function   (any callable in a dialect's calling convention)")
+    print("dialects:")
+    for d in DIALECTS:
+        print(f"  {d:12s} {DIALECT_INFO[d].signature}")
+    print("faults:")
+    for f in FAULTS.values():
+        print(f"  {f.name:24s} [{', '.join(f.backends)}; {', '.join(f.dialects)}] {f.summary}")
+    print("contracts: " + ", ".join(CONTRACTS))
+    print("edge classes: " + ", ".join(EDGE_CLASSES))
+    return EXIT_CLEAN
+
+
+def _print_result(result: Any) -> None:
+    print(f"{result.cases} cases in {result.elapsed_s:.1f} s"
+          + (f" ({result.replayed} replayed from the failure database)"
+             if result.replayed else "")
+          + ": " + ", ".join(f"{v} {n}" for v, n in sorted(result.verdicts.items())))
+    for sig, failure in sorted(result.failures.items()):
+        where = result.bug_dirs.get(sig)
+        print(f"FAIL {sig}: {failure.count} case(s), first after {failure.cases_until_failure}"
+              + (f"; report {where}" if where else ""))
+    print(f"run directory: {result.out_dir}  (summary.html, cases.parquet, mismatches.parquet)")
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from . import registry
+    from .campaign import Campaign, FailureDatabase, Progress
+
+    impl = registry.resolve(ns.impl, ns.dialect)
+    device = _device_for(impl, ns.device)
+    contracts = ("production", "defensive") if ns.contract == "all" else (ns.contract,)
+    max_examples, seconds, seed = ns.max_examples, ns.seconds, ns.seed
+    if ns.profile:
+        p_examples, p_seconds, derandomise = PROFILES[ns.profile]
+        max_examples = max_examples or p_examples
+        seconds = seconds or p_seconds
+        if derandomise and seed is None:
+            seed = 0
+    seed = shard_seed(seed, ns.shard)
+    workers = _worker_count(ns, device)
+    out = _out_dir(ns.out, ns.impl)
+    if workers > 1:
+        return _run_parallel(ns, workers, out, seed, device)
+    database = None if ns.no_db else FailureDatabase(ns.db)
+    progress = Progress(enabled=False if ns.quiet else None)
+    cuda_device = int(os.environ["DIFFTEST_GPU"]) if os.environ.get("DIFFTEST_GPU") else None
+    with _runner(impl, device, ns.timeout, ns.in_process, cuda_device) as runner:
+        campaign = Campaign(impl, runner, out, seed=seed, database=database, progress=progress)
+        campaign.replay_database()
+        campaign.generate(dialects=impl.dialects, contracts=contracts,
+                          max_examples=max_examples, seconds=seconds)
+        if not ns.no_shrink:
+            campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds,
+                                       extra=_sanitizer_hook(impl, device))
+        result = campaign.close()
+    if ns.junit:
+        import reports
+
+        reports.write_junit(ns.junit, campaign.case_rows, campaign.mismatch_rows)
+    _print_result(result)
+    return EXIT_FAILURES if result.failed else EXIT_CLEAN
+
+
+def _worker_count(ns: argparse.Namespace, device: str) -> int:
+    if ns.gpus is None:
+        return ns.workers
+    if device != "cuda":
+        raise UsageError("--gpus: needs --device cuda")
+    import torch
+
+    available = torch.cuda.device_count()
+    if ns.gpus == "all":
+        return max(1, available)
+    try:
+        wanted = int(ns.gpus)
+    except ValueError:
+        raise UsageError(f"--gpus={ns.gpus!r}: must be 'all' or a positive count") from None
+    if not 1 <= wanted <= available:
+        raise UsageError(f"--gpus={wanted}: this machine has {available} GPU(s)")
+    return wanted
+
+
+def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | None,
+                  device: str) -> int:
+    """One child ``difftest run`` per worker (per GPU), seeds derived, logs merged."""
+    import reports
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = _strip_options(ns._argv, {"--workers", "--gpus", "--out", "--seed", "--junit", "--shard"})
+    procs, parts = [], []
+    for i in range(workers):
+        part = out / "parts" / f"worker-{i}"
+        parts.append(part)
+        env = dict(os.environ)
+        if device == "cuda":
+            env["DIFFTEST_GPU"] = str(i)
+        child_seed = shard_seed(seed, (i, workers))
+        cmd = [sys.executable, "-m", "difftest"] + base + [
+            "--out", str(part), "--seed", str(child_seed), "--quiet"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    if any(c == EXIT_USAGE for c in codes):
+        raise UsageError(f"a worker stopped on a usage error (exit codes {codes})")
+    reports.merge_runs(out, parts)
+    reports.write_summary(out)
+    if ns.junit:
+        import pandas as pd
+
+        cases = pd.read_parquet(out / "cases.parquet").to_dict("records")
+        mism = pd.read_parquet(out / "mismatches.parquet").to_dict("records")
+        reports.write_junit(ns.junit, cases, mism)
+    print(f"{workers} workers merged into {out}; exit codes {codes}")
+    return EXIT_FAILURES if any(c == EXIT_FAILURES for c in codes) else EXIT_CLEAN
+
+
+def _strip_options(argv: list[str], names: set[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in names:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def _sanitizer_hook(impl: Any, device: str) -> Any:
+    if device != "cuda":
+        return None
+    from .sanitizer import sanitizer_extra
+
+    return sanitizer_extra(impl)
+
+
+def cmd_replay(ns: argparse.Namespace) -> int:
+    from . import registry
+    from .evaluate import evaluate
+
+    case = _load_case(ns.case)
+    impl = registry.resolve(ns.impl, ns.dialect or case.dialect)
+    device = _device_for(impl, ns.device)
+    with _runner(impl, device, ns.timeout) as runner:
+        evaluation = evaluate(case, runner.run(case), stable=impl.stable)
+    print(f"case {case.case_id} ({case.dialect}, {case.contract}; "
+          f"{', '.join(case.edge_classes) or 'no edge class'}) on {impl.name}/{device}: "
+          f"{evaluation.verdict}")
+    for m in evaluation.mismatches[:10]:
+        print(f"[{m.check}] {m.message}")
+    return EXIT_CLEAN if evaluation.verdict == "pass" else EXIT_FAILURES
+
+
+def cmd_minimize(ns: argparse.Namespace) -> int:
+    from . import registry
+    from .campaign import Campaign
+
+    case = _load_case(ns.case)
+    impl = registry.resolve(ns.impl, ns.dialect or case.dialect)
+    device = _device_for(impl, ns.device)
+    out = _out_dir(ns.out, f"minimize-{ns.impl}")
+    with _runner(impl, device, ns.timeout) as runner:
+        campaign = Campaign(impl, runner, out, seed=None)
+        evaluation = campaign.run_one(case)
+        if evaluation.verdict == "pass":
+            campaign.close()
+            print(f"case {case.case_id} passes on {impl.name}: nothing to minimise")
+            return EXIT_CLEAN
+        campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds,
+                                   extra=_sanitizer_hook(impl, device))
+        result = campaign.close()
+    for sig, path in result.bug_dirs.items():
+        print(f"{sig}: minimal case and report in {path}")
+    return EXIT_FAILURES
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    import reports
+
+    if not ns.dir.is_dir():
+        raise UsageError(f"DIR={ns.dir}: not a directory")
+    if not any((ns.dir / f).exists() for f in ("cases.jsonl", "cases.parquet")):
+        raise UsageError(f"DIR={ns.dir}: not a run directory (no cases.jsonl or cases.parquet)")
+    if (ns.dir / "cases.jsonl").exists():
+        reports.rebuild_parquet(ns.dir)
+    path = reports.write_summary(ns.dir)
+    print(f"summary: {path}")
+    return EXIT_CLEAN
+
+
+def cmd_selfcheck(ns: argparse.Namespace) -> int:
+    from .selfcheck import selfcheck
+
+    device = ns.device or default_device()
+    if device == "cuda" and default_device() != "cuda":
+        raise UsageError("--device=cuda: no CUDA device is available on this machine")
+    faults = ns.faults.split(",") if ns.faults else None
+    ok = selfcheck(device=device, seconds=ns.seconds, seed=ns.seed,
+                   out=_out_dir(ns.out, f"selfcheck-{device}"), faults=faults)
+    return EXIT_CLEAN if ok else EXIT_FAILURES
+
+
+_COMMANDS = {
+    "list": cmd_list,
+    "run": cmd_run,
+    "replay": cmd_replay,
+    "minimize": cmd_minimize,
+    "report": cmd_report,
+    "selfcheck": cmd_selfcheck,
+}

@@ -1,0 +1,348 @@
+"""Compare what an implementation wrote with what the oracle expects (SPEC §9).
+
+Every failed check becomes a :class:`Mismatch` with a breadcrumb path
+(``rank 1 / slot 3 / expert 7 / sorted_token_ids[112:128]``) and a message in
+the manner of ``torch.testing.assert_close``: what differs, how many elements
+of how many, and the first differing position with expected and actual.
+
+Checks, by name (the ``check`` column of ``mismatches.parquet``):
+
+``num_tokens_post_pad``  exact, per processed slot
+``expert_ids``           exact, per processed row
+``sorted_token_ids``     per expert segment: the same multiset of routes (same
+                         order for a stable implementation)
+``pad_value``            positions from the total to ``P`` hold ``N``
+``unwritten_row``        rows of unprocessed slots still hold the sentinel
+``guard_band``           nothing written outside a buffer
+``input_mutated``        inputs unchanged
+``local_topk_ids``       ``ep-remap`` output, exact
+``ep_conservation``      across ranks: every valid route exactly once, under
+                         the right global expert
+``repeat_disagree``      repeated runs of one case agree after canonicalisation
+``exception``, ``crash``, ``timeout``  the call did not finish normally
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+import oracle.ep
+
+from .case import Case
+from .dialects import DIALECT_INFO, RemapExpected, RowsExpected
+
+MAX_SHOWN = 8  # elements shown in one message
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One failed check."""
+
+    check: str
+    message: str
+    rank: int | None = None
+    slot: int | None = None
+    expert: int | None = None
+    position: int | None = None
+    expected: int | None = None
+    actual: int | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def breadcrumb(rank: int | None = None, slot: int | None = None, expert: int | None = None,
+               where: str = "") -> str:
+    parts = []
+    if rank is not None:
+        parts.append(f"rank {rank}")
+    if slot is not None:
+        parts.append(f"slot {slot}")
+    if expert is not None:
+        parts.append(f"expert {expert}")
+    if where:
+        parts.append(where)
+    return " / ".join(parts)
+
+
+def _short(values: np.ndarray) -> str:
+    values = np.asarray(values).reshape(-1)
+    if values.size <= 2 * MAX_SHOWN:
+        return "[" + ", ".join(str(int(v)) for v in values) + "]"
+    head = ", ".join(str(int(v)) for v in values[:MAX_SHOWN])
+    tail = ", ".join(str(int(v)) for v in values[-4:])
+    return f"[{head}, … ({values.size - MAX_SHOWN - 4} more) …, {tail}]"
+
+
+def array_mismatch(check: str, expected: np.ndarray, actual: np.ndarray, *, name: str,
+                   offset: int = 0, rank: int | None = None, slot: int | None = None,
+                   expert: int | None = None, what: str = "") -> Mismatch | None:
+    """Exact comparison of two 1-D arrays; ``None`` when equal.
+
+    ``offset`` is the position of ``expected[0]`` in the named buffer row, so
+    the breadcrumb and ``position`` name the real index.
+    """
+    expected = np.asarray(expected).reshape(-1)
+    actual = np.asarray(actual).reshape(-1)
+    where = f"{name}[{offset}:{offset + expected.size}]"
+    crumb = breadcrumb(rank, slot, expert, where)
+    if expected.shape != actual.shape:
+        return Mismatch(check, f"{crumb}: shape differs: expected {expected.shape}, "
+                        f"actual {actual.shape}", rank, slot, expert)
+    diff = np.flatnonzero(expected != actual)
+    if diff.size == 0:
+        return None
+    i = int(diff[0])
+    lines = [
+        f"{crumb}: {what or 'values differ'}",
+        f"Mismatched elements: {diff.size} / {expected.size} "
+        f"({100.0 * diff.size / expected.size:.1f}%)",
+        f"First difference at {name}[{offset + i}]: expected {int(expected[i])}, "
+        f"actual {int(actual[i])}",
+        f"expected: {_short(expected)}",
+        f"actual:   {_short(actual)}",
+    ]
+    return Mismatch(check, "\n".join(lines), rank, slot, expert, offset + i,
+                    int(expected[i]), int(actual[i]))
+
+
+def segments(expert_row: np.ndarray, block_size: int) -> list[tuple[int, int, int]]:
+    """``(expert, start, end)`` of each padded segment of an expected ``expert_ids`` row."""
+    out: list[tuple[int, int, int]] = []
+    row = np.asarray(expert_row)
+    b = 0
+    while b < row.size and row[b] >= 0:
+        e = int(row[b])
+        end = b
+        while end < row.size and row[end] == e:
+            end += 1
+        out.append((e, b * block_size, end * block_size))
+        b = end
+    return out
+
+
+def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stable: bool,
+                 rank: int | None = None, sentinel: int) -> list[Mismatch]:
+    """Checks 1–4 of SPEC §9 for an align-type call."""
+    L, P = expected.sorted_token_ids.shape
+    M = expected.expert_ids.shape[1]
+    got_sorted = outputs["sorted_token_ids"].reshape(L, P)
+    got_experts = outputs["expert_ids"].reshape(L, M)
+    got_total = outputs["num_tokens_post_pad"].reshape(L)
+    slot_of = (lambda row: row) if expected.sorted_token_ids.shape[0] > 1 else (lambda row: None)
+    found: list[Mismatch] = []
+    for row in range(L):
+        slot = slot_of(row)
+        if not expected.written[row]:
+            for name, got, size in (("sorted_token_ids", got_sorted[row], P),
+                                    ("expert_ids", got_experts[row], M),
+                                    ("num_tokens_post_pad", got_total[row:row + 1], 1)):
+                m = array_mismatch("unwritten_row", np.full(size, sentinel), got, name=name,
+                                   offset=row * size, rank=rank, slot=slot,
+                                   what="row of an unprocessed slot was written "
+                                        "(expected the sentinel)")
+                if m:
+                    found.append(m)
+            continue
+        total = int(expected.num_tokens_post_pad[row])
+        m = array_mismatch("num_tokens_post_pad", expected.num_tokens_post_pad[row:row + 1],
+                           got_total[row:row + 1], name="num_tokens_post_pad", offset=row,
+                           rank=rank, slot=slot)
+        if m:
+            found.append(m)
+        m = array_mismatch("expert_ids", expected.expert_ids[row], got_experts[row],
+                           name="expert_ids", offset=row * M, rank=rank, slot=slot)
+        if m:
+            found.append(m)
+        exp_row, got_row = expected.sorted_token_ids[row], got_sorted[row]
+        for e, start, end in segments(expected.expert_ids[row], expected.block_size):
+            want, have = exp_row[start:end], got_row[start:end]
+            if not stable:
+                want, have = np.sort(want), np.sort(have)
+            m = array_mismatch("sorted_token_ids", want, have, name="sorted_token_ids",
+                               offset=row * P + start, rank=rank, slot=slot, expert=e,
+                               what="segment holds different routes"
+                               + ("" if stable else " (compared as sorted multisets)"))
+            if m:
+                found.append(m)
+        m = array_mismatch("pad_value", exp_row[total:], got_row[total:],
+                           name="sorted_token_ids", offset=row * P + total, rank=rank,
+                           slot=slot, what=f"positions past the total {total} must hold "
+                                           f"the pad value {expected.pad_value}")
+        if m:
+            found.append(m)
+    return found
+
+
+def compare_run(case: Case, expected: Any, run: Any, *, stable: bool, sentinel: int
+                ) -> list[Mismatch]:
+    """All checks of one call (one rank, one repeat) except the cross-rank ones."""
+    rank = run.rank
+    if run.error is not None:
+        return [Mismatch("exception", f"{breadcrumb(rank) or 'call'}: raised {run.error}",
+                         rank)]
+    found: list[Mismatch] = []
+    if isinstance(expected, RowsExpected):
+        found += compare_rows(expected, run.outputs, stable=stable, rank=rank, sentinel=sentinel)
+    elif isinstance(expected, RemapExpected):
+        m = array_mismatch("local_topk_ids", expected.local_topk_ids,
+                           run.outputs["local_topk_ids"], name="local_topk_ids", rank=rank)
+        if m:
+            found.append(m)
+    for name, damage in run.guard_damage.items():
+        pos, value = damage[0]
+        side = "before" if pos < 0 else "after"
+        found.append(Mismatch(
+            "guard_band",
+            f"{breadcrumb(rank, where=name)}: write outside the buffer, {len(damage)}+ "
+            f"element(s) of the guard band changed; first at offset {pos} ({side} the "
+            f"buffer): expected guard value, actual {value}", rank, None, None, pos, None,
+            value))
+    for name, (i, before, after) in run.mutated_inputs.items():
+        found.append(Mismatch(
+            "input_mutated", f"{breadcrumb(rank, where=name)}: input changed by the call; "
+            f"first at [{i}]: was {before}, now {after}", rank, None, None, i, before, after))
+    return found
+
+
+def canonical(case: Case, expected: Any, run: Any) -> tuple:
+    """A run's outputs with the unspecified order inside segments removed."""
+    if run.error is not None:
+        return ("error", run.error)
+    parts = []
+    if isinstance(expected, RowsExpected):
+        L, P = expected.sorted_token_ids.shape
+        rows = run.outputs["sorted_token_ids"].reshape(L, P).copy()
+        for row in range(L):
+            for _, start, end in segments(expected.expert_ids[row], expected.block_size):
+                rows[row, start:end] = np.sort(rows[row, start:end])
+        parts = [rows.tobytes(), run.outputs["expert_ids"].tobytes(),
+                 run.outputs["num_tokens_post_pad"].tobytes()]
+    else:
+        parts = [v.tobytes() for _, v in sorted(run.outputs.items())]
+    return tuple(parts)
+
+
+def compare_repeats(case: Case, expected_by_rank: dict, runs: list[list[Any]]
+                    ) -> list[Mismatch]:
+    """Check 8: every repeat equals the first after canonicalisation."""
+    found: list[Mismatch] = []
+    if len(runs) < 2:
+        return found
+    first = {r.rank: canonical(case, expected_by_rank[r.rank], r) for r in runs[0]}
+    for k, repeat in enumerate(runs[1:], start=1):
+        for r in repeat:
+            if r.rank in first and canonical(case, expected_by_rank[r.rank], r) != first[r.rank]:
+                found.append(Mismatch(
+                    "repeat_disagree",
+                    f"{breadcrumb(r.rank) or 'call'}: run {k + 1} of the same case differs from "
+                    f"run 1 after canonicalisation (a race or uninitialised read)", r.rank))
+    return found
+
+
+def _valid_global_routes(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """(route index, global expert) of every route a rank should receive."""
+    flat = case.topk_ids.reshape(-1).astype(np.int64)
+    routes = np.flatnonzero((flat >= 0) & (flat < case.ep.global_num_experts))
+    return routes, flat[routes]
+
+
+def compare_conservation(case: Case, runs: list[Any], *, sentinel: int) -> list[Mismatch]:
+    """SPEC §6 conservation across all ranks of an EP case (one repeat)."""
+    ep = case.ep
+    if ep is None or ep.ep_size < 2 or set(ep.ranks) != set(range(ep.ep_size)):
+        return []
+    if any(r.error is not None for r in runs):
+        return []
+    owned = {r: oracle.ep.owned_experts(ep.global_num_experts, ep.ep_size, r, ep.strategy)
+             for r in range(ep.ep_size)}
+    if case.dialect == "ep-remap":
+        return _remap_conservation(case, runs, owned)
+    info = DIALECT_INFO[case.dialect]
+    reference = info.reference(case, 0)
+    L = reference.sorted_token_ids.shape[0]
+    # the slot each route belongs to is the same on every rank: take it from rank 0's
+    # expected rows, which use global route indices
+    found: list[Mismatch] = []
+    routes, experts = _valid_global_routes(case)
+    for row in range(L):
+        if not reference.written[row]:
+            continue
+        want = set()
+        for rank_run in runs:
+            exp = info.reference(case, rank_run.rank)
+            seg_routes = exp.sorted_token_ids[row]
+            want.update(int(v) for v in seg_routes[seg_routes != exp.pad_value])
+        want_pairs = {(int(i), int(g)) for i, g in zip(routes, experts) if int(i) in want}
+        got: dict[tuple[int, int], int] = {}
+        for rank_run in runs:
+            srt = rank_run.outputs["sorted_token_ids"].reshape(L, -1)[row]
+            eid = rank_run.outputs["expert_ids"].reshape(L, -1)[row]
+            own = owned[rank_run.rank]
+            B = case.block_size
+            for pos, route in enumerate(srt):
+                if route == case.num_routes or route == sentinel:
+                    continue
+                local = int(eid[pos // B]) if pos // B < eid.size else -1
+                g = int(own[local]) if 0 <= local < own.size else -1
+                got[(int(route), g)] = got.get((int(route), g), 0) + 1
+        slot = row if L > 1 else None
+        for pair in sorted(want_pairs - set(got)):
+            found.append(Mismatch(
+                "ep_conservation",
+                f"{breadcrumb(slot=slot, expert=pair[1])}: route {pair[0]} (global expert "
+                f"{pair[1]}) landed on no rank", None, slot, pair[1], pair[0], pair[1], None))
+            break
+        for pair, n in sorted(got.items()):
+            if pair not in want_pairs:
+                found.append(Mismatch(
+                    "ep_conservation",
+                    f"{breadcrumb(slot=slot, expert=pair[1])}: route {pair[0]} appears under "
+                    f"global expert {pair[1]}, which the oracle does not give it", None, slot,
+                    pair[1], pair[0], None, pair[1]))
+                break
+            if n > 1:
+                found.append(Mismatch(
+                    "ep_conservation",
+                    f"{breadcrumb(slot=slot, expert=pair[1])}: route {pair[0]} appears {n} "
+                    f"times across ranks", None, slot, pair[1], pair[0], 1, n))
+                break
+    return found
+
+
+def _remap_conservation(case: Case, runs: list[Any], owned: dict) -> list[Mismatch]:
+    routes, experts = _valid_global_routes(case)
+    hits = np.zeros(routes.size, dtype=np.int64)
+    wrong: list[Mismatch] = []
+    for rank_run in runs:
+        local = rank_run.outputs["local_topk_ids"].reshape(-1)[routes].astype(np.int64)
+        own = owned[rank_run.rank]
+        taken = local >= 0
+        hits += taken
+        inside = taken & (local < own.size)
+        back = np.full(routes.size, -1, dtype=np.int64)
+        back[inside] = own[local[inside]]
+        bad = np.flatnonzero(taken & (back != experts))
+        if bad.size and not wrong:
+            i = int(bad[0])
+            wrong.append(Mismatch(
+                "ep_conservation",
+                f"{breadcrumb(rank_run.rank, where='local_topk_ids')}: route {int(routes[i])} "
+                f"(global expert {int(experts[i])}) got local id {int(local[i])}, which is "
+                f"global expert {int(back[i])} on this rank", rank_run.rank, None,
+                int(experts[i]), int(routes[i]), int(experts[i]), int(back[i])))
+    found = list(wrong)
+    for label, mask in (("landed on no rank", hits == 0), ("landed on several ranks", hits > 1)):
+        idx = np.flatnonzero(mask)
+        if idx.size:
+            i = int(idx[0])
+            found.append(Mismatch(
+                "ep_conservation",
+                f"{breadcrumb(expert=int(experts[i]))}: {idx.size} of {routes.size} valid "
+                f"routes {label}; first: route {int(routes[i])} (global expert "
+                f"{int(experts[i])}) on {int(hits[i])} ranks", None, None, int(experts[i]),
+                int(routes[i]), 1, int(hits[i])))
+    return found

@@ -1,0 +1,90 @@
+"""From an :class:`~difftest.sandbox.Outcome` to a verdict, mismatches and a signature.
+
+The verdicts (SPEC §9): ``pass``, ``mismatch`` (a check failed), ``error``
+(the call raised), ``crash`` (the worker died, or a sticky CUDA error such as an
+illegal address), ``timeout`` (no answer in time). A failure's *signature* is
+its dialect, verdict and primary failed check — what shrinking preserves and
+what names a bug report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .case import Case
+from .compare import (Mismatch, compare_conservation, compare_repeats, compare_run)
+from .dialects import DIALECT_INFO
+from .execute import SENTINEL
+
+# The check a signature is named after, when several fail: the most
+# fundamental first (a crash explains everything after it).
+CHECK_PRIORITY = (
+    "crash", "timeout", "exception", "guard_band", "input_mutated", "unwritten_row",
+    "num_tokens_post_pad", "expert_ids", "sorted_token_ids", "pad_value", "local_topk_ids",
+    "ep_conservation", "repeat_disagree",
+)
+
+
+@dataclass
+class Evaluation:
+    verdict: str
+    mismatches: list[Mismatch] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def checks_failed(self) -> list[str]:
+        seen = {m.check for m in self.mismatches}
+        return [c for c in CHECK_PRIORITY if c in seen]
+
+    @property
+    def primary_check(self) -> str | None:
+        checks = self.checks_failed
+        return checks[0] if checks else None
+
+    def signature(self, case: Case) -> str | None:
+        if self.verdict == "pass":
+            return None
+        return f"{case.dialect}--{self.verdict}--{self.primary_check or self.verdict}"
+
+
+def expected_by_rank(case: Case) -> dict[int | None, Any]:
+    info = DIALECT_INFO[case.dialect]
+    return {rank: info.reference(case, rank) for rank in case.ranks()}
+
+
+def evaluate(case: Case, outcome: Any, *, stable: bool,
+             expected: dict[int | None, Any] | None = None) -> Evaluation:
+    """Every check of SPEC §9 over every repeat and rank of one case."""
+    if outcome.verdict in ("crash", "timeout"):
+        return Evaluation(outcome.verdict, [Mismatch(outcome.verdict, outcome.detail)],
+                          outcome.detail)
+    expected = expected if expected is not None else expected_by_rank(case)
+    found: list[Mismatch] = []
+    seen: set[tuple] = set()
+    fatal = None
+    for repeat, runs in enumerate(outcome.runs):
+        candidates: list[Mismatch] = []
+        for run in runs:
+            if run.fatal:
+                fatal = run
+            candidates += compare_run(case, expected[run.rank], run, stable=stable,
+                                      sentinel=SENTINEL)
+        if len(runs) == len(case.ranks()):
+            candidates += compare_conservation(case, runs, sentinel=SENTINEL)
+        for m in candidates:
+            key = (m.check, m.rank, m.slot, m.expert)
+            if key not in seen:  # one record per failed check and place, not per repeat
+                seen.add(key)
+                found.append(m)
+    if fatal is not None:
+        crash = Mismatch("crash", f"sticky device error (the context is unusable): {fatal.error}",
+                         fatal.rank)
+        return Evaluation("crash", [crash] + found, fatal.error or "")
+    found += compare_repeats(case, expected, outcome.runs)
+    if any(m.check == "exception" for m in found):
+        return Evaluation("error", found, next(m.message for m in found
+                                               if m.check == "exception"))
+    if found:
+        return Evaluation("mismatch", found, found[0].message)
+    return Evaluation("pass")

@@ -1,0 +1,171 @@
+"""The implementation registry: names on the command line → implementations.
+
+``torch``, ``torch:<fault>``, ``cuda``, ``cuda:<fault>``, ``py:package.module:function``,
+and the engine adapters ``vllm`` and ``sglang`` (when importable). Resolving a
+name is cheap and never initialises CUDA: the callables are loaded by
+:meth:`Implementation.load` inside the process that runs them (the sandbox
+worker), so a name is all that crosses a process boundary.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .case import DIALECTS
+from .errors import ImplementationError
+
+# Parameters each calling convention starts with (DESIGN.md); used to tell the
+# dialect of a user's callable when --dialect is not given.
+_SIGNATURE_HEADS = {
+    "vllm-lora": ("topk_ids", "token_lora_mapping"),
+    "sglang-lora": ("topk_ids", "seg_indptr"),
+    "ep-remap": ("topk_ids", "global_num_experts"),
+    "align": ("topk_ids", "num_experts"),
+}
+_ARITY = {"align": 7, "vllm-lora": 13, "sglang-lora": 16, "ep-remap": 6}
+
+CUDA_REPEATS = 8  # CUDA runs of one case: enough to make a racy kernel disagree
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation under test, as the registry describes it."""
+
+    name: str
+    kind: str  # torch | cuda | py | vllm | sglang
+    dialects: tuple[str, ...]
+    devices: tuple[str, ...]
+    stable: bool
+    summary: str
+    fault: str | None = None
+    target: str | None = None  # "module:function" for py:
+
+    def repeats(self, device: str) -> int:
+        """Runs per case: CUDA kernels run repeatedly so a race shows itself."""
+        return CUDA_REPEATS if device.startswith("cuda") else 1
+
+    def load(self) -> dict[str, Callable[..., Any]]:
+        """The callables, one per dialect. Imports torch; call it in the worker."""
+        if self.kind == "torch":
+            from cuda_impl import torch_impl
+
+            return torch_impl.implementation(self.fault)
+        if self.kind == "cuda":
+            from cuda_impl import cuda
+
+            return cuda.implementation(self.fault)
+        if self.kind == "py":
+            fn = _import_callable(self.target)
+            return {d: fn for d in self.dialects}
+        if self.kind in ("vllm", "sglang"):
+            from . import adapters
+
+            return adapters.load(self.kind)
+        raise ImplementationError(f"impl kind {self.kind!r} cannot be loaded")
+
+
+def _import_callable(target: str) -> Callable[..., Any]:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImplementationError(
+            f"--impl py:{target}: cannot import module {module_name!r} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ImplementationError(
+            f"--impl py:{target}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def _dialect_of(fn: Callable[..., Any], target: str) -> str:
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        params = []
+    for dialect, head in _SIGNATURE_HEADS.items():
+        if tuple(params[:2]) == head:
+            return dialect
+    arity = [d for d, n in _ARITY.items() if len(params) == n]
+    if len(arity) == 1:
+        return arity[0]
+    raise ImplementationError(
+        f"--impl py:{target}: cannot tell its dialect from its signature {tuple(params)}; "
+        f"pass --dialect, one of {', '.join(DIALECTS)}")
+
+
+def faults() -> dict[str, Any]:
+    from cuda_impl import FAULTS
+
+    return FAULTS
+
+
+def names() -> list[str]:
+    """Every implementation name this machine can resolve, for ``difftest list``."""
+    out = ["torch"] + [f"torch:{f}" for f, v in faults().items() if "torch" in v.backends]
+    out += ["cuda"] + [f"cuda:{f}" for f, v in faults().items() if "cuda" in v.backends]
+    from . import adapters
+
+    out += [k for k in ("vllm", "sglang") if adapters.importable(k)]
+    return out
+
+
+def resolve(name: str, dialect: str | None = None) -> Implementation:
+    """The :class:`Implementation` called ``name``; ``ImplementationError`` otherwise."""
+    if dialect is not None and dialect not in DIALECTS:
+        raise ImplementationError(f"--dialect={dialect!r}: must be one of {', '.join(DIALECTS)}")
+    kind, _, rest = name.partition(":")
+    if kind in ("torch", "cuda"):
+        impl = _resolve_builtin(kind, rest or None, name)
+    elif kind == "py":
+        if not rest or ":" not in rest:
+            raise ImplementationError(
+                f"--impl {name!r}: expected py:package.module:function")
+        fn = _import_callable(rest)
+        found = dialect or _dialect_of(fn, rest)
+        impl = Implementation(name, "py", (found,), ("cpu", "cuda"),
+                              stable=bool(getattr(fn, "difftest_stable", False)),
+                              summary=(fn.__doc__ or "user callable").strip().splitlines()[0],
+                              target=rest)
+    elif kind in ("vllm", "sglang") and not rest:
+        from . import adapters
+
+        impl = adapters.implementation(kind)
+    else:
+        raise ImplementationError(
+            f"--impl {name!r}: unknown implementation; allowed: torch, torch:<fault>, cuda, "
+            f"cuda:<fault>, vllm, sglang, py:package.module:function (see `difftest list`)")
+    if dialect is not None:
+        if dialect not in impl.dialects:
+            raise ImplementationError(
+                f"--dialect={dialect!r}: {name} supports {', '.join(impl.dialects)}")
+        impl = Implementation(**{**impl.__dict__, "dialects": (dialect,)})
+    return impl
+
+
+def _resolve_builtin(kind: str, fault: str | None, name: str) -> Implementation:
+    table = faults()
+    if fault is None:
+        dialects = DIALECTS
+        summary = ("device-agnostic torch implementation" if kind == "torch"
+                   else "the project's CUDA kernels (JIT-built)")
+    else:
+        info = table.get(fault)
+        allowed = sorted(f for f, v in table.items() if kind in v.backends)
+        if info is None or kind not in info.backends:
+            raise ImplementationError(
+                f"--impl {name!r}: {kind} has no fault {fault!r}; allowed: {', '.join(allowed)}")
+        dialects, summary = tuple(info.dialects), info.summary
+    devices = ("cpu", "cuda") if kind == "torch" else ("cuda",)
+    stable = _stable(kind)
+    return Implementation(name, kind, tuple(dialects), devices, stable, summary, fault)
+
+
+def _stable(kind: str) -> bool:
+    # the modules' STABLE constants, read without importing torch-heavy code paths
+    module = importlib.import_module("cuda_impl.torch_impl" if kind == "torch"
+                                     else "cuda_impl.cuda")
+    return bool(getattr(module, "STABLE", False))

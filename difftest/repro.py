@@ -1,0 +1,233 @@
+"""The standalone ``repro.py`` of a bug report.
+
+The script needs torch and the implementation, nothing of difftest or the
+oracle: it carries every rank's inputs, the argument list and the oracle's
+expected outputs as literals, rebuilds the tensors (outputs sentinel-filled
+inside guard bands, as the campaign does), calls the implementation and
+checks what the campaign checks per call. It exits 1 while the bug is
+present, 0 once it is fixed, 2 when it cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from .case import Case
+from .dialects import DIALECT_INFO, RemapExpected, TensorArg
+from .execute import GUARD, GUARD_LEN, SENTINEL
+
+
+def _array(a: np.ndarray) -> dict[str, Any]:
+    return {"dtype": str(a.dtype), "shape": list(a.shape), "data": a.reshape(-1).tolist()}
+
+
+def call_records(case: Case) -> list[dict[str, Any]]:
+    """Per rank: inputs, buffers, arguments and expected outputs, JSON-able."""
+    info = DIALECT_INFO[case.dialect]
+    records = []
+    for rank in case.ranks():
+        plan = info.plan(case, rank)
+        exp = info.reference(case, rank)
+        if isinstance(exp, RemapExpected):
+            expected = {"local_topk_ids": _array(exp.local_topk_ids)}
+        else:
+            expected = {
+                "sorted_token_ids": _array(exp.sorted_token_ids),
+                "expert_ids": _array(exp.expert_ids),
+                "num_tokens_post_pad": _array(exp.num_tokens_post_pad),
+                "written": [bool(w) for w in exp.written],
+                "block_size": exp.block_size,
+            }
+        records.append({
+            "rank": rank,
+            "inputs": {k: _array(v) for k, v in plan.inputs.items()},
+            "outputs": {k: [list(s), str(d)] for k, (s, d) in plan.outputs.items()},
+            "scratch": {k: [list(s), str(d)] for k, (s, d) in plan.scratch.items()},
+            "arguments": [{"tensor": a.name} if isinstance(a, TensorArg) else {"value": a}
+                          for a in plan.arguments],
+            "expected": expected,
+        })
+    return records
+
+
+_TEMPLATE = r'''#!/usr/bin/env python3
+"""Standalone reproducer: __TITLE__
+
+Implementation: __IMPL__   dialect: __DIALECT__   signature: __SIGNATURE__
+
+    python repro.py                 # the implementation the bug was found in
+    python repro.py --impl torch    # any other: torch[:fault], cuda[:fault], py:module:function
+    python repro.py --device cpu
+
+Exit 1 while the bug is present, 0 when every check passes, 2 if it cannot run.
+Needs torch and the implementation; the expected outputs are carried below.
+"""
+import argparse
+import importlib
+import json
+import sys
+
+import numpy as np
+import torch
+
+IMPL = __IMPL_JSON__
+DIALECT = __DIALECT_JSON__
+STABLE = __STABLE__
+SENTINEL, GUARD, GUARD_LEN = __SENTINEL__, __GUARD__, __GUARD_LEN__
+CALLS = json.loads(__CALLS_JSON__)
+
+
+def load(name):
+    kind, _, rest = name.partition(":")
+    if kind == "torch":
+        from cuda_impl import torch_impl
+        return torch_impl.implementation(rest or None)[DIALECT]
+    if kind == "cuda":
+        from cuda_impl import cuda
+        return cuda.implementation(rest or None)[DIALECT]
+    if kind == "py":
+        module, _, attr = rest.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    if kind == "vllm":
+        from vllm import _custom_ops as ops
+        return ops.moe_lora_align_block_size if DIALECT == "vllm-lora" else ops.moe_align_block_size
+    if kind == "sglang":
+        import sgl_kernel
+        return sgl_kernel.moe_lora_align_block_size
+    raise SystemExit(f"unknown --impl {name!r}")
+
+
+def array(rec):
+    return np.asarray(rec["data"], dtype=rec["dtype"]).reshape(rec["shape"])
+
+
+def run(fn, call, device):
+    tensors, guarded = {}, {}
+    for name, rec in call["inputs"].items():
+        tensors[name] = torch.from_numpy(array(rec)).to(device)
+    for kind in ("outputs", "scratch"):
+        for name, (shape, dtype) in call[kind].items():
+            numel = int(np.prod(shape))
+            buf = torch.full((numel + 2 * GUARD_LEN,), GUARD, device=device,
+                             dtype=torch.int64 if dtype == "int64" else torch.int32)
+            buf[GUARD_LEN:GUARD_LEN + numel] = SENTINEL if kind == "outputs" else 0
+            guarded[name] = (buf, kind)
+            tensors[name] = buf[GUARD_LEN:GUARD_LEN + numel].view(shape)
+    args = [tensors[a["tensor"]] if "tensor" in a else a["value"] for a in call["arguments"]]
+    fn(*args)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    problems = []
+    got = {}
+    for name, (buf, kind) in guarded.items():
+        host = buf.cpu().numpy()
+        if (host[:GUARD_LEN] != GUARD).any() or (host[-GUARD_LEN:] != GUARD).any():
+            problems.append(f"{name}: guard band overwritten (write outside the buffer)")
+        got[name] = host[GUARD_LEN:-GUARD_LEN]
+    for name, rec in call["inputs"].items():
+        if not np.array_equal(tensors[name].cpu().numpy(), array(rec)):
+            problems.append(f"input {name} was modified")
+    exp = call["expected"]
+    if "local_topk_ids" in exp:
+        want = array(exp["local_topk_ids"]).reshape(-1)
+        diff = np.flatnonzero(want != got["local_topk_ids"])
+        if diff.size:
+            i = diff[0]
+            problems.append(f"local_topk_ids[{i}]: expected {want[i]}, actual "
+                            f"{got['local_topk_ids'][i]} ({diff.size} differ)")
+        return problems
+    srt, eid, tot = (array(exp[k]) for k in ("sorted_token_ids", "expert_ids",
+                                             "num_tokens_post_pad"))
+    L, P = srt.shape
+    M, B = eid.shape[1], exp["block_size"]
+    g_srt = got["sorted_token_ids"].reshape(L, P)
+    g_eid = got["expert_ids"].reshape(L, M)
+    g_tot = got["num_tokens_post_pad"].reshape(L)
+    for l in range(L):
+        if not exp["written"][l]:
+            if (g_srt[l] != SENTINEL).any() or (g_eid[l] != SENTINEL).any() or g_tot[l] != SENTINEL:
+                problems.append(f"slot {l}: row of an unprocessed slot was written")
+            continue
+        if g_tot[l] != tot[l]:
+            problems.append(f"slot {l}: num_tokens_post_pad expected {tot[l]}, actual {g_tot[l]}")
+        bad = np.flatnonzero(g_eid[l] != eid[l])
+        if bad.size:
+            b = bad[0]
+            problems.append(f"slot {l}: expert_ids[{b}] expected {eid[l][b]}, actual "
+                            f"{g_eid[l][b]} ({bad.size} blocks differ)")
+        b = 0
+        while b < M and eid[l][b] >= 0:
+            e, end = eid[l][b], b
+            while end < M and eid[l][end] == e:
+                end += 1
+            want, have = srt[l, b * B:end * B], g_srt[l, b * B:end * B]
+            if not STABLE:
+                want, have = np.sort(want), np.sort(have)
+            if not np.array_equal(want, have):
+                problems.append(f"slot {l} / expert {e}: sorted_token_ids[{b * B}:{end * B}] "
+                                f"expected routes {want.tolist()}, actual {have.tolist()}")
+            b = end
+        t = int(tot[l])
+        if not np.array_equal(g_srt[l, t:], srt[l, t:]):
+            problems.append(f"slot {l}: sorted_token_ids[{t}:] must all be the pad value")
+    return problems
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--impl", default=IMPL)
+    ap.add_argument("--device", default="cuda" if IMPL.startswith("cuda") else "cpu")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="runs of the case (default: 20 on CUDA, where races hide, else 1)")
+    ns = ap.parse_args()
+    repeats = ns.repeats or (20 if ns.device.startswith("cuda") else 1)
+    try:
+        fn = load(ns.impl)
+    except Exception as exc:
+        print(f"cannot load {ns.impl}: {exc}", file=sys.stderr)
+        return 2
+    problems = []
+    for k in range(repeats):
+        for call in CALLS:
+            where = f"run {k + 1}" + (f", rank {call['rank']}" if call["rank"] is not None else "")
+            try:
+                problems += [f"{where}: {p}" for p in run(fn, call, ns.device)]
+            except Exception as exc:
+                problems.append(f"{where}: raised {type(exc).__name__}: {exc}")
+        if problems:
+            break
+    if problems:
+        print(f"BUG PRESENT in {ns.impl} ({DIALECT}):")
+        for p in problems[:20]:
+            print("  " + p)
+        return 1
+    print(f"ok: {ns.impl} passes every check of this case ({repeats} run(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature: str) -> str:
+    calls = json.dumps(call_records(case), separators=(",", ":"))
+    text = _TEMPLATE
+    for key, value in {
+        "__TITLE__": title.replace('"""', "'''"),
+        "__IMPL__": impl_name,
+        "__DIALECT__": case.dialect,
+        "__SIGNATURE__": signature,
+        "__IMPL_JSON__": json.dumps(impl_name),
+        "__DIALECT_JSON__": json.dumps(case.dialect),
+        "__STABLE__": repr(bool(stable)),
+        "__SENTINEL__": str(SENTINEL),
+        "__GUARD__": str(GUARD),
+        "__GUARD_LEN__": str(GUARD_LEN),
+        "__CALLS_JSON__": repr(calls),
+    }.items():
+        text = text.replace(key, value)
+    return text

@@ -1,0 +1,234 @@
+"""Crash-isolated execution: implementations run in warm worker processes.
+
+The bugs this project hunts do not fail politely: an illegal memory access
+poisons the CUDA context, a bad index segfaults, an off-by-one hangs. So the
+runner (the parent) never runs an implementation and never initialises CUDA;
+a worker process (``spawn``ed, so it owns its CUDA context) loads the
+implementation once and then runs case after case. A worker that dies gives
+its case the verdict ``crash`` (signal or exit code, and the tail of its
+stderr); one that does not answer within ``timeout_s`` is killed and gives
+``timeout``. Either way the next case gets a fresh worker, and nothing
+already recorded is lost. A sticky CUDA error (illegal address) also ends the
+worker, after it has reported the case as a ``crash``.
+
+:class:`InProcessRunner` has the same interface without the isolation, for
+tests and for implementations known to be well behaved.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from .case import Case
+from .errors import ImplementationError
+from .registry import Implementation
+
+DEFAULT_TIMEOUT_S = 5.0
+LOAD_TIMEOUT_S = 900.0  # the first load may JIT-build CUDA kernels
+STDERR_TAIL = 2000
+
+
+@dataclass
+class Outcome:
+    """What running one case produced: runs, or why there are none."""
+
+    runs: list[list[Any]] = field(default_factory=list)  # [repeat][rank] RankRun
+    verdict: str | None = None  # "crash" | "timeout" when the worker did not report
+    detail: str = ""
+    worker: str = ""
+    elapsed_s: float = 0.0
+
+
+class InProcessRunner:
+    """Runs cases in this process. No isolation: for tests and trusted code."""
+
+    def __init__(self, impl: Implementation, device: str, repeats: int | None = None) -> None:
+        self.impl, self.device = impl, device
+        self.repeats = repeats if repeats is not None else impl.repeats(device)
+        self._callables = impl.load()
+
+    def run(self, case: Case) -> Outcome:
+        from .execute import run_case
+
+        start = time.perf_counter()
+        runs = run_case(case, self._callables, self.device, self.repeats)
+        return Outcome(runs, worker=f"pid{os.getpid()}", elapsed_s=time.perf_counter() - start)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> InProcessRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _worker_main(conn: Any, impl: Implementation, device: str, stderr_path: str,
+                 cuda_device: int | None) -> None:
+    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 2)
+    if cuda_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_device)
+    try:
+        callables = impl.load()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.init()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
+        detail = str(exc) if isinstance(exc, ImplementationError) else traceback.format_exc()
+        conn.send(("load_error", detail))
+        return
+    conn.send(("ready", os.getpid()))
+    from .execute import run_case
+
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        case, repeats = msg
+        runs = run_case(case, callables, device, repeats)
+        conn.send(("ok", runs))
+        if any(r.fatal for repeat in runs for r in repeat):
+            # the CUDA context is poisoned: nothing this process runs next means anything
+            os._exit(3)
+
+
+class SandboxRunner:
+    """Runs cases in a warm worker process, restarting it after a crash or hang."""
+
+    def __init__(self, impl: Implementation, device: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 repeats: int | None = None, cuda_device: int | None = None) -> None:
+        self.impl, self.device, self.timeout_s = impl, device, timeout_s
+        self.repeats = repeats if repeats is not None else impl.repeats(device)
+        self.cuda_device = cuda_device
+        self._ctx = mp.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Any = None
+        self._stderr = tempfile.NamedTemporaryFile(prefix="difftest-worker-", suffix=".err",
+                                                   delete=False)
+        self._stderr.close()
+        self.restarts = 0
+
+    # -- worker lifecycle ---------------------------------------------------
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(child, self.impl, self.device, self._stderr.name, self.cuda_device),
+            daemon=True)
+        proc.start()
+        child.close()
+        if not parent.poll(LOAD_TIMEOUT_S):
+            proc.kill()
+            raise ImplementationError(f"--impl {self.impl.name}: worker did not load it within "
+                                      f"{LOAD_TIMEOUT_S:.0f} s")
+        try:
+            kind, payload = parent.recv()
+        except EOFError:
+            proc.join(5)
+            raise ImplementationError(
+                f"--impl {self.impl.name}: worker died while loading it "
+                f"({_exit_text(proc.exitcode)}); stderr: {self._tail()}") from None
+        if kind == "load_error":
+            proc.join(5)
+            raise ImplementationError(f"--impl {self.impl.name}: cannot load it: {payload}")
+        self._proc, self._conn = proc, parent
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+            self._proc.join(5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def _tail(self) -> str:
+        try:
+            with open(self._stderr.name, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - STDERR_TAIL))
+                return f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def _clear_stderr(self) -> None:
+        open(self._stderr.name, "wb").close()
+
+    # -- running --------------------------------------------------------------
+    def run(self, case: Case) -> Outcome:
+        if self._proc is None or not self._proc.is_alive():
+            self._kill()
+            self._start()
+        self._clear_stderr()
+        worker = f"pid{self._proc.pid}"
+        start = time.perf_counter()
+        try:
+            self._conn.send((case, self.repeats))
+            answered = self._conn.poll(self.timeout_s)
+            if not answered:
+                self._kill()
+                self.restarts += 1
+                return Outcome(verdict="timeout", worker=worker,
+                               detail=f"no answer within {self.timeout_s:g} s; worker killed",
+                               elapsed_s=time.perf_counter() - start)
+            kind, runs = self._conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+            self._proc.join(5)
+            code = self._proc.exitcode
+            tail = self._tail()
+            self._kill()
+            self.restarts += 1
+            return Outcome(verdict="crash", worker=worker,
+                           detail=f"worker died: {_exit_text(code)}" + (
+                               f"; stderr tail:\n{tail}" if tail else ""),
+                           elapsed_s=time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if any(r.fatal for repeat in runs for r in repeat):
+            self._proc.join(5)
+            self._kill()
+            self.restarts += 1
+        return Outcome(runs, worker=worker, elapsed_s=elapsed)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+        if self._proc is not None:
+            self._proc.join(2)
+        self._kill()
+        try:
+            os.unlink(self._stderr.name)
+        except OSError:
+            pass
+
+    def __enter__(self) -> SandboxRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "no exit code"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

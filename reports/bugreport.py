@@ -1,0 +1,244 @@
+"""Minimised bug reports: ``DIR/bugs/<signature>/`` (DESIGN.md "Run directory").
+
+A bug directory holds
+
+* ``report.md`` — what failed, the minimal case as small tables, expected vs
+  actual with the first difference highlighted, the edge classes and
+  contract, how to reproduce, the environment, compute-sanitizer output;
+* ``case.json`` — the minimal case, replayable with ``difftest replay``;
+* ``repro.py`` — a standalone script (torch + the callable), executable.
+
+Everything here works on plain dicts handed in by the caller; nothing is
+recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from reports._files import replace_text_atomically
+from reports._markdown import (
+    array_table,
+    fenced,
+    first_difference,
+    is_sequence,
+    jsonable,
+    one_line,
+    records_table,
+    shape,
+    side_by_side,
+    table,
+)
+
+__all__ = ["write_bug_report"]
+
+_SIGNATURE = re.compile(r"[A-Za-z0-9._-]+")
+_REQUIRED = ("title", "impl", "dialect", "contract", "case", "repro_py")
+_OPTIONAL = (
+    "edge_classes",
+    "inputs",
+    "first_difference",
+    "mismatches",
+    "expected_actual",
+    "environment",
+    "sanitizer",
+    "shrink_log",
+    "cases_until_failure",
+)
+_MAX_MISMATCH_ROWS = 20
+
+_CONTRACTS = {
+    "production": "inputs as a serving stack builds them (SPEC §7)",
+    "defensive": "inputs a careful kernel must survive without writing out of bounds (SPEC §7)",
+}
+
+
+def write_bug_report(
+    out_dir: str | os.PathLike[str], signature: str, info: Mapping[str, Any]
+) -> Path:
+    """Write ``out_dir/bugs/<signature>/`` and return that directory.
+
+    ``signature`` names the bug and must match ``[A-Za-z0-9._-]+`` (and not be
+    ``.`` or ``..``), else ``ValueError``.  ``info`` must have ``title``,
+    ``impl``, ``dialect``, ``contract``, ``case`` (JSON-able dict, written to
+    ``case.json`` as is) and ``repro_py`` (the script's full text, written
+    verbatim); it may have ``edge_classes``, ``inputs``, ``first_difference``,
+    ``mismatches``, ``expected_actual``, ``environment``, ``sanitizer``,
+    ``shrink_log`` and ``cases_until_failure``.  A missing required key or an
+    unknown key raises ``ValueError``.  An existing report of the same
+    signature is overwritten.
+    """
+    safe = isinstance(signature, str) and _SIGNATURE.fullmatch(signature)
+    if not safe or signature in {".", ".."}:
+        raise ValueError(
+            f"signature={signature!r} is not a filesystem-safe slug: use letters, digits, '.', '_' "
+            "and '-' only (and not '.' or '..')"
+        )
+    _check_info(info)
+    bug_dir = Path(out_dir) / "bugs" / signature
+    bug_dir.mkdir(parents=True, exist_ok=True)
+
+    case_json = json.dumps(info["case"], indent=2, default=jsonable) + "\n"
+    report = render_report(info)
+    replace_text_atomically(bug_dir / "case.json", case_json)
+    replace_text_atomically(bug_dir / "repro.py", info["repro_py"], executable=True)
+    replace_text_atomically(bug_dir / "report.md", report)
+    return bug_dir
+
+
+def render_report(info: Mapping[str, Any]) -> str:
+    """Return the text of ``report.md`` for ``info`` (see :func:`write_bug_report`)."""
+    _check_info(info)
+    sections = [
+        f"# {one_line(info['title'])}",
+        _what_failed(info),
+        _minimal_case(info),
+        _expected_vs_actual(info),
+        _classes_and_contract(info),
+        _reproduce(info),
+        _environment(info.get("environment")),
+    ]
+    if info.get("sanitizer"):
+        sections.append("## compute-sanitizer\n\n" + fenced(str(info["sanitizer"])))
+    return "\n\n".join(sections) + "\n"
+
+
+def _check_info(info: Mapping[str, Any]) -> None:
+    if not isinstance(info, Mapping):
+        raise TypeError(f"info must be a dict, got {type(info).__name__}")
+    unknown = [key for key in info if key not in _REQUIRED + _OPTIONAL]
+    if unknown:
+        raise ValueError(
+            f"info has unknown key {unknown[0]!r}; keys are: {', '.join(_REQUIRED + _OPTIONAL)}"
+        )
+    missing = [key for key in _REQUIRED if key not in info]
+    if missing:
+        raise ValueError(f"info is missing required key {missing[0]!r}")
+    if not isinstance(info["repro_py"], str):
+        kind = type(info["repro_py"]).__name__
+        raise TypeError(f"info['repro_py'] must be the script's text (str), got {kind}")
+    if not isinstance(info["case"], Mapping):
+        raise TypeError(f"info['case'] must be a dict, got {type(info['case']).__name__}")
+
+
+def _what_failed(info: Mapping[str, Any]) -> str:
+    lines = [
+        "## What failed",
+        "",
+        f"- Implementation: `{one_line(info['impl'])}`",
+        f"- Dialect: `{one_line(info['dialect'])}`",
+        f"- Contract: `{one_line(info['contract'])}`",
+    ]
+    first = info.get("first_difference") or {}
+    if first.get("check") is not None:
+        lines.append(f"- Check: `{one_line(first['check'])}`")
+    if first.get("message"):
+        lines.append(f"- Message: {one_line(first['message'])}")
+    if info.get("cases_until_failure") is not None:
+        lines.append(f"- Found after {info['cases_until_failure']} cases")
+    mismatches = list(info.get("mismatches") or [])
+    if mismatches:
+        shown = mismatches[:_MAX_MISMATCH_ROWS]
+        note = f" (first {len(shown)} shown)" if len(shown) < len(mismatches) else ""
+        lines += ["", f"{len(mismatches)} mismatches{note}:", "", records_table(shown)]
+    return "\n".join(lines)
+
+
+def _minimal_case(info: Mapping[str, Any]) -> str:
+    parts = ["## Minimal case"]
+    inputs = info.get("inputs") or {}
+    scalars = [[f"`{name}`", value] for name, value in inputs.items() if not is_sequence(value)]
+    if scalars:
+        parts.append(table(["name", "value"], scalars))
+    for name, value in inputs.items():
+        if is_sequence(value):
+            parts.append(f"`{one_line(name)}` ({shape(value)}):\n\n{array_table(value)}")
+    if not inputs:
+        parts.append("See `case.json`.")
+    if info.get("shrink_log"):
+        steps = "\n".join(f"- {one_line(step)}" for step in info["shrink_log"])
+        parts.append(f"Shrink passes applied:\n\n{steps}")
+    return "\n\n".join(parts)
+
+
+def _expected_vs_actual(info: Mapping[str, Any]) -> str:
+    parts = ["## Expected vs actual"]
+    first = info.get("first_difference") or {}
+    if first:
+        parts.append(_first_difference_line(first))
+    for name, pair in (info.get("expected_actual") or {}).items():
+        expected = list(pair.get("expected") or [])
+        actual = list(pair.get("actual") or [])
+        index = first_difference(expected, actual)
+        where = "no difference" if index is None else f"first difference at index {index}"
+        parts.append(f"`{one_line(name)}` ({where}):\n\n{side_by_side(expected, actual, index)}")
+    if len(parts) == 1:
+        parts.append("No element-wise difference recorded.")
+    return "\n\n".join(parts)
+
+
+def _first_difference_line(first: Mapping[str, Any]) -> str:
+    check = "the output" if first.get("check") is None else f"`{one_line(first['check'])}`"
+    located = [key for key in ("slot", "expert", "position") if first.get(key) is not None]
+    where = ", ".join(f"{key} {first[key]}" for key in located)
+    text = f"First difference: {check}" + (f" at {where}" if where else "")
+    if "expected" in first or "actual" in first:
+        expected, actual = one_line(first.get("expected")), one_line(first.get("actual"))
+        text += f": expected `{expected}`, actual `{actual}`"
+    return text + "."
+
+
+def _classes_and_contract(info: Mapping[str, Any]) -> str:
+    contract = one_line(info["contract"])
+    meaning = _CONTRACTS.get(contract)
+    classes = ", ".join(f"`{one_line(c)}`" for c in info.get("edge_classes") or []) or "none"
+    return "\n".join(
+        [
+            "## Classes and contract",
+            "",
+            f"- Contract: `{contract}`" + (f" — {meaning}" if meaning else ""),
+            f"- Edge classes: {classes}",
+        ]
+    )
+
+
+def _reproduce(info: Mapping[str, Any]) -> str:
+    impl = one_line(info["impl"])
+    return "\n".join(
+        [
+            "## Reproduce",
+            "",
+            "Standalone (needs torch and the implementation under test):",
+            "",
+            "```sh",
+            "python repro.py",
+            "```",
+            "",
+            "With difftest:",
+            "",
+            "```sh",
+            f"difftest replay case.json --impl {impl}",
+            "```",
+        ]
+    )
+
+
+def _environment(env: Mapping[str, Any] | None) -> str:
+    if not env:
+        return "## Environment\n\nNot recorded."
+    rows = []
+    for key, value in env.items():
+        if isinstance(value, Mapping):
+            rows += [[f"{key} / {name}", _known(sub)] for name, sub in value.items()]
+        else:
+            rows.append([key, _known(value)])
+    return "## Environment\n\n" + table(["item", "value"], rows)
+
+
+def _known(value: Any) -> Any:
+    return "n/a" if value is None else value

@@ -1,0 +1,120 @@
+"""Callables a user might bring with ``--impl py:user_impls:<name>``.
+
+Each is the correct torch implementation with one deliberate bug, most of
+them on an edge class a plain random test rarely reaches. The tests prove the
+framework catches every one within a small budget, and that the sandbox
+survives the ones that kill or hang their process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+from cuda_impl import torch_impl
+
+_OK = torch_impl.implementation()
+
+
+def correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map=None):
+    """The correct torch implementation, as a user callable."""
+    _OK["vllm-lora"](topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                     max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                     num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+
+
+def skips_slot_at_index_l(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                          max_num_tokens_padded, max_num_m_blocks, sorted_token_ids,
+                          expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,
+                          expert_map=None):
+    """Launches over lora_ids[:L]: wrong only when a real slot sits at lora_ids[L]."""
+    _OK["vllm-lora"](topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                     max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                     num_tokens_post_pad, adapter_enabled, lora_ids[:max_loras].clone(),
+                     expert_map)
+
+
+def wrong_total_for_int64(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                          max_num_tokens_padded, max_num_m_blocks, sorted_token_ids,
+                          expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,
+                          expert_map=None):
+    """Right for int32 ids; with int64 ids it adds one block to every written total."""
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+    if topk_ids.dtype.itemsize == 8:
+        for slot in lora_ids.tolist():
+            if 0 <= slot < max_loras and int(adapter_enabled[slot]) != 0:
+                num_tokens_post_pad[slot] += block_size
+
+
+def wrong_blocks_for_block_size_one(topk_ids, token_lora_mapping, num_experts, block_size,
+                                    max_loras, max_num_tokens_padded, max_num_m_blocks,
+                                    sorted_token_ids, expert_ids, num_tokens_post_pad,
+                                    adapter_enabled, lora_ids, expert_map=None):
+    """With B = 1 the inactive blocks get 0 instead of -1."""
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+    if block_size == 1:
+        expert_ids[expert_ids == -1] = 0
+
+
+def writes_past_last_row(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                         max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                         num_tokens_post_pad, adapter_enabled, lora_ids, expert_map=None):
+    """Correct, then one store past the end of sorted_token_ids (an overrun in one allocation)."""
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+    if topk_ids.shape[0] > 3:
+        past = sorted_token_ids.as_strided((1,), (1,), sorted_token_ids.storage_offset()
+                                           + sorted_token_ids.numel())
+        past.fill_(7)
+
+
+def segfaults_on_empty_batch(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                             max_num_tokens_padded, max_num_m_blocks, sorted_token_ids,
+                             expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,
+                             expert_map=None):
+    """Dereferences NULL when T = 0 (kills the process with SIGSEGV)."""
+    if topk_ids.shape[0] == 0:
+        ctypes.string_at(0)
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+
+
+def hangs_on_disabled_adapter(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                              max_num_tokens_padded, max_num_m_blocks, sorted_token_ids,
+                              expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,
+                              expert_map=None):
+    """Spins forever when a listed slot is disabled."""
+    listed = [s for s in lora_ids.tolist() if 0 <= s < max_loras]
+    if any(int(adapter_enabled[s]) == 0 for s in listed):
+        while True:
+            time.sleep(0.05)
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+
+
+def mutates_mapping(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                    max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                    num_tokens_post_pad, adapter_enabled, lora_ids, expert_map=None):
+    """Correct outputs, but clamps token_lora_mapping in place (an input must not change)."""
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+    token_lora_mapping.clamp_(min=0)
+
+
+def align_raises_on_expert_map(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
+                               num_tokens_post_pad, expert_map=None):
+    """Plain align that does not support expert_map (raises)."""
+    if expert_map is not None:
+        raise NotImplementedError("expert_map is not supported")
+    _OK["align"](topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, None)
