@@ -185,14 +185,6 @@ def _out_dir(requested: Path | None, label: str) -> Path:
     return Path("difftest-out") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
 
 
-PROFILES = {
-    # name: (max_examples, seconds, derandomise)
-    "ci": (2000, 120.0, True),
-    "dev": (None, 60.0, False),
-    "nightly": (None, 3600.0, False),
-}
-
-
 def shard_seed(seed: int | None, shard: tuple[int, int] | None) -> int | None:
     """The seed of CI shard ``i/n``: distinct per shard, reproducible from the base seed."""
     if shard is None:
@@ -245,11 +237,13 @@ def cmd_run(ns: argparse.Namespace) -> int:
     contracts = ("production", "defensive") if ns.contract == "all" else (ns.contract,)
     max_examples, seconds, seed = ns.max_examples, ns.seconds, ns.seed
     if ns.profile:
-        p_examples, p_seconds, derandomise = PROFILES[ns.profile]
-        max_examples = max_examples or p_examples
-        seconds = seconds or p_seconds
-        if derandomise and seed is None:
-            seed = 0
+        from .profiles import PROFILES
+
+        profile = PROFILES[ns.profile]
+        max_examples = max_examples or profile.max_examples
+        seconds = seconds or profile.seconds
+        if seed is None:
+            seed = profile.seed
     seed = shard_seed(seed, ns.shard)
     workers = _worker_count(ns, device)
     out = _out_dir(ns.out, ns.impl)
@@ -318,11 +312,7 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
     reports.merge_runs(out, parts)
     reports.write_summary(out)
     if ns.junit:
-        import pandas as pd
-
-        cases = pd.read_parquet(out / "cases.parquet").to_dict("records")
-        mism = pd.read_parquet(out / "mismatches.parquet").to_dict("records")
-        reports.write_junit(ns.junit, cases, mism)
+        reports.write_junit(ns.junit, *reports.read_rows(out))
     print(f"{workers} workers merged into {out}; exit codes {codes}")
     return EXIT_FAILURES if any(c == EXIT_FAILURES for c in codes) else EXIT_CLEAN
 

@@ -17,9 +17,10 @@ tests and for implementations known to be well behaved.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -49,10 +50,11 @@ class Outcome:
 class InProcessRunner:
     """Runs cases in this process. No isolation: for tests and trusted code."""
 
-    def __init__(self, impl: Implementation, device: str, repeats: int | None = None) -> None:
+    def __init__(self, impl: Implementation, device: str, repeats: int | None = None,
+                 callables: dict[str, Any] | None = None) -> None:
         self.impl, self.device = impl, device
         self.repeats = repeats if repeats is not None else impl.repeats(device)
-        self._callables = impl.load()
+        self._callables = callables if callables is not None else impl.load()
 
     def run(self, case: Case) -> Outcome:
         from .execute import run_case
@@ -71,10 +73,19 @@ class InProcessRunner:
         self.close()
 
 
-def _worker_main(conn: Any, impl: Implementation, device: str, stderr_path: str,
-                 cuda_device: int | None) -> None:
-    fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 2)
+def _worker_main() -> None:
+    """Entry of a worker process (started by :meth:`SandboxRunner._start`).
+
+    The protocol runs over the stdin/stdout pipes the parent made; file
+    descriptor 1 is then pointed at the stderr file so that anything the
+    implementation prints cannot corrupt it.
+    """
+    from multiprocessing.connection import Connection
+
+    proto_out = os.dup(1)
+    os.dup2(2, 1)
+    inbox, outbox = Connection(os.dup(0), writable=False), Connection(proto_out, readable=False)
+    impl, device, cuda_device = inbox.recv()
     if cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_device)
     try:
@@ -85,21 +96,21 @@ def _worker_main(conn: Any, impl: Implementation, device: str, stderr_path: str,
             torch.cuda.init()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
         detail = str(exc) if isinstance(exc, ImplementationError) else traceback.format_exc()
-        conn.send(("load_error", detail))
+        outbox.send(("load_error", detail))
         return
-    conn.send(("ready", os.getpid()))
+    outbox.send(("ready", os.getpid()))
     from .execute import run_case
 
     while True:
         try:
-            msg = conn.recv()
+            msg = inbox.recv()
         except EOFError:
             return
         if msg is None:
             return
         case, repeats = msg
         runs = run_case(case, callables, device, repeats)
-        conn.send(("ok", runs))
+        outbox.send(("ok", runs))
         if any(r.fatal for repeat in runs for r in repeat):
             # the CUDA context is poisoned: nothing this process runs next means anything
             os._exit(3)
@@ -113,7 +124,6 @@ class SandboxRunner:
         self.impl, self.device, self.timeout_s = impl, device, timeout_s
         self.repeats = repeats if repeats is not None else impl.repeats(device)
         self.cuda_device = cuda_device
-        self._ctx = mp.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
         self._stderr = tempfile.NamedTemporaryFile(prefix="difftest-worker-", suffix=".err",
@@ -123,13 +133,16 @@ class SandboxRunner:
 
     # -- worker lifecycle ---------------------------------------------------
     def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_worker_main,
-            args=(child, self.impl, self.device, self._stderr.name, self.cuda_device),
-            daemon=True)
-        proc.start()
-        child.close()
+        # A fresh interpreter, not multiprocessing's spawn: that would re-run the
+        # user's __main__ module, and a pytest or script caller has no main guard.
+        boot = (f"import sys; sys.path[:0] = {sys.path!r}; "
+                "from difftest.sandbox import _worker_main; _worker_main()")
+        err = open(self._stderr.name, "ab")
+        proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err)
+        err.close()
+        parent = _Duplex(proc)
+        parent.send((self.impl, self.device, self.cuda_device))
         if not parent.poll(LOAD_TIMEOUT_S):
             proc.kill()
             raise ImplementationError(f"--impl {self.impl.name}: worker did not load it within "
@@ -137,20 +150,20 @@ class SandboxRunner:
         try:
             kind, payload = parent.recv()
         except EOFError:
-            proc.join(5)
+            proc.wait(5)
             raise ImplementationError(
                 f"--impl {self.impl.name}: worker died while loading it "
-                f"({_exit_text(proc.exitcode)}); stderr: {self._tail()}") from None
+                f"({_exit_text(proc.returncode)}); stderr: {self._tail()}") from None
         if kind == "load_error":
-            proc.join(5)
+            proc.wait(5)
             raise ImplementationError(f"--impl {self.impl.name}: cannot load it: {payload}")
         self._proc, self._conn = proc, parent
 
     def _kill(self) -> None:
         if self._proc is not None:
-            if self._proc.is_alive():
+            if self._proc.poll() is None:
                 self._proc.kill()
-            self._proc.join(5)
+            self._proc.wait(5)
         if self._conn is not None:
             self._conn.close()
         self._proc = self._conn = None
@@ -169,7 +182,7 @@ class SandboxRunner:
 
     # -- running --------------------------------------------------------------
     def run(self, case: Case) -> Outcome:
-        if self._proc is None or not self._proc.is_alive():
+        if self._proc is None or self._proc.poll() is not None:
             self._kill()
             self._start()
         self._clear_stderr()
@@ -186,8 +199,10 @@ class SandboxRunner:
                                elapsed_s=time.perf_counter() - start)
             kind, runs = self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            self._proc.join(5)
-            code = self._proc.exitcode
+            try:
+                code = self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
             tail = self._tail()
             self._kill()
             self.restarts += 1
@@ -197,7 +212,10 @@ class SandboxRunner:
                            elapsed_s=time.perf_counter() - start)
         elapsed = time.perf_counter() - start
         if any(r.fatal for repeat in runs for r in repeat):
-            self._proc.join(5)
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
             self._kill()
             self.restarts += 1
         return Outcome(runs, worker=worker, elapsed_s=elapsed)
@@ -209,7 +227,10 @@ class SandboxRunner:
             except OSError:
                 pass
         if self._proc is not None:
-            self._proc.join(2)
+            try:
+                self._proc.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
         self._kill()
         try:
             os.unlink(self._stderr.name)
@@ -221,6 +242,31 @@ class SandboxRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Duplex:
+    """send/recv/poll over a child's stdin/stdout pipes."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        from multiprocessing.connection import Connection
+
+        self._out = Connection(os.dup(proc.stdin.fileno()), readable=False)
+        self._in = Connection(os.dup(proc.stdout.fileno()), writable=False)
+        proc.stdin.close()
+        proc.stdout.close()
+
+    def send(self, obj: Any) -> None:
+        self._out.send(obj)
+
+    def recv(self) -> Any:
+        return self._in.recv()
+
+    def poll(self, timeout: float) -> bool:
+        return self._in.poll(timeout)
+
+    def close(self) -> None:
+        self._out.close()
+        self._in.close()
 
 
 def _exit_text(code: int | None) -> str:

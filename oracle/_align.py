@@ -34,7 +34,8 @@ class Alignment:
     ``sorted_token_ids``: int32 ``[P]``, each expert's segment holds its route
     indices in ascending order, every other position the pad value ``N``.
     ``expert_ids``: int32 ``[M]``, ``M = ceil(P / B)``, ``-1`` past the last
-    active block.  ``num_tokens_post_pad``: the padded total.
+    active block.  ``num_tokens_post_pad``: the padded total.  Frozen means
+    the fields cannot be rebound; the arrays themselves are ordinary arrays.
     """
 
     sorted_token_ids: np.ndarray
@@ -49,20 +50,22 @@ def padded_size(numel: int, num_experts: int, block_size: int) -> int:
     Always at least the padded total of any routing of ``N`` routes: each
     non-empty expert adds at most ``B - 1`` pad positions, and when
     ``N < E`` at most ``N`` experts are non-empty, each padded to at most
-    ``count * B``.
+    ``count * B``.  ``num_experts`` may be 0 (a rank that owns no expert):
+    every route is then dropped.
 
     >>> padded_size(10, 4, 4)
     24
     """
     n = _validate.non_negative_integer("numel", numel)
-    e = _validate.positive_integer("num_experts", num_experts)
+    e = _validate.non_negative_integer("num_experts", num_experts)
     b = _validate.positive_integer("block_size", block_size)
     if n < e:
         return n * b
     return round_up(n + e * (b - 1), b)
 
 
-def round_up(value: int, multiple: int) -> int:
+def round_up(value, multiple):
+    """Smallest multiple of ``multiple`` not below ``value`` (ints or integer arrays)."""
     return -(-value // multiple) * multiple
 
 
@@ -82,7 +85,8 @@ def align(
     """Sort routes by expert and pad each expert's segment to a multiple of ``B``.
 
     Inputs (SPEC §3): ``topk_ids`` int32 or int64 ``[T, K]``; ``num_experts``
-    ``E`` and ``block_size`` ``B``, positive; ``expert_map`` optional integer
+    ``E >= 0`` (0: a rank without experts, every route dropped);
+    ``block_size`` ``B > 0``; ``expert_map`` optional integer
     ``[E]`` with entries in ``[-1, E)``; ``max_num_tokens_padded`` ``P``,
     by default :func:`padded_size`.  Routes to an expert outside ``[0, E)``
     or mapped to ``-1`` are dropped.
@@ -95,7 +99,7 @@ def align(
     ([1, 4, 0, 2, 3, 4, 4, 4], [0, 1, 1, -1], 6)
     """
     topk_ids = _validate.topk_ids_array(topk_ids)
-    num_experts = _validate.positive_integer("num_experts", num_experts)
+    num_experts = _validate.non_negative_integer("num_experts", num_experts)
     block_size = _validate.positive_integer("block_size", block_size)
     if expert_map is not None:
         expert_map = _validate.expert_map_array(expert_map, num_experts)
@@ -176,7 +180,7 @@ def segment_layout(
     ``offset`` is the exclusive prefix sum of ``padded`` in expert order.
     """
     counts = np.bincount(experts, minlength=num_experts).astype(np.int64)
-    padded = -(-counts // block_size) * block_size
+    padded = round_up(counts, block_size)
     offsets = np.cumsum(padded) - padded
     total = int(padded.sum())
     return counts, padded, offsets, total

@@ -77,7 +77,7 @@ def lora_align(
 
     Inputs: ``topk_ids`` int32/int64 ``[T, K]``; ``token_lora_mapping``
     integer ``[T]`` (``-1`` = base model; a value outside ``[0, L)`` matches
-    no slot); ``num_experts``, ``block_size``, ``max_loras`` positive;
+    no slot); ``num_experts >= 0``; ``block_size``, ``max_loras`` positive;
     ``lora_ids`` integer ``[any length]``, default :func:`active_lora_ids`
     (vLLM passes ``L + 1`` entries, SGLang ``arange(L)``);
     ``adapter_enabled`` integer or bool with at least ``L`` entries, default
@@ -96,7 +96,7 @@ def lora_align(
     _validate.exact_shape(
         "token_lora_mapping", mapping, (num_tokens,), "one entry per token of topk_ids"
     )
-    num_experts = _validate.positive_integer("num_experts", num_experts)
+    num_experts = _validate.non_negative_integer("num_experts", num_experts)
     block_size = _validate.positive_integer("block_size", block_size)
     max_loras = _validate.positive_integer("max_loras", max_loras)
     if lora_ids is None:
@@ -151,9 +151,7 @@ def lora_align(
     return LoraAlignment(sorted_token_ids, expert_ids, num_tokens_post_pad, written)
 
 
-def processed_slots(
-    lora_ids: np.ndarray, adapter_enabled: np.ndarray, max_loras: int
-) -> list[int]:
+def processed_slots(lora_ids: np.ndarray, adapter_enabled: np.ndarray, max_loras: int) -> list[int]:
     """SPEC §4: ``S = {l in lora_ids : 0 <= l < L and adapter_enabled[l] != 0}``, ascending.
 
     ``-1`` (base model), a value ``>= L`` and a disabled adapter are skipped;

@@ -17,19 +17,19 @@ from collections.abc import Iterable
 import numpy as np
 
 __all__ = [
-    "OracleError",
     "InvalidArgument",
     "InvalidArgumentType",
-    "integer",
-    "positive_integer",
-    "non_negative_integer",
-    "index_in",
-    "one_of",
-    "integer_array",
+    "OracleError",
     "exact_shape",
-    "values_in",
-    "topk_ids_array",
     "expert_map_array",
+    "index_in",
+    "integer",
+    "integer_array",
+    "non_negative_integer",
+    "one_of",
+    "positive_integer",
+    "topk_ids_array",
+    "values_in",
 ]
 
 
@@ -115,7 +115,7 @@ def integer_array(
         allowed = "an integer or bool dtype" if allow_bool else "an integer dtype"
         raise InvalidArgumentType(f"{name}.dtype={array.dtype}: must be {allowed}")
     if array.ndim != ndim:
-        raise InvalidArgument(f"{name}.ndim={array.ndim}: must be {ndim} (shape {array.shape})")
+        raise InvalidArgument(f"{name}.ndim={array.ndim}: must be {ndim} (got shape {array.shape})")
     return array
 
 

@@ -85,7 +85,7 @@ def to_local_topk(
     if expert_map is None:
         num_global = None
         if num_experts is not None:
-            num_global = _validate.positive_integer("num_experts", num_experts)
+            num_global = _validate.non_negative_integer("num_experts", num_experts)
         valid = topk_ids >= 0
         if num_global is not None:
             valid &= topk_ids < num_global

@@ -137,22 +137,31 @@ def _what_failed(info: Mapping[str, Any]) -> str:
     first = info.get("first_difference") or {}
     if first.get("check") is not None:
         lines.append(f"- Check: `{one_line(first['check'])}`")
-    if first.get("message"):
-        lines.append(f"- Message: {one_line(first['message'])}")
     if info.get("cases_until_failure") is not None:
         lines.append(f"- Found after {info['cases_until_failure']} cases")
+    message = str(first.get("message") or "")
+    if "\n" in message.strip():
+        # Comparison messages are laid out over several lines; keep that layout.
+        lines += ["", "Message:", "", fenced(message)]
+    elif message:
+        lines.append(f"- Message: {one_line(message)}")
     mismatches = list(info.get("mismatches") or [])
     if mismatches:
         shown = mismatches[:_MAX_MISMATCH_ROWS]
+        noun = "mismatch" if len(mismatches) == 1 else "mismatches"
         note = f" (first {len(shown)} shown)" if len(shown) < len(mismatches) else ""
-        lines += ["", f"{len(mismatches)} mismatches{note}:", "", records_table(shown)]
+        lines += ["", f"{len(mismatches)} {noun}{note}:", "", records_table(shown)]
     return "\n".join(lines)
 
 
 def _minimal_case(info: Mapping[str, Any]) -> str:
     parts = ["## Minimal case"]
     inputs = info.get("inputs") or {}
-    scalars = [[f"`{name}`", value] for name, value in inputs.items() if not is_sequence(value)]
+    scalars = [
+        [f"`{name}`", "None" if value is None else value]
+        for name, value in inputs.items()
+        if not is_sequence(value)
+    ]
     if scalars:
         parts.append(table(["name", "value"], scalars))
     for name, value in inputs.items():

@@ -35,7 +35,8 @@ def write_junit(
     """Write the JUnit XML report of a run to ``path`` and return it.
 
     ``cases_rows`` and ``mismatch_rows`` are case and mismatch rows as
-    recorded by :class:`reports.RunLog` (missing keys read as null).  The
+    recorded by :class:`reports.RunLog` (missing keys read as null; see
+    :func:`reports.read_rows` to read them back from a run directory).  The
     single ``<testsuite name="difftest">`` carries ``tests`` (number of test
     cases), ``failures`` (failed test cases), ``errors``, ``skipped`` and
     ``time`` (summed ``elapsed_s`` of the distinct cases).
@@ -126,7 +127,8 @@ def _seconds(value: float) -> str:
 
 
 def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+    # Rows read back through pandas hold NaN where the log holds null.
+    return "" if value is None or value != value else str(value)
 
 
 def _xml(text: str) -> str:

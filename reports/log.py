@@ -20,57 +20,74 @@ Example::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from reports._files import replace_atomically
-from reports.schema import CASES_SCHEMA, MISMATCHES_SCHEMA, normalise_case, normalise_mismatch
+from reports.schema import (
+    CASES_SCHEMA,
+    MISMATCHES_SCHEMA,
+    VERDICTS,
+    normalise_case,
+    normalise_mismatch,
+)
 
-__all__ = ["RunLog", "merge_runs", "read_rows", "rebuild_parquet"]
-
-CASES_JOURNAL = "cases.jsonl"
-MISMATCHES_JOURNAL = "mismatches.jsonl"
-CASES_PARQUET = "cases.parquet"
-MISMATCHES_PARQUET = "mismatches.parquet"
+__all__ = ["RunLog", "merge_runs", "read_rows", "read_tables", "rebuild_parquet"]
 
 
-class _Table:
-    """One record type: its journal, its parquet file, its rows in memory.
+@dataclass(frozen=True)
+class _Kind:
+    """One record type of a run directory: its files, schema and row check."""
 
-    Rows in memory are kept as Arrow record batches, converted once when a
-    parquet rewrite is due, so a rewrite costs one parquet encode and not a
-    re-conversion of every row recorded so far.
+    journal: str
+    parquet: str
+    schema: pa.Schema
+    normalise: Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+_CASES = _Kind("cases.jsonl", "cases.parquet", CASES_SCHEMA, normalise_case)
+_MISMATCHES = _Kind("mismatches.jsonl", "mismatches.parquet", MISMATCHES_SCHEMA, normalise_mismatch)
+
+
+class _Log:
+    """One record type of an open RunLog: its journal file and its rows in memory.
+
+    Rows in memory are Arrow record batches plus the rows added since the last
+    parquet rewrite, so a rewrite converts only the new rows before encoding.
     """
 
-    def __init__(
-        self,
-        out_dir: Path,
-        journal: str,
-        parquet: str,
-        schema: pa.Schema,
-        normalise: Callable[[Mapping[str, Any]], dict[str, Any]],
-    ) -> None:
-        self.journal_path = out_dir / journal
-        self.parquet_path = out_dir / parquet
-        self.schema = schema
-        self.normalise = normalise
-        existing = _load_journal(self.journal_path, normalise, repair=True)
-        self.batches: list[pa.RecordBatch] = []
-        self.pending: list[dict[str, Any]] = existing
-        self.count = len(existing)
-        self.file = open(self.journal_path, "a", encoding="utf-8")
+    def __init__(self, out_dir: Path, kind: _Kind) -> None:
+        self.kind = kind
+        self.parquet_path = out_dir / kind.parquet
+        journal = out_dir / kind.journal
+        if journal.exists():
+            existing = _load_journal(journal, kind, repair=True)
+        else:
+            # A directory with a parquet file and no journal: its rows seed the
+            # journal, so that the journal stays the whole truth.
+            existing = _read_kind(out_dir, kind)
+        self.batches: list[pa.RecordBatch] = existing.to_batches()
+        self.pending: list[dict[str, Any]] = []
+        self.count = existing.num_rows
+        self.file = open(journal, "a", encoding="utf-8")
+        if not journal.stat().st_size and existing.num_rows:
+            self.file.write("".join(_dumps(row) + "\n" for row in existing.to_pylist()))
+            self.file.flush()
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
         # Validate everything first: a bad row must not leave half a call journalled.
-        clean = [self.normalise(row) for row in rows]
+        clean = [self.kind.normalise(row) for row in rows]
         if not clean:
             return
         self.file.write("".join(_dumps(row) + "\n" for row in clean))
@@ -79,15 +96,13 @@ class _Table:
         self.count += len(clean)
 
     def write_parquet(self) -> None:
+        schema = self.kind.schema
         if self.pending:
-            self.batches.append(pa.RecordBatch.from_pylist(self.pending, schema=self.schema))
+            self.batches.append(pa.RecordBatch.from_pylist(self.pending, schema=schema))
             self.pending = []
         if len(self.batches) > 64:
-            combined = pa.Table.from_batches(self.batches, schema=self.schema).combine_chunks()
-            self.batches = combined.to_batches()
-        _write_parquet_atomically(
-            pa.Table.from_batches(self.batches, schema=self.schema), self.parquet_path
-        )
+            self.batches = pa.Table.from_batches(self.batches, schema).combine_chunks().to_batches()
+        _write_parquet_atomically(pa.Table.from_batches(self.batches, schema), self.parquet_path)
 
     def close(self) -> None:
         self.file.close()
@@ -111,22 +126,19 @@ class RunLog:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.parquet_interval_s = float(parquet_interval_s)
-        self._cases = _Table(
-            self.out_dir, CASES_JOURNAL, CASES_PARQUET, CASES_SCHEMA, normalise_case
-        )
+        self._cases = _Log(self.out_dir, _CASES)
         try:
-            self._mismatches = _Table(
-                self.out_dir,
-                MISMATCHES_JOURNAL,
-                MISMATCHES_PARQUET,
-                MISMATCHES_SCHEMA,
-                normalise_mismatch,
-            )
+            self._mismatches = _Log(self.out_dir, _MISMATCHES)
         except BaseException:
             self._cases.close()
             raise
         self._closed = False
-        self.flush()
+        try:
+            self.flush()
+        except BaseException:
+            self._cases.close()
+            self._mismatches.close()
+            raise
 
     @property
     def num_cases(self) -> int:
@@ -170,9 +182,9 @@ class RunLog:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _add(self, table: _Table, rows: Iterable[Mapping[str, Any]]) -> None:
+    def _add(self, log: _Log, rows: Iterable[Mapping[str, Any]]) -> None:
         self._check_open()
-        table.append(rows)
+        log.append(rows)
         if time.monotonic() - self._last_write >= self.parquet_interval_s:
             self.flush()
 
@@ -182,17 +194,20 @@ class RunLog:
 
 
 def read_rows(run_dir: str | os.PathLike[str]) -> tuple[list[dict], list[dict]]:
-    """Return ``(case_rows, mismatch_rows)`` of a run directory.
+    """Return ``(case_rows, mismatch_rows)`` of a run directory as lists of dicts.
 
     Each kind is read from its journal when there is one (it is never behind
     the parquet file), else from its parquet file, else it is empty.  A torn
     last journal line, left by a process killed mid-write, is skipped.
     """
+    cases, mismatches = read_tables(run_dir)
+    return cases.to_pylist(), mismatches.to_pylist()
+
+
+def read_tables(run_dir: str | os.PathLike[str]) -> tuple[pa.Table, pa.Table]:
+    """Like :func:`read_rows`, as Arrow tables with the fixed schemas."""
     run_dir = Path(run_dir)
-    return (
-        _read_kind(run_dir, CASES_JOURNAL, CASES_PARQUET, normalise_case),
-        _read_kind(run_dir, MISMATCHES_JOURNAL, MISMATCHES_PARQUET, normalise_mismatch),
-    )
+    return _read_kind(run_dir, _CASES), _read_kind(run_dir, _MISMATCHES)
 
 
 def rebuild_parquet(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
@@ -206,15 +221,11 @@ def rebuild_parquet(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
     if not out_dir.is_dir():
         raise ValueError(f"out_dir={str(out_dir)!r} is not a directory")
     counts = []
-    for journal, parquet, schema, normalise in (
-        (CASES_JOURNAL, CASES_PARQUET, CASES_SCHEMA, normalise_case),
-        (MISMATCHES_JOURNAL, MISMATCHES_PARQUET, MISMATCHES_SCHEMA, normalise_mismatch),
-    ):
-        rows = _read_kind(out_dir, journal, parquet, normalise)
-        if (out_dir / journal).exists() or not (out_dir / parquet).exists():
-            table = pa.Table.from_pylist(rows, schema=schema)
-            _write_parquet_atomically(table, out_dir / parquet)
-        counts.append(len(rows))
+    for kind in (_CASES, _MISMATCHES):
+        table = _read_kind(out_dir, kind)
+        if (out_dir / kind.journal).exists() or not (out_dir / kind.parquet).exists():
+            _write_parquet_atomically(table, out_dir / kind.parquet)
+        counts.append(table.num_rows)
     return counts[0], counts[1]
 
 
@@ -242,9 +253,8 @@ def merge_runs(
             )
     with RunLog(out_dir) as log:
         for part in parts:
-            case_rows, mismatch_rows = read_rows(part)
-            log._cases.append(case_rows)
-            log._mismatches.append(mismatch_rows)
+            for table, log_of_kind in zip(read_tables(part), (log._cases, log._mismatches)):
+                log_of_kind.append(table.to_pylist())
         for part in parts:
             _copy_new(part / "cases", out_dir / "cases", dirs=False)
             _copy_new(part / "bugs", out_dir / "bugs", dirs=True)
@@ -265,43 +275,33 @@ def _copy_new(source: Path, dest: Path, *, dirs: bool) -> None:
             shutil.copy2(entry, target)
 
 
-def _read_kind(
-    run_dir: Path,
-    journal: str,
-    parquet: str,
-    normalise: Callable[[Mapping[str, Any]], dict[str, Any]],
-) -> list[dict[str, Any]]:
-    if (run_dir / journal).exists():
-        return _load_journal(run_dir / journal, normalise, repair=False)
-    if (run_dir / parquet).exists():
-        return [normalise(row) for row in pq.read_table(run_dir / parquet).to_pylist()]
-    return []
+def _read_kind(run_dir: Path, kind: _Kind) -> pa.Table:
+    if (run_dir / kind.journal).exists():
+        return _load_journal(run_dir / kind.journal, kind, repair=False)
+    if (run_dir / kind.parquet).exists():
+        table = pq.read_table(run_dir / kind.parquet)
+        if table.schema.equals(kind.schema):
+            return table
+        return _table(kind, table.to_pylist())  # written by someone else: check every row
+    return kind.schema.empty_table()
 
 
-def _load_journal(
-    path: Path, normalise: Callable[[Mapping[str, Any]], dict[str, Any]], *, repair: bool
-) -> list[dict[str, Any]]:
-    """Rows of a journal.  A torn last line (no newline, not valid JSON) is
+def _load_journal(path: Path, kind: _Kind, *, repair: bool) -> pa.Table:
+    """The rows of a journal.  A torn last line (no newline, not valid JSON) is
     dropped; with ``repair`` it is also cut from the file so appends start on
-    a clean line.  Any other unreadable line is an error naming file and line.
+    a clean line.  Any other unreadable line is a ``ValueError`` naming file
+    and line.
     """
     if not path.exists():
-        return []
+        return kind.schema.empty_table()
     data = path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            rows.append(_parse_line(path, number, line, normalise))
+    tail = data[data.rfind(b"\n") + 1 :]  # b"" when the file ends with a newline
     if tail.strip():
         try:
             json.loads(tail)
             torn = False
         except ValueError:
             torn = True
-        if not torn:
-            rows.append(_parse_line(path, len(lines) + 1, tail, normalise))
         if repair:
             with open(path, "r+b") as file:
                 if torn:
@@ -309,7 +309,32 @@ def _load_journal(
                 else:
                     file.seek(0, os.SEEK_END)
                     file.write(b"\n")
-    return rows
+        data = data[: len(data) - len(tail)] if torn else data + b"\n"
+    if not data.strip():
+        return kind.schema.empty_table()
+    try:
+        # Arrow's reader checks fields and types as strictly as normalise(), fast;
+        # only verdicts are left to check.
+        options = pa_json.ParseOptions(
+            explicit_schema=kind.schema, unexpected_field_behavior="error"
+        )
+        table = pa_json.read_json(io.BytesIO(data), parse_options=options)
+        verdicts = set(table.column("verdict").unique().to_pylist())
+        if table.schema.equals(kind.schema) and verdicts <= {None, *VERDICTS}:
+            return table
+    except pa.ArrowException:
+        pass
+    # Something is wrong: read line by line to say where.
+    rows = [
+        _parse_line(path, number, line, kind.normalise)
+        for number, line in enumerate(data.split(b"\n"), start=1)
+        if line.strip()
+    ]
+    return _table(kind, rows)
+
+
+def _table(kind: _Kind, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([kind.normalise(row) for row in rows], schema=kind.schema)
 
 
 def _parse_line(

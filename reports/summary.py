@@ -17,11 +17,12 @@ from typing import Any
 from urllib.parse import quote
 
 import pandas as pd
+import pyarrow as pa
 
 from reports._files import replace_text_atomically
 from reports._plots import plots
-from reports.log import read_rows
-from reports.schema import CASE_COLUMNS, MISMATCH_COLUMNS, NO_EDGE_CLASS, VERDICTS
+from reports.log import read_tables
+from reports.schema import NO_EDGE_CLASS, VERDICTS
 
 __all__ = ["write_summary"]
 
@@ -46,15 +47,14 @@ def write_summary(out_dir: str | os.PathLike[str]) -> Path:
     """Write ``out_dir/summary.html`` from the run's logs and return its path.
 
     Rows come from the journals, else the parquet files (see
-    :func:`reports.log.read_rows`); bug reports from ``out_dir/bugs/*/``.
+    :func:`reports.read_rows`); bug reports from ``out_dir/bugs/*/``.
     ``ValueError`` if ``out_dir`` is not a directory.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ValueError(f"out_dir={str(out_dir)!r} is not a directory")
-    case_rows, mismatch_rows = read_rows(out_dir)
-    cases = _frame(case_rows, CASE_COLUMNS)
-    mismatches = _frame(mismatch_rows, MISMATCH_COLUMNS)
+    case_table, mismatch_table = read_tables(out_dir)
+    cases, mismatches = _frame(case_table), _frame(mismatch_table)
     cases["failed"] = cases["verdict"] != "pass"
     by_class = cases.assign(edge_class=cases["edge_classes"].map(_classes)).explode("edge_class")
 
@@ -82,8 +82,8 @@ def write_summary(out_dir: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _frame(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> pd.DataFrame:
-    frame = pd.DataFrame.from_records(rows, columns=list(columns))
+def _frame(table: pa.Table) -> pd.DataFrame:
+    frame = table.to_pandas()
     for column in ("impl", "dialect", "contract", "verdict", "check"):
         if column in frame:
             frame[column] = frame[column].astype(object).where(frame[column].notna(), _UNKNOWN)
@@ -177,7 +177,7 @@ def _failing_cases(cases: pd.DataFrame, out_dir: Path) -> str:
         '<th class="label">verdict</th><th class="label">checks failed</th></tr>',
     ]
     for row in failing.head(_MAX_FAILING_CASES).itertuples(index=False):
-        case_id = "" if row.case_id is None else str(row.case_id)
+        case_id = "" if pd.isna(row.case_id) else str(row.case_id)
         link = f"cases/{case_id}.json"
         shown = _esc(case_id)
         if case_id and (out_dir / link).is_file():

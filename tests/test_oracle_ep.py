@@ -78,9 +78,7 @@ def test_to_local_topk_round_robin_keeps_int32():
 def test_to_local_topk_without_map_is_identity_on_valid_ids():
     topk_ids = np.array([[3, 9], [5, -2], [10, 4]], dtype=np.int32)
     assert_int_equal(to_local_topk(topk_ids, None), [[3, 9], [5, -1], [10, 4]])
-    assert_int_equal(
-        to_local_topk(topk_ids, None, num_experts=10), [[3, 9], [5, -1], [-1, 4]]
-    )
+    assert_int_equal(to_local_topk(topk_ids, None, num_experts=10), [[3, 9], [5, -1], [-1, 4]])
 
 
 def test_to_local_topk_does_not_modify_its_input():

@@ -43,6 +43,7 @@ def assert_alignment(a: oracle.Alignment, sorted_token_ids, expert_ids, total) -
         (1023, 64, 16, 1984),  # round_up(1023 + 960, 16)
         (1024, 64, 16, 1984),
         (7, 3, 1, 7),  # B = 1: no padding at all
+        (5, 0, 4, 8),  # E = 0 (a rank without experts): round_up(5, 4)
     ],
 )
 def test_padded_size_follows_production_formula(numel, num_experts, block_size, expected):
@@ -115,6 +116,11 @@ def test_all_routes_dropped_gives_total_zero():
     assert_alignment(a, [2, 2, 2, 2], [-1, -1], 0)
 
 
+def test_rank_without_experts_drops_every_route():
+    a = oracle.align(np.array([[0, 1]], dtype=np.int32), 0, 2)  # P = round_up(2, 2)
+    assert_alignment(a, [2, 2], [-1], 0)
+
+
 # SPEC §4
 
 # Shared batch: tok0 slot1: r0->0 r1->1; tok1 base: r2->1 r3->1;
@@ -181,6 +187,19 @@ def test_listed_slot_without_routes_is_written_with_total_zero():
     assert_int32_equal(la.sorted_token_ids[2], [8] * 12)
     assert_int32_equal(la.expert_ids[2], [-1] * 6)
     assert_int32_equal(la.num_tokens_post_pad, [4, 6, 0])
+
+
+def test_token_mapped_outside_the_slot_range_joins_no_row():
+    # tok0 maps to 5 (>= L = 2): its routes r0, r1 are in no row; tok1 slot 0: r2->1, r3->1
+    topk_ids = np.array([[0, 1], [1, 1]], dtype=np.int32)
+    mapping = np.array([5, 0], dtype=np.int32)
+    lora_ids = np.array([0, 1], dtype=np.int32)
+    la = oracle.lora_align(topk_ids, mapping, 2, 2, 2, lora_ids=lora_ids)
+    # P = round_up(4 + 2, 2) = 6, pad value N = 4
+    assert_int32_equal(la.sorted_token_ids, [[2, 3, 4, 4, 4, 4], [4, 4, 4, 4, 4, 4]])
+    assert_int32_equal(la.expert_ids, [[1, -1, -1], [-1, -1, -1]])
+    assert_int32_equal(la.num_tokens_post_pad, [2, 0])
+    np.testing.assert_array_equal(la.written, [True, True], strict=True)
 
 
 def test_lora_rows_use_the_callers_stride_under_loose_padding():

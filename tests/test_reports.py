@@ -19,6 +19,7 @@ import pytest
 import reports
 
 ROOT = Path(__file__).resolve().parents[1]
+MESSAGE = "expert_ids[3]: expected 2, actual 0"
 
 CASE_FIELDS = [
     ("case_id", pa.string()),
@@ -57,8 +58,16 @@ MISMATCH_FIELDS = [
 ]
 
 
-def case_row(case_id, *, impl="torch", contract="production", edge_classes=("base-only",),
-             verdict="pass", elapsed_s=0.5, **extra):
+def case_row(
+    case_id,
+    *,
+    impl="torch",
+    contract="production",
+    edge_classes=("base-only",),
+    verdict="pass",
+    elapsed_s=0.5,
+    **extra,
+):
     row = {
         "case_id": case_id,
         "impl": impl,
@@ -76,17 +85,29 @@ def case_row(case_id, *, impl="torch", contract="production", edge_classes=("bas
     return row
 
 
-def mismatch_row(case_id, *, impl="torch", check="expert_ids", message="expert_ids[3]: expected 2, actual 0"):
-    return {"case_id": case_id, "impl": impl, "dialect": "vllm-lora", "check": check, "slot": 1,
-            "expert": 2, "position": 3, "expected": 2, "actual": 0, "verdict": "mismatch",
-            "message": message}
+def mismatch_row(case_id, *, impl="torch", check="expert_ids", message=MESSAGE):
+    return {
+        "case_id": case_id, "impl": impl, "dialect": "vllm-lora", "check": check, "rank": None,
+        "slot": 1, "expert": 2, "position": 3, "expected": 2, "actual": 0,
+        "verdict": "mismatch", "message": message,
+    }
 
 
 def schema_fields(path):
     return [(field.name, field.type) for field in pq.read_schema(path)]
 
 
-# -- RunLog and the parquet tables ------------------------------------------------------
+def case_ids(path):
+    return pq.read_table(path).column("case_id").to_pylist()
+
+
+def table_row(impl, edge_class, *cells):
+    tds = "".join(
+        f'<td class="{kind}">{text}</td>' for kind, text in (c.split(":", 1) for c in cells)
+    )
+    return f'<tr><td class="label">{impl}</td><td class="label">{edge_class}</td>{tds}</tr>'
+
+
 
 
 def test_empty_log_writes_both_tables_with_the_exact_schema(tmp_path):
@@ -102,7 +123,9 @@ def test_empty_log_writes_both_tables_with_the_exact_schema(tmp_path):
 
 def test_rows_round_trip_with_missing_keys_as_null_and_numpy_scalars_as_ints(tmp_path):
     with reports.RunLog(tmp_path) as log:
-        log.add_case(case_row("c1", T=np.int32(5), elapsed_s=np.float32(0.25), edge_classes=("a", "b")))
+        log.add_case(
+            case_row("c1", T=np.int32(5), elapsed_s=np.float32(0.25), edge_classes=("a", "b"))
+        )
         log.add_mismatches([mismatch_row("c1")])
     cases = pq.read_table(tmp_path / "cases.parquet")
     assert schema_fields(tmp_path / "cases.parquet") == CASE_FIELDS
@@ -113,11 +136,7 @@ def test_rows_round_trip_with_missing_keys_as_null_and_numpy_scalars_as_ints(tmp
         "R": None, "rank": None, "dtype": "int32", "seed": 7, "verdict": "pass",
         "elapsed_s": 0.25, "worker": None, "checks_failed": [],
     }]
-    assert pq.read_table(tmp_path / "mismatches.parquet").to_pylist() == [{
-        "case_id": "c1", "impl": "torch", "dialect": "vllm-lora", "check": "expert_ids",
-        "rank": None, "slot": 1, "expert": 2, "position": 3, "expected": 2, "actual": 0,
-        "verdict": "mismatch", "message": "expert_ids[3]: expected 2, actual 0",
-    }]
+    assert pq.read_table(tmp_path / "mismatches.parquet").to_pylist() == [mismatch_row("c1")]
 
 
 def test_unknown_key_is_a_value_error_naming_it_and_nothing_is_journalled(tmp_path):
@@ -150,7 +169,7 @@ def test_parquet_follows_the_journal_only_every_interval_and_on_flush(tmp_path):
         assert pq.read_table(tmp_path / "cases.parquet").num_rows == 1
     with reports.RunLog(tmp_path, parquet_interval_s=0) as log:
         log.add_case(case_row("c2"))
-        assert pq.read_table(tmp_path / "cases.parquet").column("case_id").to_pylist() == ["c1", "c2"]
+        assert case_ids(tmp_path / "cases.parquet") == ["c1", "c2"]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
@@ -174,9 +193,7 @@ def test_a_killed_run_keeps_every_row_and_rebuild_parquet_recovers_them(tmp_path
     cases = pq.read_table(tmp_path / "cases.parquet")
     assert cases.column("case_id").to_pylist() == [f"c{i}" for i in range(50)]
     assert cases.column("verdict").to_pylist().count("mismatch") == 10
-    assert pq.read_table(tmp_path / "mismatches.parquet").column("case_id").to_pylist() == [
-        f"c{i}" for i in range(0, 50, 5)
-    ]
+    assert case_ids(tmp_path / "mismatches.parquet") == [f"c{i}" for i in range(0, 50, 5)]
     assert schema_fields(tmp_path / "cases.parquet") == CASE_FIELDS
 
 
@@ -189,8 +206,34 @@ def test_a_torn_last_journal_line_is_dropped_and_a_reopened_log_appends_cleanly(
     with reports.RunLog(tmp_path) as log:
         assert log.num_cases == 1
         log.add_case(case_row("c3"))
-    assert pq.read_table(tmp_path / "cases.parquet").column("case_id").to_pylist() == ["c1", "c3"]
+    assert case_ids(tmp_path / "cases.parquet") == ["c1", "c3"]
     assert len((tmp_path / "cases.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_bad_journal_line_is_reported_with_its_file_and_line_number(tmp_path):
+    with reports.RunLog(tmp_path) as log:
+        log.add_case(case_row("c1"))
+    with open(tmp_path / "cases.jsonl", "a") as journal:
+        journal.write('{"case_id": "c2", "verdict": "passed"}\n{"case_id": "c3"}\n')
+    with pytest.raises(ValueError, match=r"cases\.jsonl:2: unreadable journal line: .*'passed'"):
+        reports.read_rows(tmp_path)
+
+
+def test_read_rows_falls_back_to_parquet_when_there_is_no_journal(tmp_path):
+    with reports.RunLog(tmp_path) as log:
+        log.add_case(case_row("c1"))
+        log.add_mismatches([mismatch_row("c1")])
+    (tmp_path / "cases.jsonl").unlink()
+    (tmp_path / "mismatches.jsonl").unlink()
+    cases, mismatches = reports.read_rows(tmp_path)
+    assert [row["case_id"] for row in cases] == ["c1"]
+    assert mismatches == [mismatch_row("c1")]
+    assert reports.rebuild_parquet(tmp_path) == (1, 1)  # parquet kept, not emptied
+    assert case_ids(tmp_path / "cases.parquet") == ["c1"]
+    with reports.RunLog(tmp_path) as log:  # the parquet rows seed a new journal
+        log.add_case(case_row("c2"))
+    assert reports.rebuild_parquet(tmp_path) == (2, 1)
+    assert case_ids(tmp_path / "cases.parquet") == ["c1", "c2"]
 
 
 def test_merge_runs_concatenates_rows_and_copies_cases_and_bugs(tmp_path):
@@ -207,20 +250,18 @@ def test_merge_runs_concatenates_rows_and_copies_cases_and_bugs(tmp_path):
     (parts[1] / "bugs" / "other-bug").mkdir()
 
     assert reports.merge_runs(tmp_path / "all", parts) == (4, 2)
-    merged = pq.read_table(tmp_path / "all" / "cases.parquet")
-    assert merged.column("case_id").to_pylist() == ["p0-ok", "p0-bad", "p1-ok", "p1-bad"]
-    assert merged.column("worker").to_pylist() == ["gpu0", "gpu0", "gpu1", "gpu1"]
-    assert pq.read_table(tmp_path / "all" / "mismatches.parquet").column("case_id").to_pylist() == [
-        "p0-bad", "p1-bad"
-    ]
-    assert sorted(p.name for p in (tmp_path / "all" / "cases").iterdir()) == ["p0-bad.json", "p1-bad.json"]
-    assert sorted(p.name for p in (tmp_path / "all" / "bugs").iterdir()) == ["other-bug", "same-bug"]
-    assert (tmp_path / "all" / "bugs" / "same-bug" / "report.md").read_text() == "# from part 0\n"
+    merged = tmp_path / "all"
+    assert case_ids(merged / "cases.parquet") == ["p0-ok", "p0-bad", "p1-ok", "p1-bad"]
+    workers = pq.read_table(merged / "cases.parquet").column("worker").to_pylist()
+    assert workers == ["gpu0", "gpu0", "gpu1", "gpu1"]
+    assert case_ids(merged / "mismatches.parquet") == ["p0-bad", "p1-bad"]
+    assert sorted(p.name for p in (merged / "cases").iterdir()) == ["p0-bad.json", "p1-bad.json"]
+    assert sorted(p.name for p in (merged / "bugs").iterdir()) == ["other-bug", "same-bug"]
+    assert (merged / "bugs" / "same-bug" / "report.md").read_text() == "# from part 0\n"
     with pytest.raises(ValueError, match="part_dirs\\[0\\]"):
         reports.merge_runs(tmp_path / "all", [tmp_path / "missing"])
 
 
-# -- summary.html -----------------------------------------------------------------------
 
 
 def write_sample_run(run):
@@ -240,12 +281,11 @@ def test_summary_has_the_pass_fail_cells_check_counts_and_embedded_plots(tmp_pat
 
     assert '<p class="headline">4 cases, <span class="bad">2 failures</span></p>' in page
     assert "<li>Verdicts: pass: 2, mismatch: 1, crash: 1</li>" in page
-    row = '<tr><td class="label">torch</td><td class="label">base-only</td>'
-    assert row + '<td class="empty">—</td><td class="fail">1/2</td><td class="fail">1/2</td></tr>' in page
-    row = '<tr><td class="label">torch</td><td class="label">no-edge-class</td>'
-    assert row + '<td class="pass">0/1</td><td class="empty">—</td><td class="pass">0/1</td></tr>' in page
-    row = '<tr><td class="label">cuda&lt;&amp;&gt;</td><td class="label">base-only</td>'
-    assert row + '<td class="empty">—</td><td class="fail">1/1</td><td class="fail">1/1</td></tr>' in page
+    # columns: defensive, production, all
+    assert table_row("torch", "base-only", "empty:—", "fail:1/2", "fail:1/2") in page
+    assert table_row("torch", "hot-expert", "empty:—", "fail:1/1", "fail:1/1") in page
+    assert table_row("torch", "no-edge-class", "pass:0/1", "empty:—", "pass:0/1") in page
+    assert table_row("cuda&lt;&amp;&gt;", "base-only", "empty:—", "fail:1/1", "fail:1/1") in page
     assert "cuda<&>" not in page
     assert '<tr><td class="label">expert_ids</td><td>1</td><td>1</td></tr>' in page
     assert '<tr><td class="label">sorted_token_ids</td><td>1</td><td>1</td></tr>' in page
@@ -266,7 +306,6 @@ def test_summary_of_an_empty_run_is_a_complete_page(tmp_path):
     assert "<img" not in page
 
 
-# -- bug reports ------------------------------------------------------------------------
 
 REPRO = "#!/usr/bin/env python3\r\n# keeps CRLF and no final newline\nprint('repro')"
 
@@ -279,13 +318,26 @@ def bug_info(**extra):
         "contract": "production",
         "edge_classes": ["full-slots-with-base"],
         "case": {"dialect": "vllm-lora", "topk_ids": [[1, 0]], "dtype": "int32"},
-        "inputs": {"topk_ids": [[1, 0], [2, 3]], "num_experts": 4, "lora_ids": list(range(100))},
-        "first_difference": {"check": "num_tokens_post_pad", "slot": 2, "expert": None,
-                             "position": None, "expected": 16, "actual": -559038737,
-                             "message": "slot 2: num_tokens_post_pad expected 16, actual -559038737"},
-        "mismatches": [{"check": "sorted_token_ids", "position": i, "message": "a|b"} for i in range(25)],
-        "expected_actual": {"sorted_token_ids": {"expected": list(range(100)),
-                                                 "actual": list(range(60)) + [-1] + list(range(61, 100))}},
+        "inputs": {
+            "topk_ids": [[1, 0], [2, 3]],
+            "num_experts": 4,
+            "max_num_tokens_padded": None,
+            "lora_ids": list(range(100)),
+        },
+        "first_difference": {
+            "check": "num_tokens_post_pad", "slot": 2, "expert": None, "position": None,
+            "expected": 16, "actual": -559038737,
+            "message": "slot 2: num_tokens_post_pad differs\nexpected: [16]\nactual: [-559038737]",
+        },
+        "mismatches": [
+            {"check": "sorted_token_ids", "position": i, "message": "a|b"} for i in range(25)
+        ],
+        "expected_actual": {
+            "sorted_token_ids": {
+                "expected": list(range(100)),
+                "actual": list(range(60)) + [-1] + list(range(61, 100)),
+            }
+        },
         "environment": {"Python": "3.11.7", "torch": None, "packages": {"numpy": "2.4.6"}},
         "repro_py": REPRO,
         "sanitizer": "========= Invalid __global__ write of size 4",
@@ -313,13 +365,19 @@ def test_bug_report_markdown_has_every_section_and_truncates_long_rows(tmp_path)
     assert headings == ["## What failed", "## Minimal case", "## Expected vs actual",
                         "## Classes and contract", "## Reproduce", "## Environment",
                         "## compute-sanitizer"]
+    assert "- Check: `num_tokens_post_pad`\n- Found after 17 cases\n" in report
+    assert "Message:\n\n```\nslot 2: num_tokens_post_pad differs\nexpected: [16]\n" in report
     assert "25 mismatches (first 20 shown):" in report
+    assert "| `num_experts` | 4 |\n| `max_num_tokens_padded` | None |\n" in report
     assert "| sorted_token_ids | 19 | a\\|b |" in report
     assert "| sorted_token_ids | 20 |" not in report
     assert "| 1 | 2 | 3 |" in report  # row 1 of topk_ids
-    lora_row = "| value | " + " | ".join(map(str, range(32))) + " | … | " + " | ".join(map(str, range(92, 100))) + " |"
-    assert lora_row in report
-    assert "First difference: `num_tokens_post_pad` at slot 2: expected `16`, actual `-559038737`." in report
+    head, tail = " | ".join(map(str, range(32))), " | ".join(map(str, range(92, 100)))
+    assert f"| value | {head} | … | {tail} |" in report
+    assert (
+        "First difference: `num_tokens_post_pad` at slot 2: expected `16`, actual `-559038737`."
+        in report
+    )
     assert "`sorted_token_ids` (first difference at index 60):" in report
     assert "| 31 | … | 57 | 58 | 59 | **60** | 61 | 62 | 63 | … | 92 |" in report
     assert "| 59 | **60** | 61 |" in report and "| 59 | **-1** | 61 |" in report
@@ -355,18 +413,21 @@ def test_environment_never_imports_torch():
         assert "torch" not in sys.modules
         print(sorted(env), env["torch"], env["packages"]["pyarrow"] is not None)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "['CUDA', 'GPU', 'Python', 'driver', 'packages', 'platform', 'torch'] None True\n"
+    keys = "['CUDA', 'GPU', 'Python', 'driver', 'packages', 'platform', 'torch']"
+    assert result.stdout == f"{keys} None True\n"
 
 
-# -- JUnit ------------------------------------------------------------------------------
 
 
 def test_junit_has_one_testcase_per_edge_class_and_contract_with_failures(tmp_path):
     cases = [
         case_row("c1"),
-        case_row("c2", verdict="mismatch", edge_classes=("base-only", "hot-expert"), elapsed_s=1.25),
+        case_row("c2", verdict="mismatch", edge_classes=("base-only", "hot-expert"),
+                 elapsed_s=1.25),
         case_row("c3", contract="defensive", edge_classes=()),
         case_row("c4", impl="cuda", verdict="crash"),
     ]
@@ -374,8 +435,10 @@ def test_junit_has_one_testcase_per_edge_class_and_contract_with_failures(tmp_pa
     path = reports.write_junit(tmp_path / "out" / "junit.xml", cases, mismatches)
     suite = ET.parse(path).getroot()
     assert suite.tag == "testsuite"
-    assert suite.attrib == {"name": "difftest", "tests": "4", "failures": "3", "errors": "0",
-                            "skipped": "0", "time": "2.750"}
+    assert suite.attrib == {
+        "name": "difftest", "tests": "4", "failures": "3", "errors": "0", "skipped": "0",
+        "time": "2.750",
+    }
     testcases = {(tc.get("classname"), tc.get("name")): tc for tc in suite.iter("testcase")}
     assert sorted(testcases) == [
         ("difftest.cuda.vllm-lora", "base-only[production]"),
@@ -390,8 +453,11 @@ def test_junit_has_one_testcase_per_edge_class_and_contract_with_failures(tmp_pa
         "1 of 2 cases failed (mismatch: 1); first: "
         "c2 [mismatch] expert_ids: expert_ids[3]: expected 2, actual 0\ufffd[0m"
     )
-    assert testcases[("difftest.cuda.vllm-lora", "base-only[production]")].find("failure").text == "c4 [crash]"
-    assert testcases[("difftest.torch.vllm-lora", "no-edge-class[defensive]")].find("failure") is None
+    cuda = testcases[("difftest.cuda.vllm-lora", "base-only[production]")]
+    assert cuda.find("failure").text == "c4 [crash]"
+    assert testcases[("difftest.torch.vllm-lora", "hot-expert[production]")].get("time") == "1.250"
+    untagged = testcases[("difftest.torch.vllm-lora", "no-edge-class[defensive]")]
+    assert untagged.find("failure") is None
 
 
 def test_junit_quotes_at_most_five_failing_cases(tmp_path):
@@ -399,4 +465,5 @@ def test_junit_quotes_at_most_five_failing_cases(tmp_path):
     suite = ET.parse(reports.write_junit(tmp_path / "junit.xml", cases, [])).getroot()
     assert suite.get("tests") == "1" and suite.get("failures") == "1"
     text = suite.find("testcase/failure").text
-    assert text.splitlines() == [f"c{i} [timeout]" for i in range(5)] + ["... and 2 more failing cases"]
+    quoted = [f"c{i} [timeout]" for i in range(5)]
+    assert text.splitlines() == quoted + ["... and 2 more failing cases"]

@@ -1,0 +1,91 @@
+"""Checking a callable from Python (the pytest fixture is built on this)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .campaign import Campaign, CampaignResult, FailureDatabase
+from .case import CONTRACTS, DIALECTS
+from .errors import UsageError
+from .registry import Implementation
+
+
+@dataclass
+class CheckResult:
+    """Outcome of :func:`check_callable`; ``str()`` is the failure report."""
+
+    impl: str
+    dialect: str
+    result: CampaignResult
+    minimal: dict[str, str] = field(default_factory=dict)  # signature -> case summary
+
+    @property
+    def passed(self) -> bool:
+        return not self.result.failures
+
+    def __str__(self) -> str:
+        r = self.result
+        head = (f"difftest: {self.impl} ({self.dialect}): {r.cases} cases, "
+                + ", ".join(f"{v} {n}" for v, n in sorted(r.verdicts.items())))
+        lines = [head]
+        for sig, failure in sorted(r.failures.items()):
+            lines.append(f"FAILED {sig} ({failure.count} case(s))")
+            lines.append(self.minimal.get(sig, ""))
+            if sig in r.bug_dirs:
+                lines.append(f"bug report: {r.bug_dirs[sig]}")
+        return "\n".join(line for line in lines if line)
+
+
+def _minimal_summary(case_json: Path, message: str) -> str:
+    from .bugreport import case_inputs
+    from .case import Case
+
+    case = Case.from_json(case_json.read_text())
+    rows = [f"minimal case ({case.dialect}, {case.contract}; "
+            f"{', '.join(case.edge_classes) or 'no edge class'}):"]
+    for name, value in case_inputs(case).items():
+        rows.append(f"  {name} = {value}")
+    rows.append("first failure: " + message.replace("\n", "\n  "))
+    return "\n".join(rows)
+
+
+def check_callable(fn: Callable[..., Any], dialect: str, *, seconds: float | None = 5.0,
+                   max_examples: int | None = None, seed: int | None = 0,
+                   contracts: tuple[str, ...] = CONTRACTS, device: str = "cpu",
+                   out_dir: str | os.PathLike | None = None, shrink_seconds: float = 20.0,
+                   database: str | os.PathLike | None = ".difftest/db",
+                   stable: bool = False, name: str | None = None) -> CheckResult:
+    """Test ``fn`` (a callable in ``dialect``'s calling convention) against the oracle.
+
+    Runs in this process (the callable need not be importable); failures are
+    shrunk and written up under ``out_dir``. Returns a :class:`CheckResult`;
+    nothing is raised for a failing callable.
+    """
+    from .sandbox import InProcessRunner
+
+    if dialect not in DIALECTS:
+        raise UsageError(f"dialect={dialect!r}: must be one of {', '.join(DIALECTS)}")
+    bad = set(contracts) - set(CONTRACTS)
+    if bad:
+        raise UsageError(f"contracts={tuple(contracts)!r}: allowed {CONTRACTS}")
+    label = name or f"py:{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}"
+    impl = Implementation(label, "py", (dialect,), ("cpu", "cuda"), stable, "user callable",
+                          target=label[3:])
+    out = Path(out_dir) if out_dir is not None else Path(".difftest") / "runs" / "".join(
+        c if c.isalnum() or c in "._-" else "_" for c in label)
+    runner = InProcessRunner(impl, device, callables={dialect: fn})
+    campaign = Campaign(impl, runner, out, seed=seed,
+                        database=FailureDatabase(Path(database)) if database else None)
+    campaign.replay_database()
+    campaign.generate(dialects=(dialect,), contracts=tuple(contracts),
+                      max_examples=max_examples, seconds=seconds)
+    campaign.shrink_and_report(shrink_seconds=shrink_seconds)
+    result = campaign.close()
+    check = CheckResult(label, dialect, result)
+    for sig, path in result.bug_dirs.items():
+        check.minimal[sig] = _minimal_summary(path / "case.json",
+                                              result.failures[sig].evaluation.detail)
+    return check

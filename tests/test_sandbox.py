@@ -1,0 +1,87 @@
+"""The sandbox survives implementations that crash, hang, print or fail to load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from difftest import registry
+from difftest.case import Case
+from difftest.errors import ImplementationError
+from difftest.evaluate import evaluate
+from difftest.sandbox import SandboxRunner
+
+
+def _vllm_case(T: int, enabled=(1, 1, 1)) -> Case:
+    topk = np.zeros((T, 1), dtype=np.int32)
+    mapping = np.zeros(T, dtype=np.int32)
+    contract = "production" if T and all(enabled) else "defensive"
+    return Case("vllm-lora", contract, topk, 2, 2, max_loras=2, token_lora_mapping=mapping,
+                lora_ids=np.array([0, -1, -1], dtype=np.int32),
+                adapter_enabled=np.array(enabled, dtype=np.int32))
+
+
+def _verdict(runner, impl, case):
+    return evaluate(case, runner.run(case), stable=impl.stable)
+
+
+def test_segfault_is_a_crash_and_the_next_case_gets_a_fresh_worker():
+    impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
+    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        assert _verdict(runner, impl, _vllm_case(3)).verdict == "pass"
+        first_pid = runner._proc.pid
+        crashed = _verdict(runner, impl, _vllm_case(0))
+        assert crashed.verdict == "crash"
+        assert "SIGSEGV" in crashed.detail
+        after = _verdict(runner, impl, _vllm_case(3))
+        assert after.verdict == "pass"
+        assert runner._proc.pid != first_pid and runner.restarts == 1
+
+
+def test_hang_is_a_timeout_and_the_campaign_goes_on():
+    impl = registry.resolve("py:user_impls:hangs_on_disabled_adapter", "vllm-lora")
+    with SandboxRunner(impl, "cpu", timeout_s=1.0) as runner:
+        # the first run includes no load time: the worker is started and loaded first
+        hung = _verdict(runner, impl, _vllm_case(2, enabled=(0, 1, 1)))
+        assert hung.verdict == "timeout"
+        assert hung.signature(_vllm_case(2, enabled=(0, 1, 1))) == (
+            "vllm-lora--timeout--timeout")
+        assert _verdict(runner, impl, _vllm_case(2)).verdict == "pass"
+
+
+def test_printing_implementation_does_not_corrupt_the_protocol(tmp_path, monkeypatch):
+    module = tmp_path / "chatty_impl.py"
+    module.write_text(
+        "import sys\n"
+        "from cuda_impl import torch_impl\n"
+        "_ok = torch_impl.implementation()['align']\n"
+        "def chatty(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,\n"
+        "           num_tokens_post_pad, expert_map=None):\n"
+        "    print('hello from the kernel' * 1000)\n"
+        "    sys.stdout.flush()\n"
+        "    _ok(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,\n"
+        "        num_tokens_post_pad, expert_map)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    impl = registry.resolve("py:chatty_impl:chatty")
+    assert impl.dialects == ("align",)
+    case = Case("align", "production", np.array([[1, 0]], dtype=np.int32), 2, 2)
+    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        assert _verdict(runner, impl, case).verdict == "pass"
+
+
+def test_a_module_that_fails_in_the_worker_is_an_implementation_error(tmp_path, monkeypatch):
+    module = tmp_path / "half_broken.py"
+    module.write_text(
+        "import os\n"
+        "def align(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,\n"
+        "          num_tokens_post_pad, expert_map=None):\n"
+        "    pass\n"
+        "if os.environ.get('DIFFTEST_TEST_BREAK') == '1':\n"
+        "    raise RuntimeError('cannot initialise')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    impl = registry.resolve("py:half_broken:align")
+    monkeypatch.setenv("DIFFTEST_TEST_BREAK", "1")
+    case = Case("align", "production", np.array([[0]], dtype=np.int32), 1, 1)
+    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        with pytest.raises(ImplementationError, match="cannot initialise"):
+            runner.run(case)
