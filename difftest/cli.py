@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dialect", help="align, vllm-lora, sglang-lora, ep-remap")
         sp.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
         sp.add_argument("--timeout", type=_positive_float, default=None,
-                        help="seconds a case may take before it is a timeout (default 5; "
-                        "60 for the first call, which may build kernels)")
+                        help="seconds a case may take before it is a timeout (default 10, confirmed "
+                        "by one re-run with 4x the budget; loading and building are not counted)")
 
     run = sub.add_parser("run", help="run a campaign against the oracle")
     common_impl(run)

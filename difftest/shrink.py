@@ -86,8 +86,9 @@ import numpy as np
 
 import oracle
 
-from .case import Case, rank_inputs
+from .case import Case, EPGroup, rank_inputs
 from .dialects import DIALECT_INFO
+from .errors import UsageError
 
 __all__ = ["PASSES", "ShrinkResult", "Shrinker", "shrink", "value_key"]
 
@@ -118,17 +119,22 @@ def shrink(case: Case, still_fails: Callable[[Case], bool], *, max_seconds: floa
     ``case`` is taken to fail as given; it is not re-run.  ``still_fails``
     gets well-formed candidates of the same contract only and returns whether
     each shows the same failure.  Raises ``ValueError`` for a non-positive
-    budget; an exception from ``still_fails`` propagates.
+    budget (:class:`~difftest.errors.UsageError`, a ``ValueError``); an
+    exception from ``still_fails`` propagates.
     """
     if not max_seconds > 0:
-        raise ValueError(f"max_seconds={max_seconds!r}: must be a positive number of seconds")
+        raise UsageError(f"max_seconds={max_seconds!r}: must be a positive number of seconds")
     if max_calls < 1:
-        raise ValueError(f"max_calls={max_calls!r}: must be at least 1")
+        raise UsageError(f"max_calls={max_calls!r}: must be at least 1")
     return Shrinker(case, still_fails, max_seconds=max_seconds, max_calls=max_calls).run()
 
 
 class _BudgetExhausted(Exception):
     """Raised inside a pass when ``max_seconds`` or ``max_calls`` is spent."""
+
+
+class _PredicateRaised(Exception):
+    """Carries an exception of ``still_fails`` past the guard around each pass."""
 
 
 class Shrinker:
@@ -159,12 +165,18 @@ class Shrinker:
                 before = len(self.log)
                 for shrink_pass in PASSES:
                     self.pass_name = shrink_pass.__name__
-                    shrink_pass(self)
+                    try:
+                        shrink_pass(self)
+                    except (ValueError, TypeError, IndexError):
+                        # a case the pass cannot take apart: the other passes still can
+                        continue
                 if len(self.log) == before:
                     minimal = True
                     break
         except _BudgetExhausted:
             pass
+        except _PredicateRaised as wrapped:
+            raise wrapped.__cause__ from None
         return ShrinkResult(self.current, self.log, self.calls,
                             time.perf_counter() - self._start, minimal)
 
@@ -195,7 +207,10 @@ class Shrinker:
         if self.calls >= self.max_calls:
             raise _BudgetExhausted
         self.calls += 1
-        fails = bool(self.still_fails(candidate))
+        try:
+            fails = bool(self.still_fails(candidate))
+        except Exception as exc:  # noqa: BLE001 - the caller's error, raised unchanged
+            raise _PredicateRaised from exc
         self._seen[candidate.case_id] = fails
         if fails:
             self.current, self._key = candidate, key
@@ -628,43 +643,29 @@ def drop_lora_ids(s: Shrinker) -> None:
 
 @shrink_pass
 def lower_ep(s: Shrinker) -> None:
-    """EP: fewer ranks, fewer ranks run, no EP at one rank, linear placement, expert_map dispatch."""
+    """EP: fewer ranks (alone, then with ``G`` lowered alongside), fewer ranks run, no EP at
+    one rank, linear placement, ``expert_map`` dispatch."""
     if s.current.ep is None:
         return
 
     def with_ranks(size: int) -> bool:
-        ep = s.current.ep
-        full = ep.ranks == tuple(range(ep.ep_size))
-        ranks = tuple(r for r in ep.ranks if r < size)
-        ranks = tuple(range(size)) if full or not ranks else ranks
-        new = dataclasses.replace(ep, ep_size=size, ranks=ranks)
-        return s.consider(s.build(ep=new), f"R {ep.ep_size} -> {size}")
-
-    s.descend(s.current.ep.ep_size, 1, with_ranks)
+        case = s.current
+        return s.consider(s.build(ep=_smaller_group(case.ep, size)),
+                          f"R {case.ep.ep_size} -> {size}")
 
     def with_ranks_and_experts(size: int) -> bool:
-        # G % R is what EP placements get wrong: lower R and G together so it stays
-        case, d = s.current, s.current.ep.ep_size - size
+        # G % R is what a placement gets wrong: lower both so the remainder stays
+        case = s.current
+        d = case.ep.ep_size - size
         num_experts = case.num_experts - d
         if num_experts < 1:
             return False
-        ids = case.topk_ids.astype(np.int64)
-        moved = np.where(ids >= num_experts, np.maximum(ids - d, 0), ids)
-        candidate = s.build(topk_ids=moved.astype(case.topk_ids.dtype),
-                            **_expert_changes(case, num_experts))
-        if candidate is None:
-            return False
-        ep = candidate.ep
-        full = ep.ranks == tuple(range(ep.ep_size))
-        ranks = tuple(r for r in ep.ranks if r < size)
-        ranks = tuple(range(size)) if full or not ranks else ranks
-        try:
-            candidate = candidate.replace(ep=dataclasses.replace(ep, ep_size=size, ranks=ranks))
-        except (ValueError, TypeError):
-            return False
-        return s.consider(candidate, f"R {case.ep.ep_size} -> {size}, "
-                                     f"E {case.num_experts} -> {num_experts}")
+        changes = _expert_changes(case, num_experts)
+        changes["ep"] = _smaller_group(changes["ep"], size)
+        return s.consider(s.build(topk_ids=_ids_following(case, num_experts), **changes),
+                          f"R {case.ep.ep_size} -> {size}, E {case.num_experts} -> {num_experts}")
 
+    s.descend(s.current.ep.ep_size, 1, with_ranks)
     s.descend(s.current.ep.ep_size, 1, with_ranks_and_experts)
 
     def without_ranks(case: Case, start: int, stop: int) -> Case | None:
@@ -683,6 +684,26 @@ def lower_ep(s: Shrinker) -> None:
     if s.current.ep is not None and s.current.ep.dispatch == "local_ids":
         s.consider(s.build(ep=dataclasses.replace(s.current.ep, dispatch="expert_map")),
                    "dispatch local_ids -> expert_map")
+
+
+def _smaller_group(ep: EPGroup, size: int) -> EPGroup:
+    """``ep`` with ``size`` ranks: all of them if it ran all, else the ranks that remain."""
+    full = ep.ranks == tuple(range(ep.ep_size))
+    ranks = tuple(r for r in ep.ranks if r < size)
+    return dataclasses.replace(ep, ep_size=size,
+                               ranks=tuple(range(size)) if full or not ranks else ranks)
+
+
+def _ids_following(case: Case, num_experts: int) -> np.ndarray:
+    """``topk_ids`` for ``E = num_experts``: ids ``>= num_experts`` move down by the difference.
+
+    The highest experts stay the highest (at least 0); ids past the old
+    ``E`` stay past the new one.
+    """
+    d = case.num_experts - num_experts
+    ids = case.topk_ids.astype(np.int64)
+    moved = np.where(ids >= num_experts, np.maximum(ids - d, 0), ids)
+    return moved.astype(case.topk_ids.dtype)
 
 
 @shrink_pass
@@ -737,11 +758,10 @@ def lower_experts(s: Shrinker) -> None:
     def follow(num_experts: int) -> bool:
         case = s.current
         d = case.num_experts - num_experts
-        ids = case.topk_ids.astype(np.int64)
-        moved = np.where(ids >= num_experts, np.maximum(ids - d, 0), ids)
-        return s.consider(s.build(topk_ids=moved.astype(case.topk_ids.dtype),
+        return s.consider(s.build(topk_ids=_ids_following(case, num_experts),
                                   **_expert_changes(case, num_experts)),
-                          f"E {case.num_experts} -> {num_experts} (ids >= {num_experts} down by {d})")
+                          f"E {case.num_experts} -> {num_experts} "
+                          f"(ids >= {num_experts} down by {d})")
 
     floor = max(1, min(s.current.ep.ep_size, s.current.num_experts)) if s.current.ep else 1
     s.descend(s.current.num_experts, floor, follow)

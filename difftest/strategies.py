@@ -7,21 +7,26 @@ that a test can draw just the part it needs.
 
 How a case is built.  Edge classes that matter are rare under uniform random
 data (a batch using *all* ``L`` adapters plus base tokens, ``N = 1024``, a
-foreign route under EP), so :func:`cases` does not wait for luck: it first
-draws a *focus* — ``"broad"`` or one edge class of :data:`EDGE_FOCUS` that the
-dialect and contract can reach (:func:`focus_classes`) — and builds the case
-around it: the sizes, the routing of the expert ids, the LoRA layout and the EP
-group are drawn so that the focus class holds.  Everything the focus leaves
-open is drawn broadly (``T``, ``K`` 1..8, ``E`` 1..256, ``B``, ``L`` 1..8 and
-sometimes up to 32, int32/int64, EP on one case in five), so that bugs nobody
-listed are found too.  A defensive case whose focus is not a defensive input
-itself gets one or two defensive *ingredients* (loose ``P``, invalid expert
-ids, ``lora_ids >= L``, a disabled adapter, a broken ``lora_ids`` layout, an
-SGLang request gap or request without adapter) chosen so as not to undo the
-focus.  Finally the case is tagged from its data by
-:func:`difftest.classify.edge_classes_of` and :func:`~difftest.classify.contract_of`
-— tags are never the generator's intention — and a case whose contract is not
-the one asked for is a bug of this module (``AssertionError``).
+foreign route under EP), so :func:`cases` does not wait for luck: it draws up
+to three *foci* — edge classes of :data:`EDGE_FOCUS` that the dialect and
+contract can reach (:func:`focus_classes`), or ``"broad"`` for none — keeps
+those that fit together, and builds the case around them: sizes, the routing
+of the expert ids, the LoRA layout and the EP group are drawn so that every
+focus class holds.  (Three draws, because Hypothesis does not spread one
+``sampled_from`` evenly: over a few hundred examples an option may get a third
+of its share; the union of three draws is even enough for every class to be
+frequent.)  Everything the foci leave open is drawn broadly (``T``, ``K``
+1..8, ``E`` 1..256, ``B``, ``L`` 1..8 and sometimes up to 32, int32/int64, EP
+on one case in five), so that bugs nobody listed are found too.  A defensive
+case none of whose foci is a defensive input gets one or two defensive
+*ingredients* (loose ``P``, invalid expert ids, ``lora_ids >= L``, a disabled
+adapter, a broken ``lora_ids`` layout, an SGLang request gap or request without
+adapter) chosen so as not to undo a focus.  Finally the case is tagged from its
+data by :func:`difftest.classify.edge_classes_of` and
+:func:`~difftest.classify.contract_of` — tags are never the generator's
+intention; ``Case.note`` records the foci (``"focus=hot-expert+int64-ids"``) —
+and a case whose contract is not the one asked for is a bug of this module
+(``AssertionError``).
 
 Small and large cases.  Up to :data:`ELEMENTWISE_MAX_ROUTES` routes every id,
 slot and request boundary is its own Hypothesis choice, so the shrinker can
@@ -254,6 +259,13 @@ def lora_layouts(num_tokens: int, max_loras: int, *, dialect: str = "vllm-lora",
         raise UsageError(f"num_tokens={num_tokens}, max_loras={max_loras}: need "
                          "num_tokens >= 0 and max_loras >= 1")
     wanted = frozenset(features)
+    least_tokens = 1 if wanted & {"base-only", "disable-listed", "disable-used",
+                                  "request-gap"} else 0
+    if "full-slots-with-base" in wanted:
+        least_tokens = max_loras + (2 if dialect == "sglang-lora" else 1)
+    if num_tokens < least_tokens or ("disable-unused" in wanted and max_loras < 2):
+        raise UsageError(f"num_tokens={num_tokens}, max_loras={max_loras}: too small for "
+                         f"features={tuple(features)}")
 
     @st.composite
     def layouts(draw: st.DrawFn) -> LoraLayout:
@@ -338,13 +350,39 @@ def cases(dialects: Sequence[str] | None = None,
 
 
 # -- the case builder -----------------------------------------------------------------
+# Focus pairs one case cannot have at once (sizes, dispatch or slots contradict).
+_CONFLICTS = frozenset(frozenset(pair) for pair in (
+    ("huge-batch", "path-boundary"), ("huge-batch", "many-experts"),
+    ("huge-batch", "block-edges"), ("path-boundary", "block-edges"),
+    ("ep-sentinel", "expert-map"), ("ep-sentinel", "many-experts"),
+    ("full-slots-with-base", "base-only"), ("base-only", "disabled-adapter"),
+))
+# Classes random data hits often anyway (int64 one case in four, B = 1 or
+# odd or > N, K >= 2 over few experts): drawn as a focus less often.
+_OFTEN = frozenset(("int64-ids", "block-edges", "duplicate-route", "empty-expert"))
+# Foci that need at least one token; they exclude empty-batch.
+_NEEDS_TOKENS = frozenset((
+    "huge-batch", "path-boundary", "hot-expert", "empty-expert", "duplicate-route",
+    "invalid-expert-id", "ep-sentinel", "full-slots-with-base", "base-only", "request-gap",
+    "disabled-adapter",
+))
+
+
+def _compatible(first: str, second: str) -> bool:
+    if "broad" in (first, second) or first == second:
+        return True
+    if "empty-batch" in (first, second):
+        return not {first, second} & _NEEDS_TOKENS
+    return frozenset((first, second)) not in _CONFLICTS
+
+
 @dataclass
 class _Plan:
     """What the builder has decided so far about one case."""
 
     dialect: str
     contract: str
-    focus: str
+    foci: frozenset[str]
     num_tokens: int = 1
     topk: int = 1
     num_experts: int = 1
@@ -361,9 +399,13 @@ class _Plan:
     def num_routes(self) -> int:
         return self.num_tokens * self.topk
 
+    @property
+    def lora(self) -> bool:
+        return self.dialect in ("vllm-lora", "sglang-lora")
+
     def wants(self, name: str) -> bool:
-        """Whether the focus or an ingredient asks for ``name``."""
-        return self.focus == name or name in self.ingredients
+        """Whether a focus or an ingredient asks for ``name``."""
+        return name in self.foci or name in self.ingredients
 
 
 @st.composite
@@ -371,12 +413,22 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
            max_tokens: int, allow_large: bool) -> Case:
     dialect = draw(st.sampled_from(dialects))
     contract = draw(st.sampled_from(contracts))
-    focus = draw(st.sampled_from(
-        ("broad",) + focus_classes(dialect, contract, max_tokens=max_tokens,
-                                   allow_large=allow_large)))
-    plan = _Plan(dialect, contract, focus)
-    _draw_sizes(draw, plan, max_tokens, allow_large)
+    # Hypothesis does not draw one sampled_from evenly: over a few hundred
+    # examples some options get a third of their share.  So a case gets up to
+    # three foci — one of any class, two more of the classes random data seldom
+    # hits (not in _OFTEN) — each kept when it fits those before it.
+    options = focus_classes(dialect, contract, max_tokens=max_tokens, allow_large=allow_large)
+    seldom = tuple(f for f in options if f not in _OFTEN)
+    drawn = [draw(st.sampled_from(("broad",) + options))]
+    drawn += [draw(st.sampled_from(("broad",) + seldom)) for _ in range(2)]
+    chosen: list[str] = []
+    for name in drawn:
+        if name != "broad" and all(_compatible(name, other) for other in chosen):
+            chosen.append(name)
+    foci = frozenset(chosen)
+    plan = _Plan(dialect, contract, foci)
     _draw_ingredients(draw, plan)
+    _draw_sizes(draw, plan, max_tokens, allow_large)
     _draw_ep(draw, plan)
 
     large = plan.num_routes > ELEMENTWISE_MAX_ROUTES or plan.num_tokens > max_tokens
@@ -384,13 +436,13 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
     ids = _draw_ids(draw, plan.num_tokens, plan.topk, plan.num_experts, plan.dtype,
                     plan.routing, rng)
     protected = _protected_routes(plan)
-    if focus == "duplicate-route":
-        protected |= _force_duplicate(draw, ids, plan.num_experts, rng)
+    if "duplicate-route" in foci:
+        protected |= _force_duplicate(draw, ids, rng)
     if plan.wants("invalid-expert-id"):
         _inject_invalid_ids(draw, ids, protected, plan.num_experts, rng)
 
     fields: dict = {}
-    if dialect in ("vllm-lora", "sglang-lora"):
+    if plan.lora:
         _lora_features(plan)
         layout = (_draw_vllm_layout if dialect == "vllm-lora" else _draw_sglang_layout)(
             draw, plan.num_tokens, plan.max_loras, frozenset(plan.lora_features), rng)
@@ -399,131 +451,151 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
         fields["expert_map"] = _draw_direct_map(draw, plan.num_experts, rng)
     padded = None
     if plan.wants("loose-padding") and dialect != "ep-remap":
-        base = oracle.padded_size(plan.num_routes, plan.num_experts, plan.block_size)
-        padded = base + draw(st.integers(1, 3 * plan.block_size))
+        padded = _loose_padded_size(draw, plan)
 
+    note = "focus=" + ("+".join(sorted(foci)) if foci else "broad")
     case = Case(dialect=dialect, contract=contract, topk_ids=ids,
                 num_experts=plan.num_experts, block_size=plan.block_size,
                 max_loras=plan.max_loras, max_num_tokens_padded=padded, ep=plan.ep,
-                seed=seed, note=f"focus={focus}",
-                **fields)
+                seed=seed, note=note, **fields)
     actual = contract_of(case)
     if actual != contract and contract == "defensive" and dialect != "ep-remap":
-        # A defensive ingredient that came out void (e.g. a shuffle that kept the
-        # order): loose padding is defensive for every case with a P.
-        extra = draw(st.integers(1, 3 * plan.block_size))
-        case = case.replace(max_num_tokens_padded=oracle.padded_size(
-            plan.num_routes, plan.num_experts, plan.block_size) + extra)
+        # A defensive ingredient that came out void (no route left to make
+        # invalid): loose padding is defensive for every case with a P.
+        case = case.replace(max_num_tokens_padded=_loose_padded_size(draw, plan))
         actual = contract_of(case)
     if actual != contract:
         raise AssertionError(  # a bug of this module, never of the input
-            f"generated a {actual} case for contract={contract!r} (focus={focus!r}, "
+            f"generated a {actual} case for contract={contract!r} ({note}, "
             f"reasons={defensive_reasons(case)})")
     return case.replace(edge_classes=edge_classes_of(case), case_id=case.case_id)
 
 
+def _loose_padded_size(draw: st.DrawFn, plan: _Plan) -> int:
+    """Production ``P`` of the whole batch with ``G`` experts, plus 1..3B (any multiple)."""
+    base = oracle.padded_size(plan.num_routes, plan.num_experts, plan.block_size)
+    return base + draw(st.integers(1, 3 * plan.block_size))
+
+
 def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool) -> None:
-    """``T``, ``K``, ``E``, ``B``, ``L``, dtype and routing for the plan's focus."""
-    focus, lora = plan.focus, plan.dialect in ("vllm-lora", "sglang-lora")
+    """``T``, ``K``, ``E``, ``B``, ``L``, dtype and routing for the plan's foci."""
+    foci = plan.foci
     plan.num_tokens = draw(st.integers(1, max_tokens))
-    if focus == "broad" and allow_large and _sometimes(draw, 10):
+    if not foci and allow_large and _sometimes(draw, 10):
         plan.num_tokens = draw(st.integers(max_tokens + 1, max(MEDIUM_MAX_TOKENS, max_tokens + 1)))
     plan.topk = draw(st.integers(1, 8))
     plan.num_experts = draw(expert_counts(1, 256))
     plan.block_size = draw(block_sizes())
-    plan.dtype = np.int64 if focus == "int64-ids" or _sometimes(draw, 25) else np.int32
-    plan.routing = draw(st.sampled_from(ROUTINGS)) if focus == "broad" else "uniform"
-    if lora:
+    plan.dtype = np.int64 if "int64-ids" in foci or _sometimes(draw, 25) else np.int32
+    plan.routing = "uniform" if foci else draw(st.sampled_from(ROUTINGS))
+    if plan.lora:
         plan.max_loras = draw(st.integers(1, 8))
         if _sometimes(draw, 10):
             plan.max_loras = draw(st.integers(9, 32))
 
-    if focus == "empty-batch":
+    # Sizes: at most one of these foci (see _CONFLICTS).
+    if "empty-batch" in foci:
         plan.num_tokens = 0
-    elif focus == "huge-batch":
+    elif "huge-batch" in foci:
         plan.topk = draw(st.integers(4, 8))
-        plan.num_tokens = draw(st.integers(max(HUGE_MIN_TOKENS, -(-HUGE_BATCH_MIN_ROUTES
-                                                                   // plan.topk)),
-                                           HUGE_MAX_TOKENS))
+        fewest = max(HUGE_MIN_TOKENS, -(-HUGE_BATCH_MIN_ROUTES // plan.topk))
+        most = HUGE_MAX_TOKENS if _sometimes(draw, 25) else fewest + 1024
+        plan.num_tokens = draw(st.integers(fewest, most))
         plan.block_size = draw(st.sampled_from(BLOCK_SIZES[:-1]))
-    elif focus == "path-boundary":
+    elif "path-boundary" in foci:
         limit = max(MEDIUM_MAX_TOKENS, max_tokens) if allow_large else max_tokens
-        routes, topk = draw(st.sampled_from(_boundary_topks(limit)))
+        least_topk = 2 if "duplicate-route" in foci else 1
+        routes, topk = draw(st.sampled_from(_boundary_topks(limit, least_topk)))
         plan.topk, plan.num_tokens = topk, routes // topk
-        if _sometimes(draw, 75):
-            plan.num_experts = draw(st.sampled_from(
-                (SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS + 1)))
-    elif focus == "many-experts":
+    if "many-experts" in foci:
         plan.num_experts = draw(st.integers(MANY_EXPERTS_MIN, KERNEL_MAX_EXPERTS))
-    elif focus == "block-edges":
+    elif "path-boundary" in foci and _sometimes(draw, 75):
+        plan.num_experts = draw(st.sampled_from(
+            (SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS + 1)))
+    wide_block = False
+    if "block-edges" in foci:
         kind = draw(st.sampled_from(("one", "odd", "wide")))
         if kind == "one":
             plan.block_size = 1
         elif kind == "odd":
             plan.block_size = draw(st.sampled_from(ODD_BLOCK_SIZES))
         else:  # B > N: few routes, a wide block
+            wide_block = True
             plan.block_size = draw(st.sampled_from((16, 32, 64, 128)))
             plan.topk = draw(st.integers(1, min(8, plan.block_size - 1)))
             most = max(1, min(max_tokens, (plan.block_size - 1) // plan.topk))
             plan.num_tokens = draw(st.integers(1, most))
-    elif focus == "hot-expert":
-        plan.routing = "hot"
-    elif focus == "empty-expert":
-        plan.routing = "missing"
-    elif focus == "duplicate-route":
-        plan.topk = max(plan.topk, 2)
-    elif focus == "full-slots-with-base":
-        plan.max_loras = min(plan.max_loras, max_tokens - 1)
-        plan.num_tokens = max(plan.num_tokens, plan.max_loras + 1)
-    elif focus == "disabled-adapter" and plan.dialect == "sglang-lora" \
-            and plan.contract == "production":
-        plan.max_loras = max(plan.max_loras, 2)  # a slot no request uses
 
+    # Content foci, then the least sizes they need.
+    if "hot-expert" in foci:
+        plan.routing = "hot"
+    elif "empty-expert" in foci:
+        plan.routing = "missing"
+    if "duplicate-route" in foci:
+        plan.topk = max(plan.topk, 2)
+    if "full-slots-with-base" in foci:
+        # SGLang may need a request per slot, one without adapter and a gap.
+        spare = 2 if plan.dialect == "sglang-lora" else 1
+        plan.max_loras = max(1, min(plan.max_loras, max_tokens - spare))
+        plan.num_tokens = max(plan.num_tokens, plan.max_loras + spare)
+    if plan.dialect == "sglang-lora" and plan.wants("disabled-adapter") and (
+            plan.contract == "production" or plan.wants("slot-out-of-range")):
+        # A slot no request uses, or a lora_ids entry beside the disabled one.
+        plan.max_loras = max(plan.max_loras, 2)
     if plan.routing == "hot" and plan.num_routes < 2:
-        plan.topk = 2
-    if plan.routing == "missing":
+        plan.topk = max(plan.topk, 2)
+    if plan.routing == "missing" or "empty-expert" in foci:
         plan.num_experts = max(plan.num_experts, 2)
+    if plan.wants("invalid-expert-id") and plan.num_routes < 4:
+        plan.topk = max(plan.topk, 4)  # room beside the routes a focus protects
     if plan.dialect == "ep-remap":
         plan.block_size = 1  # ep-remap has no block size; keep the field canonical
-        if plan.contract == "defensive" and focus not in DEFENSIVE_ONLY["ep-remap"]:
-            plan.num_tokens = max(plan.num_tokens, 3)  # room for an invalid id
-    if lora and (plan.num_routes > ELEMENTWISE_MAX_ROUTES
-                 or plan.num_experts >= MANY_EXPERTS_MIN):
+    elif wide_block and plan.block_size <= plan.num_routes:
+        plan.block_size = draw(st.sampled_from(ODD_BLOCK_SIZES))  # still block-edges
+    if plan.lora and (plan.num_routes > ELEMENTWISE_MAX_ROUTES
+                      or plan.num_experts >= MANY_EXPERTS_MIN):
         plan.max_loras = min(plan.max_loras, LARGE_CASE_MAX_LORAS)
 
 
 def _draw_ingredients(draw: st.DrawFn, plan: _Plan) -> None:
-    """Defensive inputs for a defensive case whose focus is not one."""
-    if plan.contract != "defensive" or plan.focus in DEFENSIVE_ONLY[plan.dialect] \
-            or (plan.dialect, plan.focus) == ("sglang-lora", "disabled-adapter"):
+    """Defensive inputs for a defensive case none of whose foci is one."""
+    self_defensive = set(DEFENSIVE_ONLY[plan.dialect])
+    if plan.dialect == "sglang-lora":
+        self_defensive.add("disabled-adapter")  # built as a used slot disabled
+    if plan.contract != "defensive" or plan.foci & self_defensive:
         return
-    pool = tuple(i for i in _INGREDIENTS[plan.dialect] if (plan.focus, i) not in _CLASHES)
+    pool = tuple(i for i in _INGREDIENTS[plan.dialect]
+                 if not any((f, i) in _CLASHES for f in plan.foci))
     plan.ingredients = frozenset(draw(st.lists(st.sampled_from(pool), min_size=1,
                                                max_size=2, unique=True)))
 
 
 def _draw_ep(draw: st.DrawFn, plan: _Plan) -> None:
-    """An EP group (or a case-level ``expert_map``) when the focus needs one, or by chance."""
-    focus = plan.focus
+    """An EP group (or a case-level ``expert_map``) when a focus needs one, or by chance."""
+    foci = plan.foci
+    dispatches: tuple[str, ...] = DISPATCH_FORMS
     if plan.dialect == "ep-remap":
         wanted, dispatches = True, ("expert_map",)  # dispatch plays no part in remap
-    elif focus == "expert-map":
-        plan.direct_map = plan.num_experts <= 256 and _sometimes(draw, 25)
+    elif "ep-sentinel" in foci:
+        wanted, dispatches = True, ("local_ids",)
+    elif "expert-map" in foci:
+        plan.direct_map = ("non-divisible-experts" not in foci and plan.num_experts <= 256
+                           and _sometimes(draw, 25))
         wanted, dispatches = not plan.direct_map, ("expert_map",)
-    elif focus in ("ep-sentinel", "non-divisible-experts"):
+    elif "non-divisible-experts" in foci:
         wanted = True
-        dispatches = ("local_ids",) if focus == "ep-sentinel" else DISPATCH_FORMS
     else:
-        wanted, dispatches = _sometimes(draw, 20), DISPATCH_FORMS
-        if not wanted and focus == "broad" and plan.num_experts <= 256:
+        wanted = _sometimes(draw, 20)
+        if not wanted and not foci and plan.num_experts <= 256:
             plan.direct_map = _sometimes(draw, 5)
     if not wanted:
         return
-    if focus == "many-experts":
+    if "many-experts" in foci:
         dispatches = ("expert_map",)  # the kernel must see all G experts
-    min_ranks = 2 if focus in ("ep-sentinel", "expert-map", "non-divisible-experts") else 1
-    non_divisible = True if focus == "non-divisible-experts" else None
-    if "local_ids" in dispatches and len(dispatches) == 1:
+    ep_foci = {"ep-sentinel", "expert-map", "non-divisible-experts"}
+    min_ranks = 2 if foci & ep_foci else 1
+    non_divisible = True if "non-divisible-experts" in foci else None
+    if dispatches == ("local_ids",):
         plan.num_experts = max(plan.num_experts, 3 if non_divisible else 2)
     if non_divisible and not any(plan.num_experts % r for r in range(2, 9)):
         plan.num_experts += 1  # e.g. 840 is divisible by every ep_size in 2..8
@@ -571,8 +643,8 @@ def _ints(draw: st.DrawFn, rng: np.random.Generator | None, size: int, low: int,
     """``size`` integers in ``[low, high]``: one choice each, or from ``rng``."""
     if rng is not None:
         return rng.integers(low, high + 1, size=size, dtype=np.int64)
-    values = draw(st.lists(st.integers(low, high), min_size=size, max_size=size))
-    return np.asarray(values, dtype=np.int64).reshape(size)
+    element = st.integers(low, high)  # one choice per value (a list adds one per "more")
+    return np.asarray([draw(element) for _ in range(size)], dtype=np.int64).reshape(size)
 
 
 def _protected_routes(plan: _Plan) -> np.ndarray:
@@ -585,7 +657,7 @@ def _protected_routes(plan: _Plan) -> np.ndarray:
     return protected
 
 
-def _force_duplicate(draw: st.DrawFn, ids: np.ndarray, num_experts: int,
+def _force_duplicate(draw: st.DrawFn, ids: np.ndarray,
                      rng: np.random.Generator | None) -> np.ndarray:
     """Make one token route twice to one expert; returns the two routes as a mask."""
     num_tokens, topk = ids.shape
@@ -671,9 +743,11 @@ def _draw_vllm_layout(draw: st.DrawFn, num_tokens: int, num_slots: int,
     if "lora-layout" in features:
         lora_ids = _break_vllm_layout(draw, lora_ids, mapping, num_slots)
     if "slot-out-of-range" in features:
-        # Keep a real slot at index L where the focus put one there.
+        # Keep a real slot at index L where the focus put one there, and the
+        # disabled slots listed (at least one -1 entry is always free).
         keep = (num_slots,) if "full-slots-with-base" in features else ()
-        lora_ids = _out_of_range_slots(draw, lora_ids, num_slots, keep)
+        lora_ids = _out_of_range_slots(draw, lora_ids, num_slots,
+                                       keep + _disabled_positions(lora_ids, enabled))
     return LoraLayout(mapping.astype(np.int32), None, None, lora_ids.astype(np.int32),
                       enabled.astype(np.int32))
 
@@ -704,10 +778,22 @@ def _break_vllm_layout(draw: st.DrawFn, lora_ids: np.ndarray, mapping: np.ndarra
     return lora_ids
 
 
+_DISABLING = frozenset(("disable-unused", "disable-used"))
+
+
+def _disabled_positions(lora_ids: np.ndarray, enabled: np.ndarray) -> tuple[int, ...]:
+    """Positions of ``lora_ids`` that list a disabled slot."""
+    listed = (lora_ids >= 0) & (lora_ids < enabled.size)
+    return tuple(int(p) for p in np.flatnonzero(listed)
+                 if enabled[lora_ids[p]] == 0)
+
+
 def _out_of_range_slots(draw: st.DrawFn, lora_ids: np.ndarray, num_slots: int,
                         keep: tuple[int, ...]) -> np.ndarray:
     lora_ids = lora_ids.copy()
     positions = [p for p in range(lora_ids.size) if p not in keep]
+    if not positions:  # everything is worth keeping: give up all but the first
+        positions = [p for p in range(lora_ids.size) if p != keep[0]]
     values = (num_slots, num_slots + 1, num_slots + 7, int(np.iinfo(np.int32).max))
     for p in draw(st.lists(st.sampled_from(positions), min_size=1, max_size=2, unique=True)):
         lora_ids[p] = draw(st.sampled_from(values))
@@ -781,7 +867,8 @@ def _draw_sglang_layout(draw: st.DrawFn, num_tokens: int, num_slots: int,
             enabled[draw(st.sampled_from(used.tolist()))] = 0
     lora_ids = np.arange(num_slots, dtype=np.int64)
     if "slot-out-of-range" in features:
-        lora_ids = _out_of_range_slots(draw, lora_ids, num_slots, ())
+        keep = _disabled_positions(lora_ids, enabled) if features & _DISABLING else ()
+        lora_ids = _out_of_range_slots(draw, lora_ids, num_slots, keep)
     return LoraLayout(None, seg.astype(np.int32), req.astype(np.int32),
                       lora_ids.astype(np.int32), enabled.astype(np.int32))
 
@@ -825,10 +912,11 @@ def _sometimes(draw: st.DrawFn, percent: int) -> bool:
     return draw(st.integers(0, 99)) >= 100 - percent
 
 
-def _boundary_topks(max_tokens: int) -> tuple[tuple[int, int], ...]:
-    """``(N, K)`` with ``N`` at the small-path switch and ``N // K <= max_tokens``."""
+def _boundary_topks(max_tokens: int, least_topk: int = 1) -> tuple[tuple[int, int], ...]:
+    """``(N, K)`` with ``N`` at the small-path switch, ``K >= least_topk`` and
+    ``N // K <= max_tokens``."""
     routes = (SMALL_PATH_MAX_ROUTES - 1, SMALL_PATH_MAX_ROUTES, SMALL_PATH_MAX_ROUTES + 1)
-    return tuple((n, k) for n in routes for k in range(1, 9)
+    return tuple((n, k) for n in routes for k in range(least_topk, 9)
                  if n % k == 0 and n // k <= max_tokens)
 
 

@@ -44,6 +44,7 @@ def test_hang_is_a_timeout_and_the_campaign_goes_on():
         # the first run includes no load time: the worker is started and loaded first
         hung = _verdict(runner, impl, _vllm_case(2, enabled=(0, 1, 1)))
         assert hung.verdict == "timeout"
+        assert "nor within 4 s on a fresh worker" in hung.detail
         assert hung.signature(_vllm_case(2, enabled=(0, 1, 1))) == (
             "vllm-lora--timeout--timeout")
         assert _verdict(runner, impl, _vllm_case(2)).verdict == "pass"

@@ -91,10 +91,11 @@ def test_last_real_slot_failure_shrinks_to_one_base_and_one_adapter_token():
     assert primary == "num_tokens_post_pad"  # slot 3's row is never written
     assert result.minimal
     assert (m.num_tokens, m.topk, m.num_experts, m.block_size, m.max_loras) == (2, 1, 1, 1, 1)
-    # one adapter token and one base token: lora_ids = [-1, 0] puts slot 0 at index L = 1,
-    # outside a launch of L entries
+    # one base token and one adapter token: lora_ids = [-1, 0] puts slot 0 at index L = 1,
+    # outside a launch of L entries. Neither token can go (without base tokens slot 0 sits at
+    # index 0; without the adapter token nothing is listed), nor the adapter token become base.
     assert m.topk_ids.tolist() == [[0], [0]]
-    assert m.token_lora_mapping.tolist() == [0, -1]
+    assert m.token_lora_mapping.tolist() == [-1, 0]
     assert m.lora_ids.tolist() == [-1, 0]
     assert m.adapter_enabled is None and m.max_num_tokens_padded is None
     assert m.contract == "production"
@@ -161,10 +162,12 @@ def test_inactive_block_failure_shrinks_to_two_routes_and_a_block_of_two():
     primary, result = shrink_fault("inactive-blocks-zero", case)
     m = result.case
     assert primary == "expert_ids" and result.minimal
-    # production P = round_up(N + E(B - 1), B): with N = 1, or B = 1, every block is active;
-    # N = 2 routes to one expert with B = 2 leave block 1 of M = 2 inactive
-    assert m.topk_ids.tolist() == [[0], [0]]
+    # Production P = round_up(N + E(B - 1), B) (N * B when N < E): with N = 1, or with B = 1,
+    # every block of M = P / B is active. N = 2 routes to one expert with B = 2 give P = 4,
+    # M = 2 and block 1 inactive. N = 2 as one token of two routes (T = 1) beats two tokens.
+    assert m.topk_ids.tolist() == [[0, 0]]
     assert (m.num_experts, m.block_size, m.max_num_tokens_padded) == (1, 2, None)
+    assert m.edge_classes == ("duplicate-route", "hot-expert")
 
 
 def test_uneven_ep_failure_shrinks_to_the_remainder_expert_of_three_over_two_ranks():
@@ -284,3 +287,11 @@ def test_a_bad_budget_is_a_value_error_naming_it():
         shrink(case, some_id_is_three, max_calls=0)
     with pytest.raises(ValueError, match="max_seconds=0"):
         shrink(case, some_id_is_three, max_seconds=0)
+
+
+def test_an_exception_of_the_predicate_propagates_unchanged():
+    def still_fails(candidate: Case) -> bool:
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        shrink(big_align_case(), still_fails)

@@ -88,20 +88,17 @@ def scatter_pass(
 
     Stable: inside a segment routes are in ascending route index.
     """
-    num_experts = layout.counts.numel()
     padded_len = sorted_row.numel()
-    device = experts.device
-    buckets = torch.where(selected, experts, num_experts)
-    bucket_sorted, route = torch.sort(buckets, stable=True)
-    # Rank of each route inside its bucket = position in the sorted order
-    # minus the bucket's first position there.
-    bucket_counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    bucket_counts.index_add_(0, buckets, torch.ones_like(buckets))
-    bucket_first = torch.cumsum(bucket_counts, 0) - bucket_counts
-    rank = torch.arange(buckets.numel(), device=device) - bucket_first[bucket_sorted]
-    offsets = torch.cat([layout.offsets, layout.offsets.new_tensor([padded_len])])
-    # The spill bucket's routes all go to one scratch position past the row.
-    position = torch.where(bucket_sorted < num_experts, offsets[bucket_sorted] + rank, padded_len)
-    staged = torch.full((padded_len + 1,), pad_value, dtype=torch.int64, device=device)
-    staged.scatter_(0, position, route)
-    sorted_row.copy_(staged[:padded_len])
+    # Only this slot's routes are sorted (nonzero keeps them in ascending route
+    # order, and the stable sort keeps that order inside each expert).
+    route_idx = torch.nonzero(selected).flatten()
+    expert_sorted, order = torch.sort(experts[route_idx], stable=True)
+    route = route_idx[order]
+    # Rank of a route inside its segment = its position in the sorted order
+    # minus the position of its expert's first route.
+    first = torch.cumsum(layout.counts, 0) - layout.counts
+    rank = torch.arange(route.numel(), device=route.device) - first[expert_sorted]
+    position = layout.offsets[expert_sorted] + rank
+    staged = torch.full((padded_len,), pad_value, dtype=torch.int64, device=route.device)
+    staged[position] = route
+    sorted_row.copy_(staged)
