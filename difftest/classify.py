@@ -110,8 +110,10 @@ def edge_classes_of(case: Case) -> tuple[str, ...]:
     n = flat.size
     num_experts = case.num_experts
     remap = case.dialect == "ep-remap"
-    valid = (flat >= 0) & (flat < num_experts)
-    valid_ids = flat[valid]
+    all_valid = _all_in_range(flat, num_experts)
+    valid_ids = flat if all_valid else flat[(flat >= 0) & (flat < num_experts)]
+    counts = np.bincount(valid_ids, minlength=num_experts)  # routes per expert
+    experts_used = int(np.count_nonzero(counts))
     kernel_experts = _kernel_num_experts(case)
     found: list[str] = []
 
@@ -121,15 +123,15 @@ def edge_classes_of(case: Case) -> tuple[str, ...]:
         found.append("int64-ids")
     if n > HUGE_BATCH_MIN_ROUTES - 1:
         found.append("huge-batch")
-    if not valid.all():
+    if not all_valid:
         found.append("invalid-expert-id")
     if max(kernel_experts) >= MANY_EXPERTS_MIN:
         found.append("many-experts")
-    if valid_ids.size >= 2 and valid_ids.min() == valid_ids.max():
+    if valid_ids.size >= 2 and experts_used == 1:
         found.append("hot-expert")
-    if valid_ids.size and num_experts >= 2 and _has_empty_expert(valid_ids, num_experts):
+    if 0 < experts_used < num_experts:
         found.append("empty-expert")
-    if _has_duplicate_route(ids, num_experts):
+    if _has_duplicate_route(ids, num_experts, all_valid):
         found.append("duplicate-route")
     if not remap:
         b = case.block_size
@@ -148,7 +150,9 @@ def edge_classes_of(case: Case) -> tuple[str, ...]:
     if case.ep is not None:
         if case.ep.global_num_experts % case.ep.ep_size:
             found.append("non-divisible-experts")
-        if (remap or case.ep.dispatch == "local_ids") and _some_rank_gets_sentinel(case):
+        if (remap or case.ep.dispatch == "local_ids") and _some_rank_gets_sentinel(
+                case, counts if all_valid and num_experts == case.ep.global_num_experts
+                else None):
             found.append("ep-sentinel")
     if case.dialect in ("vllm-lora", "sglang-lora"):
         found.extend(_lora_classes(case))
@@ -170,7 +174,7 @@ def defensive_reasons(case: Case) -> tuple[str, ...]:
     flat = case.topk_ids.reshape(-1)
     if case.num_tokens == 0:
         reasons.append("empty batch")
-    if flat.size and ((flat < 0) | (flat >= case.num_experts)).any():
+    if not _all_in_range(flat, case.num_experts):
         reasons.append("expert id outside [0, E)")
     if case.dialect != "ep-remap" and case.max_num_tokens_padded is not None:
         if any(case.max_num_tokens_padded != p for p in _production_padded_sizes(case)):
@@ -195,7 +199,7 @@ def _lora_classes(case: Case) -> list[str]:
             found.append("base-only")
         elif base.any():
             real = mapping[(mapping >= 0) & (mapping < num_slots)]
-            uses_all = np.unique(real).size == num_slots
+            uses_all = np.count_nonzero(np.bincount(real, minlength=num_slots)) == num_slots
             real_at_end = case.dialect != "vllm-lora" or (
                 lora_ids is not None and lora_ids.size > num_slots
                 and 0 <= lora_ids[num_slots] < num_slots)
@@ -250,11 +254,10 @@ def _vllm_reasons(case: Case) -> list[str]:
         return ["max_loras < 1"]
     if mapping.size != case.num_tokens:
         return ["token_lora_mapping does not have one entry per token"]
-    if mapping.size and ((mapping < -1) | (mapping >= num_slots)).any():
+    if not _all_in_range(mapping + 1, num_slots + 1):
         reasons.append("token_lora_mapping outside [-1, L)")
     elif case.lora_ids is not None:
-        production = oracle.active_lora_ids(mapping, num_slots)
-        if not np.array_equal(case.lora_ids, production):
+        if not np.array_equal(case.lora_ids, production_lora_ids(mapping, num_slots)):
             reasons.append("lora_ids not the production layout")
     enabled = case.adapter_enabled
     if enabled is not None:
@@ -304,9 +307,21 @@ def _lora_ids(case: Case) -> np.ndarray | None:
     if case.dialect == "sglang-lora":
         return np.arange(case.max_loras, dtype=np.int64)
     mapping = token_slots(case)
-    if case.max_loras < 1 or ((mapping < -1) | (mapping >= case.max_loras)).any():
+    if case.max_loras < 1 or not _all_in_range(mapping + 1, case.max_loras + 1):
         return None
-    return oracle.active_lora_ids(mapping, case.max_loras).astype(np.int64)
+    return production_lora_ids(mapping, case.max_loras)
+
+
+def production_lora_ids(token_lora_mapping: np.ndarray, max_loras: int) -> np.ndarray:
+    """``oracle.active_lora_ids`` (SPEC §4) for a valid mapping, int64, by counting.
+
+    Counting slots is several times faster than the oracle's ``np.unique`` on
+    a large batch; the tests pin that both agree.
+    """
+    present = np.flatnonzero(np.bincount(token_lora_mapping + 1, minlength=max_loras + 1)) - 1
+    lora_ids = np.full(max_loras + 1, -1, dtype=np.int64)
+    lora_ids[: present.size] = present
+    return lora_ids
 
 
 def _seg_indptr(case: Case) -> np.ndarray:
@@ -330,23 +345,25 @@ def _requests_cover_all(case: Case) -> bool:
 
 
 # -- experts --------------------------------------------------------------------
-def _has_empty_expert(valid_ids: np.ndarray, num_experts: int) -> bool:
-    if valid_ids.size < num_experts:
-        return True
-    return bool((np.bincount(valid_ids.astype(np.int64), minlength=num_experts) == 0).any())
+def _all_in_range(values: np.ndarray, high: int) -> bool:
+    """Every value in ``[0, high)`` (true for no value); two passes, no temporaries."""
+    return values.size == 0 or (int(values.min()) >= 0 and int(values.max()) < high)
 
 
-def _has_duplicate_route(ids: np.ndarray, num_experts: int) -> bool:
-    # Pairwise over the (few) columns is faster than sorting every row.
-    topk = ids.shape[1] if ids.ndim == 2 else 0
-    if topk < 2 or ids.shape[0] == 0:
+def _has_duplicate_route(ids: np.ndarray, num_experts: int, all_valid: bool) -> bool:
+    # Column pairs (K <= 8: at most 28) beat sorting every row.
+    num_tokens, topk = ids.shape
+    if topk < 2 or num_tokens == 0:
         return False
-    valid = (ids >= 0) & (ids < num_experts)
+    columns = np.ascontiguousarray(ids.T)
+    valid = None if all_valid else (columns >= 0) & (columns < num_experts)
     for i in range(topk - 1):
-        column = ids[:, i]
-        same = (ids[:, i + 1:] == column[:, None]).any(axis=1)
-        if (same & valid[:, i]).any():
-            return True
+        for j in range(i + 1, topk):
+            same = columns[i] == columns[j]
+            if valid is not None:
+                same &= valid[i]
+            if same.any():
+                return True
     return False
 
 
@@ -388,14 +405,18 @@ def _has_expert_map_with_gaps(case: Case) -> bool:
     return any(counts[r] < ep.global_num_experts for r in ep.ranks)
 
 
-def _some_rank_gets_sentinel(case: Case) -> bool:
+def _some_rank_gets_sentinel(case: Case, counts: np.ndarray | None) -> bool:
+    """``counts``: routes per global expert when every id is in ``[0, G)``, else None."""
     ep = case.ep
     flat = case.topk_ids.reshape(-1)
     if flat.size == 0 or not ep.ranks:
         return False
-    if ((flat < 0) | (flat >= ep.global_num_experts)).any():
-        return True  # every rank gets -1 for an id outside [0, G)
+    if counts is None:
+        if not _all_in_range(flat, ep.global_num_experts):
+            return True  # every rank gets -1 for an id outside [0, G)
+        counts = np.bincount(flat, minlength=ep.global_num_experts)
     _, owner = _placement(ep.global_num_experts, ep.ep_size, ep.strategy)
-    owners = np.bincount(owner[flat], minlength=ep.ep_size) > 0
+    owners = np.zeros(ep.ep_size, dtype=bool)
+    owners[owner[counts > 0]] = True
     # Every rank except a route's owner sees that route as -1.
     return any(not owners[r] or owners.sum() > 1 for r in ep.ranks)

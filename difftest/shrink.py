@@ -49,7 +49,7 @@ then halves, then quarters, ... then single elements) and an integer is
 tried at its floor first, then bisected, so that the value one below the
 result has always been tried (``B -> 1``, ``B -> 8``, ..., ``B -> B - 1``).  The passes run in
 order — deletions first (tokens, requests, topk columns, whole adapter
-slots), since removing data is what lets the dimensions drop; then the
+slots, entries of a hand-made ``lora_ids``), since removing data is what lets the dimensions drop; then the
 dimensions (EP ranks, experts, slots, block size, padding); values last,
 because there are many of them and they are cheapest to judge on a small
 case.  Rounds repeat until one full round accepts nothing.
@@ -153,7 +153,7 @@ class Shrinker:
         self.pass_name = ""
         self._start = time.perf_counter()
         self._deadline = self._start + max_seconds
-        self._contract = contract_of(case)
+        self.contract = contract_of(case)
         self._key = order_key(case)
         # case_id -> verdict; None: ill-formed or of another contract (never run)
         self._seen: dict[str, bool | None] = {case.case_id: True}
@@ -224,7 +224,7 @@ class Shrinker:
         the output overruns the guard band only when ``P`` is large); pinning
         ``P`` lets tokens, routes and experts go while the row stays long.
         """
-        if (self._contract != "defensive" or candidate.dialect == "ep-remap"
+        if (self.contract != "defensive" or candidate.dialect == "ep-remap"
                 or candidate.max_num_tokens_padded is not None
                 or self.current.max_num_tokens_padded is not None):
             return None
@@ -244,7 +244,7 @@ class Shrinker:
         try:
             for rank in candidate.ranks():
                 info.reference(candidate, rank)
-            same_contract = contract_of(candidate) == self._contract
+            same_contract = contract_of(candidate) == self.contract
             classes = edge_classes_of(candidate) if same_contract else ()
         except (ValueError, TypeError, IndexError):
             same_contract = False
@@ -632,7 +632,7 @@ def drop_lora_ids(s: Shrinker) -> None:
     """Defensive LoRA: delete entries of a hand-made ``lora_ids`` (the launch covers fewer)."""
     case = s.current
     if (case.dialect not in ("vllm-lora", "sglang-lora") or case.lora_ids is None
-            or case.contract != "defensive" or _is_production_lora_ids(case)):
+            or s.contract != "defensive" or _is_production_lora_ids(case)):
         return
 
     def without(case: Case, start: int, stop: int) -> Case | None:

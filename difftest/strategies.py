@@ -522,9 +522,10 @@ def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool
         else:  # B > N: few routes, a wide block
             wide_block = True
             plan.block_size = draw(st.sampled_from((16, 32, 64, 128)))
-            plan.topk = draw(st.integers(1, min(8, plan.block_size - 1)))
-            most = max(1, min(max_tokens, (plan.block_size - 1) // plan.topk))
-            plan.num_tokens = draw(st.integers(1, most))
+            if plan.num_tokens:  # an empty batch has B > N already
+                plan.topk = draw(st.integers(1, min(8, plan.block_size - 1)))
+                most = max(1, min(max_tokens, (plan.block_size - 1) // plan.topk))
+                plan.num_tokens = draw(st.integers(1, most))
 
     # Content foci, then the least sizes they need.
     if "hot-expert" in foci:

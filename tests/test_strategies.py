@@ -13,7 +13,12 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from difftest.case import CONTRACTS, DIALECTS, Case, EPGroup
-from difftest.classify import contract_of, defensive_reasons, edge_classes_of
+from difftest.classify import (
+    contract_of,
+    defensive_reasons,
+    edge_classes_of,
+    production_lora_ids,
+)
 from difftest.errors import UsageError
 from difftest.strategies import (
     DEFENSIVE_ONLY,
@@ -171,6 +176,17 @@ def test_path_boundary_by_expert_count_needs_a_route_count_near_the_switch():
     assert "path-boundary" in edge_classes_of(near)
     far = plain_align(topk_ids=_ids(np.arange(2000) % 8), num_experts=65)
     assert "path-boundary" not in edge_classes_of(far)
+
+
+@settings(max_examples=50, database=None, deadline=None)
+@given(st.integers(1, 40), st.data())
+def test_production_lora_ids_agree_with_the_oracle(slots, data):
+    import oracle
+
+    mapping = np.asarray(data.draw(st.lists(st.integers(-1, slots - 1), max_size=60)),
+                         dtype=np.int64)
+    assert np.array_equal(production_lora_ids(mapping, slots),
+                          oracle.active_lora_ids(mapping, slots))
 
 
 @pytest.mark.parametrize("case, reason", [
