@@ -86,7 +86,7 @@ def available() -> bool:
 
 
 def uses_small_path(num_routes: int, num_experts: int) -> bool:
-    """Whether a batch of ``num_routes`` routes over ``num_experts`` experts takes the small path."""
+    """Whether ``num_routes`` routes over ``num_experts`` experts take the small path."""
     return num_routes <= SMALL_PATH_MAX_ROUTES and num_experts <= SMALL_PATH_MAX_EXPERTS
 
 
@@ -101,7 +101,7 @@ def describe() -> str:
 
 
 def build(fault: str | None = None) -> Path:
-    """Path of the shared library of ``fault``'s build (``None``: correct), compiling it if needed."""
+    """Path of the library of ``fault``'s build (``None``: correct), compiled if need be."""
     _dialects_of(fault)
     return _build.build_library(defines=_variants.defines_for(fault))
 

@@ -250,8 +250,12 @@ def _valid_global_routes(case: Case) -> tuple[np.ndarray, np.ndarray]:
     return routes, flat[routes]
 
 
-def compare_conservation(case: Case, runs: list[Any], *, sentinel: int) -> list[Mismatch]:
-    """SPEC §6 conservation across all ranks of an EP case (one repeat)."""
+def compare_conservation(case: Case, runs: list[Any], expected: dict) -> list[Mismatch]:
+    """SPEC §6 conservation across all ranks of an EP case (one repeat).
+
+    Every valid route the oracle gives a slot must appear on exactly one rank,
+    in a block whose local expert is, on that rank, the route's global expert.
+    """
     ep = case.ep
     if ep is None or ep.ep_size < 2 or set(ep.ranks) != set(range(ep.ep_size)):
         return []
@@ -261,55 +265,58 @@ def compare_conservation(case: Case, runs: list[Any], *, sentinel: int) -> list[
              for r in range(ep.ep_size)}
     if case.dialect == "ep-remap":
         return _remap_conservation(case, runs, owned)
-    info = DIALECT_INFO[case.dialect]
-    reference = info.reference(case, 0)
-    L = reference.sorted_token_ids.shape[0]
-    # the slot each route belongs to is the same on every rank: take it from rank 0's
-    # expected rows, which use global route indices
-    found: list[Mismatch] = []
+    N, B = case.num_routes, case.block_size
     routes, experts = _valid_global_routes(case)
+    global_of = np.full(N, -1, dtype=np.int64)
+    global_of[routes] = experts
+    first = expected[runs[0].rank]
+    L = first.sorted_token_ids.shape[0]
+    found: list[Mismatch] = []
     for row in range(L):
-        if not reference.written[row]:
+        if not first.written[row]:
             continue
-        want = set()
-        for rank_run in runs:
-            exp = info.reference(case, rank_run.rank)
-            seg_routes = exp.sorted_token_ids[row]
-            want.update(int(v) for v in seg_routes[seg_routes != exp.pad_value])
-        want_pairs = {(int(i), int(g)) for i, g in zip(routes, experts) if int(i) in want}
-        got: dict[tuple[int, int], int] = {}
-        for rank_run in runs:
-            srt = rank_run.outputs["sorted_token_ids"].reshape(L, -1)[row]
-            eid = rank_run.outputs["expert_ids"].reshape(L, -1)[row]
-            own = owned[rank_run.rank]
-            B = case.block_size
-            for pos, route in enumerate(srt):
-                if route == case.num_routes or route == sentinel:
-                    continue
-                local = int(eid[pos // B]) if pos // B < eid.size else -1
-                g = int(own[local]) if 0 <= local < own.size else -1
-                got[(int(route), g)] = got.get((int(route), g), 0) + 1
         slot = row if L > 1 else None
-        for pair in sorted(want_pairs - set(got)):
-            found.append(Mismatch(
-                "ep_conservation",
-                f"{breadcrumb(slot=slot, expert=pair[1])}: route {pair[0]} (global expert "
-                f"{pair[1]}) landed on no rank", None, slot, pair[1], pair[0], pair[1], None))
-            break
-        for pair, n in sorted(got.items()):
-            if pair not in want_pairs:
+        want = np.zeros(N, dtype=bool)  # routes the oracle gives this slot, on any rank
+        for run in runs:
+            values = expected[run.rank].sorted_token_ids[row]
+            want[values[values != N]] = True
+        hits = np.zeros(N, dtype=np.int64)
+        wrong: Mismatch | None = None
+        for run in runs:
+            srt = run.outputs["sorted_token_ids"].reshape(L, -1)[row]
+            eid = run.outputs["expert_ids"].reshape(L, -1)[row].astype(np.int64)
+            pos = np.flatnonzero((srt >= 0) & (srt < N))
+            route = srt[pos].astype(np.int64)
+            block = pos // B
+            local = np.where(block < eid.size, eid[np.minimum(block, eid.size - 1)], -1)
+            own = owned[run.rank]
+            inside = (local >= 0) & (local < own.size)
+            glob = np.full(route.size, -1, dtype=np.int64)
+            glob[inside] = own[local[inside]]
+            np.add.at(hits, route, 1)
+            bad = np.flatnonzero((glob != global_of[route]) | ~want[route])
+            if bad.size and wrong is None:
+                i = int(bad[0])
+                wrong = Mismatch(
+                    "ep_conservation",
+                    f"{breadcrumb(run.rank, slot, int(glob[i]))}: route {int(route[i])} appears "
+                    f"under global expert {int(glob[i])}; the oracle gives it "
+                    + (f"global expert {int(global_of[route[i]])}" if want[route[i]]
+                       else "to no rank of this slot"),
+                    run.rank, slot, int(glob[i]), int(route[i]), int(global_of[route[i]]),
+                    int(glob[i]))
+        if wrong is not None:
+            found.append(wrong)
+        for label, mask in (("landed on no rank", want & (hits == 0)),
+                            ("landed on several ranks", hits > 1)):
+            idx = np.flatnonzero(mask)
+            if idx.size:
+                i = int(idx[0])
                 found.append(Mismatch(
                     "ep_conservation",
-                    f"{breadcrumb(slot=slot, expert=pair[1])}: route {pair[0]} appears under "
-                    f"global expert {pair[1]}, which the oracle does not give it", None, slot,
-                    pair[1], pair[0], None, pair[1]))
-                break
-            if n > 1:
-                found.append(Mismatch(
-                    "ep_conservation",
-                    f"{breadcrumb(slot=slot, expert=pair[1])}: route {pair[0]} appears {n} "
-                    f"times across ranks", None, slot, pair[1], pair[0], 1, n))
-                break
+                    f"{breadcrumb(slot=slot, expert=int(global_of[i]))}: {idx.size} route(s) "
+                    f"{label}; first: route {i} (global expert {int(global_of[i])}) on "
+                    f"{int(hits[i])} ranks", None, slot, int(global_of[i]), i, 1, int(hits[i])))
     return found
 
 

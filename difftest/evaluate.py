@@ -71,7 +71,7 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
             candidates += compare_run(case, expected[run.rank], run, stable=stable,
                                       sentinel=SENTINEL)
         if len(runs) == len(case.ranks()):
-            candidates += compare_conservation(case, runs, sentinel=SENTINEL)
+            candidates += compare_conservation(case, runs, expected)
         for m in candidates:
             key = (m.check, m.rank, m.slot, m.expert)
             if key not in seen:  # one record per failed check and place, not per repeat

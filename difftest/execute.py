@@ -55,7 +55,8 @@ def run_call(case: Case, rank: int | None, fn: Callable[..., Any], device: str) 
     plan: CallPlan = DIALECT_INFO[case.dialect].plan(case, rank)
     tensors: dict[str, Any] = {}
     for name, array in plan.inputs.items():
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+        # a copy: an implementation that writes into an input must not reach the case
+        tensors[name] = torch.from_numpy(np.array(array, copy=True)).to(device)
     guarded: dict[str, Any] = {}
     for name, (shape, dtype) in {**plan.outputs, **plan.scratch}.items():
         numel = int(np.prod(shape))

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
-from difftest.case import CONTRACTS, DIALECTS, Case, EPGroup
+from difftest.case import CONTRACTS, DIALECTS, EDGE_CLASSES, Case, EPGroup
 from difftest.classify import (
     contract_of,
     defensive_reasons,
@@ -125,8 +125,6 @@ def test_each_edge_class_is_detected_on_a_crafted_case(name):
 
 
 def test_crafted_cases_cover_every_edge_class():
-    from difftest.case import EDGE_CLASSES
-
     assert sorted(CRAFTED) == sorted(EDGE_CLASSES)
 
 
