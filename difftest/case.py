@@ -240,11 +240,19 @@ class Case:
         return dataclasses.replace(self, **changes)
 
     def _content_id(self) -> str:
-        data = self.to_dict()
-        for volatile in ("case_id", "seed", "note", "edge_classes"):
-            data.pop(volatile)
-        digest = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()
-        return f"{self.dialect}-{digest[:12]}"
+        """A hash of every input (not of tags, seed or note): equal inputs, equal id."""
+        digest = hashlib.sha1()
+        for f in dataclasses.fields(self):
+            if f.name in ("case_id", "seed", "note", "edge_classes"):
+                continue
+            value = getattr(self, f.name)
+            digest.update(f.name.encode())
+            if isinstance(value, np.ndarray):
+                digest.update(f"{value.dtype}{value.shape}".encode())
+                digest.update(np.ascontiguousarray(value).tobytes())
+            else:
+                digest.update(repr(value).encode())
+        return f"{self.dialect}-{digest.hexdigest()[:12]}"
 
 
 def rank_inputs(case: Case, rank: int | None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .case import Case
-from .compare import (Mismatch, compare_conservation, compare_repeats, compare_run)
+from .compare import Mismatch, breadcrumb, canonical, compare_conservation, compare_run
 from .dialects import DIALECT_INFO
 from .execute import SENTINEL
 
@@ -63,25 +63,40 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
     found: list[Mismatch] = []
     seen: set[tuple] = set()
     fatal = None
+    first_canon: dict = {}
+    disagree: list[Mismatch] = []
     for repeat, runs in enumerate(outcome.runs):
         candidates: list[Mismatch] = []
         for run in runs:
             if run.fatal:
                 fatal = run
+            canon = canonical(case, expected[run.rank], run)
+            if repeat == 0:
+                first_canon[run.rank] = canon
+            elif canon == first_canon.get(run.rank):
+                # same outputs as run 1 (checked there); only the set-up checks remain
+                if not (run.guard_damage or run.mutated_inputs):
+                    continue
+            else:
+                disagree.append(Mismatch(
+                    "repeat_disagree",
+                    f"{breadcrumb(run.rank) or 'call'}: run {repeat + 1} of the same case "
+                    "differs from run 1 after canonicalisation (a race or uninitialised read)",
+                    run.rank))
             candidates += compare_run(case, expected[run.rank], run, stable=stable,
                                       sentinel=SENTINEL)
         if len(runs) == len(case.ranks()):
             candidates += compare_conservation(case, runs, expected)
-        for m in candidates:
+        for m in candidates + disagree:
             key = (m.check, m.rank, m.slot, m.expert)
             if key not in seen:  # one record per failed check and place, not per repeat
                 seen.add(key)
                 found.append(m)
+        disagree = []
     if fatal is not None:
         crash = Mismatch("crash", f"sticky device error (the context is unusable): {fatal.error}",
                          fatal.rank)
         return Evaluation("crash", [crash] + found, fatal.error or "")
-    found += compare_repeats(case, expected, outcome.runs)
     if any(m.check == "exception" for m in found):
         return Evaluation("error", found, next(m.message for m in found
                                                if m.check == "exception"))

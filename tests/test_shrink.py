@@ -16,27 +16,18 @@ import pytest
 import oracle
 from difftest.case import Case, EPGroup
 from difftest.classify import contract_of, edge_classes_of
-from difftest.compare import compare_conservation, compare_run
-from difftest.dialects import DIALECT_INFO
-from difftest.evaluate import CHECK_PRIORITY
+from difftest.evaluate import CHECK_PRIORITY, evaluate
 from difftest.shrink import PASSES, ShrinkResult, shrink
 
 torch_impl = pytest.importorskip("cuda_impl.torch_impl")
-from difftest.execute import SENTINEL, run_case  # noqa: E402  (needs torch)
+from difftest.execute import run_case  # noqa: E402  (needs torch)
+from difftest.sandbox import Outcome  # noqa: E402
 
 
 # -- predicates ---------------------------------------------------------------------
 def failed_checks(case: Case, callables: dict) -> set[str]:
-    runs = run_case(case, callables, "cpu")[0]
-    info = DIALECT_INFO[case.dialect]
-    checks = set()
-    for run in runs:
-        expected = info.reference(case, run.rank)
-        checks |= {m.check for m in compare_run(case, expected, run, stable=False,
-                                                sentinel=SENTINEL)}
-    if len(runs) == len(case.ranks()):
-        checks |= {m.check for m in compare_conservation(case, runs, sentinel=SENTINEL)}
-    return checks
+    evaluation = evaluate(case, Outcome(run_case(case, callables, "cpu")), stable=False)
+    return set(evaluation.checks_failed)
 
 
 def fault_predicate(fault: str, case: Case) -> tuple[str, Callable[[Case], bool]]:
