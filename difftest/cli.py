@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="failure database replayed first (default .difftest/db)")
     run.add_argument("--no-db", action="store_true", help="neither replay nor save failures")
     run.add_argument("--workers", type=_positive_int, default=1,
-                     help="parallel workers, one per GPU on CUDA; logs merged into --out")
+                     help="parallel worker processes (on CUDA spread round-robin over the "
+                     "GPUs); their logs are merged into --out")
     run.add_argument("--gpus", help="'all' or a count: one worker per GPU")
     run.add_argument("--shard", type=_shard, help="i/n: this CI shard (seed derived from it)")
     run.add_argument("--in-process", action="store_true",
@@ -294,14 +295,23 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
     import reports
 
     out.mkdir(parents=True, exist_ok=True)
+    gpus = 1
+    if device == "cuda":
+        import torch
+
+        gpus = max(1, torch.cuda.device_count())  # counts devices; creates no context
     base = _strip_options(ns._argv, {"--workers", "--gpus", "--out", "--seed", "--junit", "--shard"})
+    if seed is None:  # one fresh base seed, recorded in each part's run.json
+        import random
+
+        seed = random.randrange(2**31)
     procs, parts = [], []
     for i in range(workers):
         part = out / "parts" / f"worker-{i}"
         parts.append(part)
         env = dict(os.environ)
-        if device == "cuda":
-            env["DIFFTEST_GPU"] = str(i)
+        if device == "cuda":  # workers share the GPUs round-robin
+            env["DIFFTEST_GPU"] = str(i % gpus)
         child_seed = shard_seed(seed, (i, workers))
         cmd = [sys.executable, "-m", "difftest"] + base + [
             "--out", str(part), "--seed", str(child_seed), "--quiet"]
