@@ -234,6 +234,11 @@ class Campaign:
         from .bugreport import write_failure_report
         from .shrink import shrink
 
+        if extra is None and str(getattr(self.runner, "device", "")).startswith("cuda"):
+            from .sanitizer import sanitizer_extra
+
+            extra = sanitizer_extra(self.impl)  # crashes get a compute-sanitizer re-run
+
         for sig, failure in sorted(self.result.failures.items()):
             def same_signature(candidate: Case, sig: str = sig) -> bool:
                 return self.check(candidate).signature(candidate) == sig

@@ -259,8 +259,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         campaign.generate(dialects=impl.dialects, contracts=contracts,
                           max_examples=max_examples, seconds=seconds)
         if not ns.no_shrink:
-            campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds,
-                                       extra=_sanitizer_hook(impl, device))
+            campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
         result = campaign.close()
     if ns.junit:
         import reports
@@ -341,14 +340,6 @@ def _strip_options(argv: list[str], names: set[str]) -> list[str]:
     return out
 
 
-def _sanitizer_hook(impl: Any, device: str) -> Any:
-    if device != "cuda":
-        return None
-    from .sanitizer import sanitizer_extra
-
-    return sanitizer_extra(impl)
-
-
 def cmd_replay(ns: argparse.Namespace) -> int:
     from . import registry
     from .evaluate import evaluate
@@ -381,8 +372,7 @@ def cmd_minimize(ns: argparse.Namespace) -> int:
             campaign.close()
             print(f"case {case.case_id} passes on {impl.name}: nothing to minimise")
             return EXIT_CLEAN
-        campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds,
-                                   extra=_sanitizer_hook(impl, device))
+        campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
         result = campaign.close()
     for sig, path in result.bug_dirs.items():
         print(f"{sig}: minimal case and report in {path}")

@@ -1,0 +1,89 @@
+"""On the GPU: the CUDA kernels against torch and the oracle; crashes and overruns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _draw(dialect: str, n: int, seed: int):
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+
+    from difftest.strategies import cases
+
+    drawn = []
+
+    @hseed(seed)
+    @settings(max_examples=n, phases=[Phase.generate], database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(cases(dialects=(dialect,)))
+    def collect(case):
+        drawn.append(case)
+
+    collect()
+    return drawn
+
+
+@pytest.mark.parametrize("dialect", ["vllm-lora", "sglang-lora", "align"])
+def test_cuda_kernels_agree_with_torch_on_the_gpu_and_with_the_oracle(dialect):
+    from cuda_impl import cuda, torch_impl
+    from difftest.evaluate import evaluate
+    from difftest.execute import run_case
+    from difftest.sandbox import Outcome
+
+    ours, theirs = cuda.implementation(), torch_impl.implementation()
+    drawn = _draw(dialect, 150, seed=7)
+    assert len(drawn) == 150
+    for case in drawn:
+        a = run_case(case, ours, "cuda")
+        b = run_case(case, theirs, "cuda")
+        for runs, stable in ((a, cuda.STABLE), (b, torch_impl.STABLE)):
+            ev = evaluate(case, Outcome(runs), stable=stable)
+            assert ev.verdict == "pass", (case.case_id, ev.detail)
+        from difftest.compare import canonical
+        from difftest.evaluate import expected_by_rank
+
+        expected = expected_by_rank(case)
+        for ra, rb in zip(a[0], b[0]):
+            assert canonical(case, expected[ra.rank], ra) == canonical(case, expected[rb.rank], rb)
+
+
+def test_row_spilling_past_its_buffer_is_caught_by_the_guard_band_on_the_gpu():
+    import user_impls
+
+    from difftest.case import Case
+    from difftest.evaluate import evaluate
+    from difftest.execute import run_case
+    from difftest.sandbox import Outcome
+
+    case = Case("vllm-lora", "production", np.zeros((4, 1), dtype=np.int32), 1, 1,
+                max_loras=1, token_lora_mapping=np.zeros(4, dtype=np.int32))
+    runs = run_case(case, {"vllm-lora": user_impls.writes_past_last_row}, "cuda")
+    ev = evaluate(case, Outcome(runs), stable=False)
+    assert (ev.verdict, ev.checks_failed) == ("mismatch", ["guard_band"])
+    assert ev.mismatches[0].position == case.max_loras * 4  # first element past the row
+
+
+def test_illegal_address_is_a_crash_and_the_next_case_runs(tmp_path):
+    from difftest import registry
+    from difftest.case import Case
+    from difftest.evaluate import evaluate
+    from difftest.sandbox import SandboxRunner
+
+    impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
+    wild = Case("vllm-lora", "defensive", np.zeros((1, 1), dtype=np.int32), 1, 1, max_loras=1,
+                token_lora_mapping=np.zeros(1, dtype=np.int32),
+                lora_ids=np.array([0, 1 << 28], dtype=np.int32),
+                adapter_enabled=np.ones(2, dtype=np.int32))
+    fine = Case("vllm-lora", "production", np.zeros((1, 1), dtype=np.int32), 1, 1,
+                max_loras=1, token_lora_mapping=np.zeros(1, dtype=np.int32))
+    with SandboxRunner(impl, "cuda", timeout_s=60) as runner:
+        crashed = evaluate(wild, runner.run(wild), stable=False)
+        assert crashed.verdict == "crash", crashed.detail
+        assert evaluate(fine, runner.run(fine), stable=False).verdict == "pass"
