@@ -109,12 +109,9 @@ class DifftestItem(pytest.Item):
                               max_examples=examples, seconds=secs)
             campaign.shrink_and_report(shrink_seconds=shrink)
             result = campaign.close()
-        from difftest.api import CheckResult, _minimal_summary
+        from difftest.api import check_result
 
-        check = CheckResult(self.impl_name, self.dialect, result)
-        for sig, path in result.bug_dirs.items():
-            check.minimal[sig] = _minimal_summary(path / "case.json",
-                                                  result.failures[sig].evaluation.detail)
+        check = check_result(self.impl_name, self.dialect, result)
         _remember(self, check)
         if not check.passed:
             raise DifftestFailure(str(check))

@@ -31,16 +31,17 @@ SOURCES: dict[str, dict[str, list[tuple[str, str]]]] = {
 _INSTALL_HINT = {"vllm": "pip install vllm", "sglang": "pip install sglang sgl-kernel"}
 
 
-def _top_module(engine: str) -> str:
-    return SOURCES[engine][next(iter(SOURCES[engine]))][0][0].split(".")[0]
-
-
 def importable(engine: str) -> bool:
-    """True when the engine's top-level package can be found (nothing is imported)."""
-    try:
-        return importlib.util.find_spec(_top_module(engine)) is not None
-    except (ImportError, ValueError):
-        return False
+    """True when a package of one of the engine's sources can be found (none is imported)."""
+    tops = {module.split(".")[0] for candidates in SOURCES[engine].values()
+            for module, _ in candidates}
+    for top in sorted(tops):
+        try:
+            if importlib.util.find_spec(top) is not None:
+                return True
+        except (ImportError, ValueError):
+            continue
+    return False
 
 
 def _lookup(engine: str, dialect: str) -> Callable[..., Any] | None:

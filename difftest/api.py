@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .campaign import Campaign, CampaignResult, FailureDatabase
-from .case import CONTRACTS, DIALECTS
+from .case import CONTRACTS, DIALECTS, Case
 from .errors import UsageError
+from .evaluate import Evaluation
 from .registry import Implementation
 
 
@@ -39,17 +40,23 @@ class CheckResult:
         return "\n".join(line for line in lines if line)
 
 
-def _minimal_summary(case_json: Path, message: str) -> str:
+def minimal_summary(case: Case, evaluation: Evaluation) -> str:
+    """The minimal case's inputs and its first failure, for a test report."""
     from .bugreport import case_inputs
-    from .case import Case
 
-    case = Case.from_json(case_json.read_text())
     rows = [f"minimal case ({case.dialect}, {case.contract}; "
             f"{', '.join(case.edge_classes) or 'no edge class'}):"]
     for name, value in case_inputs(case).items():
         rows.append(f"  {name} = {value}")
-    rows.append("first failure: " + message.replace("\n", "\n  "))
+    rows.append("first failure: " + evaluation.detail.replace("\n", "\n  "))
     return "\n".join(rows)
+
+
+def check_result(label: str, dialect: str, result: CampaignResult) -> CheckResult:
+    check = CheckResult(label, dialect, result)
+    for sig, (case, evaluation) in result.minimal.items():
+        check.minimal[sig] = minimal_summary(case, evaluation)
+    return check
 
 
 def check_callable(fn: Callable[..., Any], dialect: str, *, seconds: float | None = 5.0,
@@ -83,9 +90,4 @@ def check_callable(fn: Callable[..., Any], dialect: str, *, seconds: float | Non
     campaign.generate(dialects=(dialect,), contracts=tuple(contracts),
                       max_examples=max_examples, seconds=seconds)
     campaign.shrink_and_report(shrink_seconds=shrink_seconds)
-    result = campaign.close()
-    check = CheckResult(label, dialect, result)
-    for sig, path in result.bug_dirs.items():
-        check.minimal[sig] = _minimal_summary(path / "case.json",
-                                              result.failures[sig].evaluation.detail)
-    return check
+    return check_result(label, dialect, campaign.close())

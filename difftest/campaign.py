@@ -51,6 +51,7 @@ class CampaignResult:
     verdicts: dict[str, int] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
     bug_dirs: dict[str, Path] = field(default_factory=dict)
+    minimal: dict[str, tuple[Case, Evaluation]] = field(default_factory=dict)
     elapsed_s: float = 0.0
     replayed: int = 0
 
@@ -248,6 +249,7 @@ class Campaign:
             final = self.check(minimal)
             if final.signature(minimal) != sig:  # a flaky failure: keep the original
                 minimal, final = failure.case, failure.evaluation
+            self.result.minimal[sig] = (minimal, final)
             self.result.bug_dirs[sig] = write_failure_report(
                 self.out_dir, sig, self.impl, minimal, final, failure=failure, shrink=shrunk,
                 extra=extra(failure, minimal) if extra else None)

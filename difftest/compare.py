@@ -122,22 +122,37 @@ def segments(expert_row: np.ndarray, block_size: int) -> list[tuple[int, int, in
             for b, e in zip(starts, ends)]
 
 
-def canonical_row(values: np.ndarray, expert_row: np.ndarray, block_size: int) -> np.ndarray:
-    """``values`` with each expected segment sorted (the order atomics leave unspecified)."""
-    row = np.asarray(expert_row)
-    active = int(np.argmax(row < 0)) if (row < 0).any() else row.size
-    end = min(active * block_size, values.size)
-    if end == 0:
-        return values
-    block_seg = np.cumsum(np.diff(row[:active], prepend=row[0] - 1) != 0)
-    seg = np.repeat(block_seg, block_size)[:end]
-    out = values.copy()
-    out[:end] = values[:end][np.lexsort((values[:end], seg))]
-    return out
+def segment_order(expected: RowsExpected) -> np.ndarray:
+    """Sort key [L, P]: equal inside one expected segment, increasing along the row.
+
+    Sorting a row by (key, value) sorts each segment and leaves every other
+    position (past the total, where the order is defined) where it is.
+    """
+    ids = np.asarray(expected.expert_ids)
+    L, M = ids.shape
+    P = expected.sorted_token_ids.shape[1]
+    change = np.ones_like(ids, dtype=bool)
+    change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    block_seg = np.cumsum(change, axis=1)  # [L, M], 1-based segment number
+    pos = np.arange(P)
+    block = pos // expected.block_size
+    active = ids[:, block] >= 0  # [L, P]
+    key = np.where(active, block_seg[:, block], M + 1 + pos)
+    return key + np.arange(L)[:, None] * (M + 2 + P)
+
+
+def canonical_rows(values: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """``values`` [L, P] with each expected segment sorted (atomics leave it unspecified)."""
+    # one int64 sort of (key, value) packed into 32 + 32 bits
+    packed = (key.reshape(-1).astype(np.int64) << 32) | (
+        values.reshape(-1).astype(np.int64) & 0xFFFFFFFF)
+    packed.sort()
+    return (packed & 0xFFFFFFFF).astype(np.uint32).view(np.int32).reshape(key.shape)
 
 
 def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stable: bool,
-                 rank: int | None = None, sentinel: int) -> list[Mismatch]:
+                 rank: int | None = None, sentinel: int,
+                 key: np.ndarray | None = None) -> list[Mismatch]:
     """Checks 1–4 of SPEC §9 for an align-type call."""
     L, P = expected.sorted_token_ids.shape
     M = expected.expert_ids.shape[1]
@@ -145,6 +160,12 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
     got_experts = outputs["expert_ids"].reshape(L, M)
     got_total = outputs["num_tokens_post_pad"].reshape(L)
     slot_of = (lambda row: row) if expected.sorted_token_ids.shape[0] > 1 else (lambda row: None)
+    if stable:
+        want_rows, have_rows = expected.sorted_token_ids, got_sorted
+    else:
+        key = segment_order(expected) if key is None else key
+        want_rows = canonical_rows(expected.sorted_token_ids, key)
+        have_rows = canonical_rows(got_sorted, key)
     found: list[Mismatch] = []
     for row in range(L):
         slot = slot_of(row)
@@ -171,11 +192,7 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
             found.append(m)
         exp_row, got_row = expected.sorted_token_ids[row], got_sorted[row]
         exp_experts = expected.expert_ids[row]
-        if stable:
-            want, have = exp_row, got_row
-        else:
-            want = canonical_row(exp_row, exp_experts, expected.block_size)
-            have = canonical_row(got_row, exp_experts, expected.block_size)
+        want, have = want_rows[row], have_rows[row]
         differ = want[:total] != have[:total]
         if differ.any():
             # one record per differing segment (the first few), named by its expert
@@ -202,8 +219,8 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
     return found
 
 
-def compare_run(case: Case, expected: Any, run: Any, *, stable: bool, sentinel: int
-                ) -> list[Mismatch]:
+def compare_run(case: Case, expected: Any, run: Any, *, stable: bool, sentinel: int,
+                key: np.ndarray | None = None) -> list[Mismatch]:
     """All checks of one call (one rank, one repeat) except the cross-rank ones."""
     rank = run.rank
     if run.error is not None:
@@ -211,7 +228,8 @@ def compare_run(case: Case, expected: Any, run: Any, *, stable: bool, sentinel: 
                          rank)]
     found: list[Mismatch] = []
     if isinstance(expected, RowsExpected):
-        found += compare_rows(expected, run.outputs, stable=stable, rank=rank, sentinel=sentinel)
+        found += compare_rows(expected, run.outputs, stable=stable, rank=rank, sentinel=sentinel,
+                              key=key)
     elif isinstance(expected, RemapExpected):
         m = array_mismatch("local_topk_ids", expected.local_topk_ids,
                            run.outputs["local_topk_ids"], name="local_topk_ids", rank=rank)
@@ -233,21 +251,16 @@ def compare_run(case: Case, expected: Any, run: Any, *, stable: bool, sentinel: 
     return found
 
 
-def canonical(case: Case, expected: Any, run: Any) -> tuple:
+def canonical(case: Case, expected: Any, run: Any, key: np.ndarray | None = None) -> tuple:
     """A run's outputs with the unspecified order inside segments removed."""
     if run.error is not None:
         return ("error", run.error)
-    parts = []
     if isinstance(expected, RowsExpected):
-        L, P = expected.sorted_token_ids.shape
-        rows = run.outputs["sorted_token_ids"].reshape(L, P)
-        canon = [canonical_row(rows[r], expected.expert_ids[r], expected.block_size).tobytes()
-                 for r in range(L)]
-        parts = canon + [run.outputs["expert_ids"].tobytes(),
-                         run.outputs["num_tokens_post_pad"].tobytes()]
-    else:
-        parts = [v.tobytes() for _, v in sorted(run.outputs.items())]
-    return tuple(parts)
+        key = segment_order(expected) if key is None else key
+        rows = run.outputs["sorted_token_ids"].reshape(key.shape)
+        return (canonical_rows(rows, key).tobytes(), run.outputs["expert_ids"].tobytes(),
+                run.outputs["num_tokens_post_pad"].tobytes())
+    return tuple(v.tobytes() for _, v in sorted(run.outputs.items()))
 
 
 def _valid_global_routes(case: Case) -> tuple[np.ndarray, np.ndarray]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .case import Case
-from .compare import Mismatch, breadcrumb, canonical, compare_conservation, compare_run
-from .dialects import DIALECT_INFO
+from .compare import (Mismatch, breadcrumb, canonical, compare_conservation, compare_run,
+                      segment_order)
+from .dialects import DIALECT_INFO, RowsExpected
 from .execute import SENTINEL
 
 # The check a signature is named after, when several fail: the most
@@ -64,13 +65,15 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
     seen: set[tuple] = set()
     fatal = None
     first_canon: dict = {}
+    keys = {rank: segment_order(e) for rank, e in expected.items()
+            if isinstance(e, RowsExpected)}
     disagree: list[Mismatch] = []
     for repeat, runs in enumerate(outcome.runs):
         candidates: list[Mismatch] = []
         for run in runs:
             if run.fatal:
                 fatal = run
-            canon = canonical(case, expected[run.rank], run)
+            canon = canonical(case, expected[run.rank], run, keys.get(run.rank))
             if repeat == 0:
                 first_canon[run.rank] = canon
             elif canon == first_canon.get(run.rank):
@@ -84,7 +87,7 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
                     "differs from run 1 after canonicalisation (a race or uninitialised read)",
                     run.rank))
             candidates += compare_run(case, expected[run.rank], run, stable=stable,
-                                      sentinel=SENTINEL)
+                                      sentinel=SENTINEL, key=keys.get(run.rank))
         if len(runs) == len(case.ranks()):
             candidates += compare_conservation(case, runs, expected)
         for m in candidates + disagree:
