@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--impl", help="implementation timed on the prefill case "
                                        "(default: torch on cpu, cuda on cuda)")
     parser.add_argument("--cases", type=int,
-                        help="generated cases per fault (default 50, --quick too)")
+                        help="generated cases per fault (default 200, --quick too)")
     parser.add_argument("--repeats", type=int, help="timing repeats (default 5, quick 2)")
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args()
@@ -241,7 +241,7 @@ def main() -> None:
     impl = registry.resolve(ns.impl or default_impl(ns.device))
     started = time.perf_counter()
     t = time_checks(impl, ns.device, ns.repeats or (2 if ns.quick else 5), ns.seed)
-    counts = fault_counts("cpu", ns.cases or 50, ns.seed)
+    counts = fault_counts("cpu", ns.cases or 200, ns.seed)
 
     s = t["case"].sizes()
     size = f"T={s['T']} K={s['K']} E={s['E']} B={s['B']} L={s['L']} P={s['P']}"
