@@ -450,7 +450,8 @@ def _used_slots(case: Case) -> list[int]:
 
 
 def _relabel_slots(case: Case, keep: list[int], num_slots: int,
-                   changes: dict[str, Any] | None = None) -> Case | None:
+                   changes: dict[str, Any] | None = None,
+                   keep_length: bool = False) -> Case | None:
     """``case`` with slot ``keep[i]`` renamed ``i`` and ``L = num_slots``.
 
     A value ``>= L`` keeps its distance past the end (``v - L + num_slots``),
@@ -479,14 +480,16 @@ def _relabel_slots(case: Case, keep: list[int], num_slots: int,
                 except (ValueError, TypeError):
                     return None
             else:
-                changes["lora_ids"] = _resized_lora_ids(relabel(base.lora_ids), num_slots + 1)
+                changes["lora_ids"] = (relabel(base.lora_ids) if keep_length else
+                                       _resized_lora_ids(relabel(base.lora_ids), num_slots + 1))
     else:
         changes["req_to_lora"] = relabel(base.req_to_lora)
         if base.lora_ids is not None:
             if np.array_equal(base.lora_ids, np.arange(old)):
                 changes["lora_ids"] = np.arange(num_slots, dtype=np.int32)
             else:
-                changes["lora_ids"] = _resized_lora_ids(relabel(base.lora_ids), num_slots)
+                changes["lora_ids"] = (relabel(base.lora_ids) if keep_length else
+                                       _resized_lora_ids(relabel(base.lora_ids), num_slots))
     if base.adapter_enabled is not None:
         enabled = base.adapter_enabled
         length = max(num_slots + enabled.size - old, num_slots)
@@ -784,8 +787,14 @@ def lower_loras(s: Shrinker) -> None:
         case = s.current
         now = _used_slots(case)
         moved = f"slots {now} -> 0..{len(now) - 1}" if now else "no slot in use"
-        return s.consider(_relabel_slots(case, now, num_slots),
-                          f"L {case.max_loras} -> {num_slots} ({moved})")
+        step = f"L {case.max_loras} -> {num_slots} ({moved})"
+        if s.consider(_relabel_slots(case, now, num_slots), step):
+            return True
+        # a short defensive lora_ids keeps its length: padding it to the new L
+        # could turn the case into a production one, which the contract guard refuses
+        short = case.lora_ids is not None and case.lora_ids.size <= num_slots
+        return short and s.consider(_relabel_slots(case, now, num_slots, keep_length=True),
+                                    step + ", lora_ids length kept")
 
     floor = max(len(used), 1)
     if s.current.max_loras > floor:

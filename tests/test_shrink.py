@@ -286,3 +286,19 @@ def test_an_exception_of_the_predicate_propagates_unchanged():
 
     with pytest.raises(RuntimeError, match="worker lost"):
         shrink(big_align_case(), still_fails)
+
+
+def test_short_defensive_lora_ids_does_not_pin_max_loras():
+    # EP rank 1 of 2 receives route 0 (expert 0, foreign) as the local sentinel -1;
+    # the only defensive input is lora_ids = [0], shorter than L + 1. Padding it to the
+    # new L + 1 would make the case production, so L is lowered with its length kept.
+    from difftest.case import EPGroup
+
+    start = tagged(Case("vllm-lora", "defensive", np.array([[0]], dtype=np.int32), 2, 1,
+                        max_loras=6, token_lora_mapping=np.array([0], dtype=np.int32),
+                        lora_ids=np.array([0], dtype=np.int32),
+                        ep=EPGroup(2, 2, "linear", "local_ids", ranks=(1,))))
+    assert start.contract == "defensive"
+    _, result = shrink_fault("negative-expert-kept", start)
+    assert result.case.max_loras == 1 and result.case.lora_ids.tolist() == [0]
+    assert result.minimal
