@@ -327,16 +327,26 @@ def compare_conservation(case: Case, runs: list[Any], expected: dict) -> list[Mi
                     int(glob[i]))
         if wrong is not None:
             found.append(wrong)
-        for label, mask in (("landed on no rank", want & (hits == 0)),
-                            ("landed on several ranks", hits > 1)):
-            idx = np.flatnonzero(mask)
-            if idx.size:
-                i = int(idx[0])
-                found.append(Mismatch(
-                    "ep_conservation",
-                    f"{breadcrumb(slot=slot, expert=int(global_of[i]))}: {idx.size} route(s) "
-                    f"{label}; first: route {i} (global expert {int(global_of[i])}) on "
-                    f"{int(hits[i])} ranks", None, slot, int(global_of[i]), i, 1, int(hits[i])))
+        idx = np.arange(N)
+        found += _lost_or_duplicated(want & (hits == 0), hits > 1, idx, global_of, hits, slot)
+    return found
+
+
+def _lost_or_duplicated(lost: np.ndarray, duplicated: np.ndarray, routes: np.ndarray,
+                        experts: np.ndarray, hits: np.ndarray, slot: int | None
+                        ) -> list[Mismatch]:
+    """One record for the routes no rank took, one for those several ranks took."""
+    found = []
+    for label, mask in (("landed on no rank", lost), ("landed on several ranks", duplicated)):
+        idx = np.flatnonzero(mask)
+        if idx.size:
+            i = int(idx[0])
+            found.append(Mismatch(
+                "ep_conservation",
+                f"{breadcrumb(slot=slot, expert=int(experts[i]))}: {idx.size} route(s) {label}; "
+                f"first: route {int(routes[i])} (global expert {int(experts[i])}) on "
+                f"{int(hits[i])} ranks", None, slot, int(experts[i]), int(routes[i]), 1,
+                int(hits[i])))
     return found
 
 
@@ -361,15 +371,4 @@ def _remap_conservation(case: Case, runs: list[Any], owned: dict) -> list[Mismat
                 f"(global expert {int(experts[i])}) got local id {int(local[i])}, which is "
                 f"global expert {int(back[i])} on this rank", rank_run.rank, None,
                 int(experts[i]), int(routes[i]), int(experts[i]), int(back[i])))
-    found = list(wrong)
-    for label, mask in (("landed on no rank", hits == 0), ("landed on several ranks", hits > 1)):
-        idx = np.flatnonzero(mask)
-        if idx.size:
-            i = int(idx[0])
-            found.append(Mismatch(
-                "ep_conservation",
-                f"{breadcrumb(expert=int(experts[i]))}: {idx.size} of {routes.size} valid "
-                f"routes {label}; first: route {int(routes[i])} (global expert "
-                f"{int(experts[i])}) on {int(hits[i])} ranks", None, None, int(experts[i]),
-                int(routes[i]), 1, int(hits[i])))
-    return found
+    return wrong + _lost_or_duplicated(hits == 0, hits > 1, routes, experts, hits, None)

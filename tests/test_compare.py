@@ -150,3 +150,24 @@ def test_remap_conservation_and_per_rank_checks():
     assert _checks(REMAP, _remap_runs()) == ("pass", [])
     verdict, checks = _checks(REMAP, _remap_runs(shift_rank=1))
     assert verdict == "mismatch" and checks == ["local_topk_ids", "ep_conservation"]
+
+
+def test_align_conservation_flags_a_route_lost_across_ranks():
+    # G = 3 experts over R = 2 ranks (linear: rank 0 owns 0-1, rank 1 owns 2);
+    # routes 0..3 go to experts 0, 2, 1, 2
+    case = Case("align", "production", np.array([[0, 2], [1, 2]], dtype=np.int32), 3, 1,
+                ep=EPGroup(3, 2, "linear", "local_ids"))
+    runs = []
+    for rank in (0, 1):
+        exp = DIALECT_INFO["align"].reference(case, rank)
+        runs.append(RankRun(rank, {"sorted_token_ids": exp.sorted_token_ids[0].copy(),
+                                   "expert_ids": exp.expert_ids[0].copy(),
+                                   "num_tokens_post_pad": exp.num_tokens_post_pad.copy()}))
+    assert runs[1].outputs["sorted_token_ids"][:2].tolist() == [1, 3]
+    assert _checks(case, Outcome([runs])) == ("pass", [])
+    runs[1].outputs["sorted_token_ids"][1] = 4  # route 3 replaced by the pad value
+    ev = evaluate(case, Outcome([runs]), stable=True)
+    assert ev.checks_failed == ["sorted_token_ids", "ep_conservation"]
+    lost = next(m for m in ev.mismatches if m.check == "ep_conservation")
+    assert (lost.position, lost.expert, lost.actual) == (3, 2, 0)
+    assert "1 route(s) landed on no rank; first: route 3 (global expert 2)" in lost.message
