@@ -255,12 +255,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
     cuda_device = int(os.environ["DIFFTEST_GPU"]) if os.environ.get("DIFFTEST_GPU") else None
     with _runner(impl, device, ns.timeout, ns.in_process, cuda_device) as runner:
         campaign = Campaign(impl, runner, out, seed=seed, database=database, progress=progress)
-        campaign.replay_database()
-        campaign.generate(dialects=impl.dialects, contracts=contracts,
-                          max_examples=max_examples, seconds=seconds)
-        if not ns.no_shrink:
-            campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
-        result = campaign.close()
+        try:
+            campaign.replay_database()
+            campaign.generate(dialects=impl.dialects, contracts=contracts,
+                              max_examples=max_examples, seconds=seconds)
+            if not ns.no_shrink:
+                campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
+        finally:  # interrupted or not: parquet and summary hold every recorded case
+            result = campaign.close()
     if ns.junit:
         import reports
 

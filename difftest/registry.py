@@ -74,6 +74,10 @@ def _import_callable(target: str) -> Callable[..., Any]:
     except ImportError as exc:
         raise ImplementationError(
             f"--impl py:{target}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise ImplementationError(
+            f"--impl py:{target}: importing {module_name!r} raised "
+            f"{type(exc).__name__}: {exc}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ImplementationError(

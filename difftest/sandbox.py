@@ -83,6 +83,9 @@ def _worker_main() -> None:
     """
     from multiprocessing.connection import Connection
 
+    # Ctrl-C reaches the whole process group: the runner handles it (and ends this
+    # worker); a worker dying of it would be recorded as a crash of its case.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     proto_out = os.dup(1)
     os.dup2(2, 1)
     inbox, outbox = Connection(os.dup(0), writable=False), Connection(proto_out, readable=False)

@@ -182,3 +182,38 @@ def test_case_json_round_trip_is_lossless():
     back = Case.from_json(case.to_json())
     assert back.case_id == case.case_id and back.to_dict() == case.to_dict()
     assert back.topk_ids.dtype == np.int64 and back.ep.ranks == (0, 1, 2)
+
+
+def test_interrupted_run_keeps_what_it_recorded(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+    proc = subprocess.Popen([sys.executable, "-m", "difftest", "run", "--impl", "torch",
+                             "--dialect", "align", "--seconds", "120", "--out", str(out),
+                             "--no-db", "--quiet"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        journal = out / "cases.jsonl"
+        if journal.exists() and len(journal.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted; what was recorded so far is kept" in err and "Traceback" not in err
+    recorded = len((out / "cases.jsonl").read_text().splitlines())
+    assert recorded >= 5
+    assert pq.read_table(out / "cases.parquet").num_rows == recorded
+    assert (out / "summary.html").exists()
+
+
+def test_user_module_that_raises_on_import_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "explodes_on_import.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["run", "--impl", "py:explodes_on_import:fn", "--dialect", "align"]) == 2
+    err = capsys.readouterr().err
+    assert "importing 'explodes_on_import' raised RuntimeError: no GPU here" in err
+    assert "Traceback" not in err
