@@ -70,6 +70,7 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
     disagree: list[Mismatch] = []
     for repeat, runs in enumerate(outcome.runs):
         candidates: list[Mismatch] = []
+        compared = False
         for run in runs:
             if run.fatal:
                 fatal = run
@@ -86,9 +87,10 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
                     f"{breadcrumb(run.rank) or 'call'}: run {repeat + 1} of the same case "
                     "differs from run 1 after canonicalisation (a race or uninitialised read)",
                     run.rank))
+            compared = True
             candidates += compare_run(case, expected[run.rank], run, stable=stable,
                                       sentinel=SENTINEL, key=keys.get(run.rank))
-        if len(runs) == len(case.ranks()):
+        if compared and len(runs) == len(case.ranks()):
             candidates += compare_conservation(case, runs, expected)
         for m in candidates + disagree:
             key = (m.check, m.rank, m.slot, m.expert)
@@ -100,9 +102,9 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
         crash = Mismatch("crash", f"sticky device error (the context is unusable): {fatal.error}",
                          fatal.rank)
         return Evaluation("crash", [crash] + found, fatal.error or "")
-    if any(m.check == "exception" for m in found):
-        return Evaluation("error", found, next(m.message for m in found
-                                               if m.check == "exception"))
-    if found:
-        return Evaluation("mismatch", found, found[0].message)
-    return Evaluation("pass")
+    if not found:
+        return Evaluation("pass")
+    # the detail is the first record of the check the signature is named after
+    first = next(m for check in CHECK_PRIORITY for m in found if m.check == check)
+    verdict = "error" if first.check == "exception" else "mismatch"
+    return Evaluation(verdict, found, first.message)
