@@ -37,12 +37,11 @@ Prints one table and writes ``bench/results/vs_blockwalk.csv``.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
-from _common import (base_parser, check_device, default_impl, fmt_ms, make_case, print_table,
-                     write_csv)
+from _common import (base_parser, check_device, default_impl, fmt_ms, make_case, median_s,
+                     print_table, write_csv)
 
 
 def blockwalk(topk_ids: np.ndarray, token_lora_mapping: np.ndarray, max_loras: int,
@@ -141,13 +140,7 @@ def time_checks(impl, device: str, repeats: int, seed: int) -> dict:
                     "ours_verdict": evaluate(case, outcome, stable=impl.stable).verdict}
 
     def med(call) -> float:
-        call()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_s(call, repeats)
 
     result["walk_s"] = med(lambda: walk_run(case, run))
     start = time.perf_counter()  # one run: it takes seconds
