@@ -26,6 +26,11 @@ from .registry import Implementation
 
 DEFAULT_MAX_EXAMPLES = 1000
 DEFAULT_SHRINK_SECONDS = 30.0
+# Generated cases go to the worker in batches of at most this many cases and routes
+# (a large case is a batch of its own). The first batch is one case and each next one
+# twice as many, so a failure in the first cases is seen as soon as it would be unbatched.
+BATCH_CASES = 64
+BATCH_ROUTES = 1 << 16
 
 
 class _BudgetExhausted(BaseException):
@@ -139,6 +144,7 @@ class Campaign:
         self.result = CampaignResult(self.out_dir)
         self.case_rows: list[dict] = []
         self.mismatch_rows: list[dict] = []
+        self._inflight: list[Case] = []
         self._start = time.monotonic()
 
     # -- one case -------------------------------------------------------------
@@ -148,10 +154,23 @@ class Campaign:
         return evaluate(case, outcome, stable=self.impl.stable)
 
     def run_one(self, case: Case, seed: int | None = None) -> Evaluation:
-        outcome = self.runner.run(case)
+        return self._finish(case, self.runner.run(case), seed)
+
+    def _finish(self, case: Case, outcome: Any, seed: int | None) -> Evaluation:
         evaluation = evaluate(case, outcome, stable=self.impl.stable)
         self._record(case, evaluation, outcome, seed)
         return evaluation
+
+    def dispatch(self, batch: list[Case]) -> list[Evaluation]:
+        """Collect the batch in flight, start ``batch`` in the worker, then evaluate and
+        record the collected one while the worker runs the new one. ``dispatch([])``
+        drains. Returns the evaluations of the collected batch, in its order."""
+        previous, self._inflight = self._inflight, list(batch)
+        outcomes = self.runner.collect() if previous else []
+        if batch:
+            self.runner.submit(batch)
+        return [self._finish(case, outcome, self.seed)
+                for case, outcome in zip(previous, outcomes)]
 
     def _record(self, case: Case, evaluation: Evaluation, outcome: Any, seed: int | None) -> None:
         r = self.result
@@ -207,6 +226,16 @@ class Campaign:
         budget = (f"of {limit}" if max_examples is not None or seconds is None else "") + (
             f" in {seconds:g}s" if seconds is not None else "")
 
+        queue: list[Case] = []
+        state = {"routes": 0, "size": 1, "stopped": False}
+
+        def dispatch(batch: list[Case]) -> None:
+            evaluations = self.dispatch(batch)
+            self.progress.update(self.result, budget)
+            if stop_on_failure and any(e.verdict != "pass" for e in evaluations):
+                state["stopped"] = True
+                raise _BudgetExhausted
+
         @settings(max_examples=limit, phases=[Phase.generate], database=None, deadline=None,
                   suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
                   derandomize=False)
@@ -214,20 +243,34 @@ class Campaign:
         def drive(case: Case) -> None:
             if deadline is not None and time.monotonic() >= deadline:
                 raise _BudgetExhausted
-            evaluation = self.run_one(case, self.seed)
-            self.progress.update(self.result, budget)
-            if stop_on_failure and evaluation.verdict != "pass":
-                raise _BudgetExhausted
+            queue.append(case)
+            state["routes"] += case.num_routes * len(case.ranks())
+            if len(queue) >= state["size"] or state["routes"] >= BATCH_ROUTES:
+                batch = queue[:]
+                queue.clear()
+                state["routes"], state["size"] = 0, min(2 * state["size"], BATCH_CASES)
+                dispatch(batch)
 
         if self.seed is not None:
             drive = hseed(self.seed)(drive)
+        interrupted = True
         try:
             drive()
+            interrupted = False
         except _BudgetExhausted:
-            pass
+            interrupted = False
         finally:
-            self.progress.update(self.result, budget, force=True)
-            self.progress.done()
+            try:
+                # the cases generated but not yet run, then the batch in flight; after
+                # Ctrl-C or an error only the batch in flight (it is running already)
+                if queue and not (interrupted or state["stopped"]):
+                    dispatch(queue[:])
+                self.dispatch([])
+            except _BudgetExhausted:
+                self.dispatch([])
+            finally:
+                self.progress.update(self.result, budget, force=True)
+                self.progress.done()
 
     # -- after the budget -------------------------------------------------------
     def shrink_and_report(self, *, shrink_seconds: float = DEFAULT_SHRINK_SECONDS,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .case import Case
-from .compare import (Mismatch, breadcrumb, canonical, compare_conservation, compare_run,
-                      segment_order)
+from .compare import (Mismatch, RowOrder, breadcrumb, canonical, compare_conservation,
+                      compare_run, same_canonical)
 from .dialects import DIALECT_INFO, RowsExpected
 from .execute import SENTINEL
 
@@ -65,8 +65,7 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
     seen: set[tuple] = set()
     fatal = None
     first_canon: dict = {}
-    keys = {rank: segment_order(e) for rank, e in expected.items()
-            if isinstance(e, RowsExpected)}
+    orders = {rank: RowOrder(e) for rank, e in expected.items() if isinstance(e, RowsExpected)}
     disagree: list[Mismatch] = []
     for repeat, runs in enumerate(outcome.runs):
         candidates: list[Mismatch] = []
@@ -74,10 +73,10 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
         for run in runs:
             if run.fatal:
                 fatal = run
-            canon = canonical(case, expected[run.rank], run, keys.get(run.rank))
+            canon = canonical(case, expected[run.rank], run, orders.get(run.rank))
             if repeat == 0:
                 first_canon[run.rank] = canon
-            elif canon == first_canon.get(run.rank):
+            elif same_canonical(canon, first_canon.get(run.rank)):
                 # same outputs as run 1 (checked there); only the set-up checks remain
                 if not (run.guard_damage or run.mutated_inputs):
                     continue
@@ -88,8 +87,10 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
                     "differs from run 1 after canonicalisation (a race or uninitialised read)",
                     run.rank))
             compared = True
+            rows = canon[0] if run.rank in orders and run.error is None else None
             candidates += compare_run(case, expected[run.rank], run, stable=stable,
-                                      sentinel=SENTINEL, key=keys.get(run.rank))
+                                      sentinel=SENTINEL, order=orders.get(run.rank),
+                                      have_rows=rows)
         if compared and len(runs) == len(case.ranks()):
             candidates += compare_conservation(case, runs, expected)
         for m in candidates + disagree:

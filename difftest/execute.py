@@ -1,14 +1,30 @@
-"""Run one case through an implementation, in this process (SPEC §9 set-up).
+"""Run cases through an implementation, in this process (SPEC §9 set-up).
 
-Every output buffer is filled with :data:`SENTINEL` and sits inside one
-allocation between two guard bands of :data:`GUARD`, so a write past the end
-of a row, or of the whole buffer, is visible even when no CUDA error is
-raised. Inputs are kept as NumPy copies and compared after the call.
+Every output buffer is filled with :data:`SENTINEL` and sits between two
+guard bands of :data:`GUARD`, so a write past the end of a row, or of the
+whole buffer, is visible even when no CUDA error is raised. Inputs are
+copies, compared with the case after the call.
 
-The result is a :class:`RankRun` of plain NumPy arrays: it crosses the pipe
-from a sandbox worker to the runner, which compares it with the oracle.
-This module is the only one of difftest that imports torch, and only the
-sandbox worker (or an in-process run) imports it.
+One call's buffers (inputs, outputs, scratch, each with its bands) are laid
+out in one block of bytes (:class:`Staged`); every byte of the block that is
+not a buffer's data belongs to a guard band. A batch of cases is one host
+array of such blocks (every repeat of every rank of every case), so on a GPU
+it costs one copy to the device and one back, whatever the number of calls:
+the calls are launched back to back and synchronised once. On the CPU each
+buffer is its own tensor over its part of the host array, so a write past a
+buffer's storage raises as torch does.
+
+A batch gives up at the first sticky device error (an illegal address
+poisons the context, and which call caused it is not known without a
+synchronisation after every call): :func:`run_batch` then reports the batch
+*poisoned*, and the caller re-runs its cases one by one in a fresh process
+with ``sync_each`` (a synchronisation after every call), which names the
+call and gives it the verdict ``crash``.
+
+The result is a :class:`RankRun` of plain NumPy arrays per call: it crosses
+the pipe from a sandbox worker to the runner, which compares it with the
+oracle. This module is the only one of difftest that imports torch, and only
+the sandbox worker (or an in-process run) imports it.
 """
 
 from __future__ import annotations
@@ -16,7 +32,7 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,7 +41,8 @@ from .dialects import DIALECT_INFO, CallPlan, TensorArg
 
 SENTINEL = -559038737  # 0xDEADBEEF as int32: "never written"
 GUARD = -1163005939  # 0xBAADF00D as int32: guard band around every buffer
-GUARD_LEN = 64
+GUARD_LEN = 64  # elements of guard band at least, before and after every buffer
+ALIGN = 256  # bytes: every buffer's band, and its data, starts on this boundary
 
 
 @dataclass
@@ -41,64 +58,135 @@ class RankRun:
     elapsed_s: float = 0.0
 
 
+@dataclass
+class BatchResult:
+    """``runs[case][repeat][rank]``, or why there are none (``poisoned``)."""
+
+    runs: list[list[list[RankRun]]] = field(default_factory=list)
+    poisoned: str | None = None  # a sticky device error in a batch run without sync_each
+
+
+@dataclass(frozen=True)
+class _Buffer:
+    name: str
+    role: str  # "input" | "output" | "scratch"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    start: int  # byte offset of the leading band in the call's block
+    lead: int  # elements of leading band (>= GUARD_LEN)
+    end: int  # byte offset one past the trailing band
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def data(self) -> int:
+        return self.start + self.lead * self.dtype.itemsize
+
+
+def _round_up(value: int, to: int) -> int:
+    return -(-value // to) * to
+
+
+class Staged:
+    """One call's buffers in one block of bytes, guard bands and fills included."""
+
+    def __init__(self, plan: CallPlan) -> None:
+        self.plan = plan
+        buffers: list[_Buffer] = []
+        offset = 0
+        roles = [(n, "input", a.shape, a.dtype) for n, a in plan.inputs.items()]
+        roles += [(n, "output", s, d) for n, (s, d) in plan.outputs.items()]
+        roles += [(n, "scratch", s, d) for n, (s, d) in plan.scratch.items()]
+        for name, role, shape, dtype in roles:
+            dtype = np.dtype(dtype)
+            if ALIGN % dtype.itemsize:
+                raise TypeError(f"{name}: dtype {dtype} cannot be staged (item size "
+                                f"{dtype.itemsize} does not divide {ALIGN})")
+            lead = _round_up(GUARD_LEN * dtype.itemsize, ALIGN) // dtype.itemsize
+            buf = _Buffer(name, role, tuple(int(s) for s in shape), dtype, offset, lead, 0)
+            end = _round_up(buf.data + (buf.numel + GUARD_LEN) * dtype.itemsize, ALIGN)
+            buffers.append(_Buffer(name, role, buf.shape, dtype, offset, lead, end))
+            offset = end
+        self.buffers = buffers
+        self.nbytes = offset
+        block = np.empty(offset, np.uint8)
+        for buf in buffers:
+            region = block[buf.start:buf.end].view(buf.dtype)
+            region[:] = np.array(GUARD).astype(buf.dtype)
+            data = region[buf.lead:buf.lead + buf.numel]
+            if buf.role == "input":
+                data[:] = np.ascontiguousarray(plan.inputs[buf.name]).reshape(-1)
+            else:
+                data[:] = SENTINEL if buf.role == "output" else 0
+        self.block = block
+
+    def tensors(self, storage: Any, base: int, device: str) -> dict[str, Any]:
+        """The call's tensors: views of ``storage`` (a device byte tensor holding this
+        block at ``base``), or on the CPU, where ``storage`` is the host array, one tensor
+        per buffer whose storage is the buffer and its two ``GUARD_LEN`` bands."""
+        import torch
+
+        out = {}
+        for buf in self.buffers:
+            lo, hi = base + buf.data, base + buf.data + buf.numel * buf.dtype.itemsize
+            if device == "cpu":
+                whole = storage[base + buf.data - GUARD_LEN * buf.dtype.itemsize:
+                                hi + GUARD_LEN * buf.dtype.itemsize]
+                tensor = torch.from_numpy(whole.view(buf.dtype))[GUARD_LEN:GUARD_LEN + buf.numel]
+            else:
+                tensor = storage[lo:hi].view(_TORCH_DTYPES[buf.dtype])
+            out[buf.name] = tensor.view(buf.shape)
+        return out
+
+    def inspect(self, host: np.ndarray, base: int, run: RankRun) -> None:
+        """Guard bands, outputs and inputs of the call whose block is ``host[base:]``."""
+        for buf in self.buffers:
+            region = host[base + buf.start:base + buf.end].view(buf.dtype)
+            data = region[buf.lead:buf.lead + buf.numel]
+            if buf.role == "input":
+                before = self.plan.inputs[buf.name].reshape(-1)
+                if not np.array_equal(data, before):
+                    i = int(np.flatnonzero(data != before)[0])
+                    run.mutated_inputs[buf.name] = (i, int(before[i]), int(data[i]))
+                continue
+            band = np.concatenate([region[:buf.lead], region[buf.lead + buf.numel:]])
+            bad = np.flatnonzero(band != np.array(GUARD).astype(buf.dtype))
+            if bad.size:
+                # positions relative to the buffer's start: negative before, >= numel after
+                pos = np.where(bad < buf.lead, bad - buf.lead, bad - buf.lead + buf.numel)
+                run.guard_damage[buf.name] = [(int(p), int(band[b]))
+                                              for p, b in zip(pos[:8], bad[:8])]
+            if buf.role == "output":
+                run.outputs[buf.name] = data.reshape(buf.shape).copy()
+
+
+def _torch_dtypes() -> dict[np.dtype, Any]:
+    import torch
+
+    return {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
+            np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8,
+            np.dtype(np.int16): torch.int16, np.dtype(np.bool_): torch.bool,
+            np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+class _LazyDtypes(dict):
+    def __missing__(self, key: np.dtype) -> Any:
+        self.update(_torch_dtypes())
+        if key not in self:
+            raise TypeError(f"dtype {key} has no torch equivalent here")
+        return self[key]
+
+
+_TORCH_DTYPES: dict[np.dtype, Any] = _LazyDtypes()
+
+
 def _is_sticky_cuda_error(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}"
     markers = ("illegal memory access", "illegal address", "unspecified launch failure",
                "misaligned address", "device-side assert", "AcceleratorError")
     return any(m in text for m in markers)
-
-
-def run_call(case: Case, rank: int | None, fn: Callable[..., Any], device: str) -> RankRun:
-    """One call of ``fn`` for ``rank`` of ``case`` on ``device``, fully checked set-up."""
-    import torch
-
-    plan: CallPlan = DIALECT_INFO[case.dialect].plan(case, rank)
-    tensors: dict[str, Any] = {}
-    for name, array in plan.inputs.items():
-        # a copy: an implementation that writes into an input must not reach the case
-        tensors[name] = torch.from_numpy(np.array(array, copy=True)).to(device)
-    guarded: dict[str, Any] = {}
-    for name, (shape, dtype) in {**plan.outputs, **plan.scratch}.items():
-        numel = int(np.prod(shape))
-        tdtype = torch.int64 if dtype == np.int64 else torch.int32
-        buf = torch.full((GUARD_LEN + numel + GUARD_LEN,), GUARD, dtype=tdtype, device=device)
-        fill = SENTINEL if name in plan.outputs else 0
-        buf[GUARD_LEN:GUARD_LEN + numel].fill_(fill)
-        guarded[name] = buf
-        tensors[name] = buf[GUARD_LEN:GUARD_LEN + numel].view(shape)
-    args = [tensors[a.name] if isinstance(a, TensorArg) else a for a in plan.arguments]
-    result = RankRun(rank)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    try:
-        fn(*args)
-        sync()
-    except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
-        result.elapsed_s = time.perf_counter() - start
-        result.error = _describe(exc)
-        result.fatal = _is_sticky_cuda_error(exc)
-        return result
-    result.elapsed_s = time.perf_counter() - start
-    for name, buf in guarded.items():
-        host = buf.cpu().numpy()
-        numel = host.size - 2 * GUARD_LEN
-        band = np.concatenate([host[:GUARD_LEN], host[GUARD_LEN + numel:]])
-        bad = np.flatnonzero(band != GUARD)
-        if bad.size:
-            # positions relative to the buffer's start: negative before, >= numel after
-            pos = np.where(bad < GUARD_LEN, bad - GUARD_LEN, bad - GUARD_LEN + numel)
-            result.guard_damage[name] = [(int(p), int(band[b])) for p, b in zip(pos[:8], bad[:8])]
-        if name in plan.outputs:
-            result.outputs[name] = host[GUARD_LEN:GUARD_LEN + numel].copy()
-    for name, array in plan.inputs.items():
-        after = tensors[name].cpu().numpy()
-        if after.shape != array.shape or not np.array_equal(after, array):
-            flat_a, flat_b = array.reshape(-1), after.reshape(-1)
-            diff = np.flatnonzero(flat_a != flat_b) if flat_a.shape == flat_b.shape else [0]
-            i = int(diff[0])
-            result.mutated_inputs[name] = (i, int(flat_a[i]), int(flat_b[i]))
-    return result
 
 
 def _describe(exc: BaseException) -> str:
@@ -107,22 +195,115 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) < 2000 else text[:2000] + " …"
 
 
+@dataclass
+class _Call:
+    case: int
+    repeat: int
+    rank: int | None
+    staged: Staged
+    base: int
+    run: RankRun
+    events: tuple[Any, Any] | None = None
+
+
+def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], device: str,
+              repeats: int = 1, *, sync_each: bool = False,
+              profile: dict[str, float] | None = None) -> BatchResult:
+    """Every rank of every case, ``repeats`` times, from one staged host array.
+
+    Without ``sync_each`` (a batch) the calls are not synchronised one by one:
+    a sticky device error makes the whole batch *poisoned*. With it, the call
+    whose synchronisation fails is marked ``fatal`` and nothing after it runs.
+    ``profile``, when given, gets the seconds of each step added to it (``set-up``,
+    ``transfer``, ``kernel``, ``inspection``), with a synchronisation between steps.
+    """
+    import torch
+
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = [time.perf_counter()]
+
+    def tick(step: str) -> None:
+        if profile is not None:
+            sync()
+            now = time.perf_counter()
+            profile[step] = profile.get(step, 0.0) + now - clock[0]
+            clock[0] = now
+
+    calls: list[_Call] = []
+    base = 0
+    for index, case in enumerate(cases):
+        staged = [Staged(DIALECT_INFO[case.dialect].plan(case, rank)) for rank in case.ranks()]
+        for repeat in range(repeats):
+            for rank, one in zip(case.ranks(), staged):
+                calls.append(_Call(index, repeat, rank, one, base, RankRun(rank)))
+                base += one.nbytes
+    host = np.empty(base, np.uint8)
+    for call in calls:
+        host[call.base:call.base + call.staged.nbytes] = call.staged.block
+    tick("set-up")
+    storage = torch.from_numpy(host).to(device) if cuda else host
+    tick("transfer")
+    done: list[_Call] = []
+    for call in calls:
+        tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
+        args = [tensors[a.name] if isinstance(a, TensorArg) else a
+                for a in call.staged.plan.arguments]
+        fn = callables[cases[call.case].dialect]
+        done.append(call)
+        if cuda and not sync_each:
+            call.events = (torch.cuda.Event(enable_timing=True),
+                           torch.cuda.Event(enable_timing=True))
+            call.events[0].record()
+        start = time.perf_counter()
+        try:
+            fn(*args)
+            if sync_each:
+                sync()
+        except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
+            call.run.elapsed_s = time.perf_counter() - start
+            call.run.error = _describe(exc)
+            if cuda and _is_sticky_cuda_error(exc):
+                if not sync_each:
+                    return BatchResult(poisoned=call.run.error)
+                call.run.fatal = True
+                break
+            call.events = None
+            continue
+        call.run.elapsed_s = time.perf_counter() - start
+        if call.events is not None:
+            call.events[1].record()
+    tick("kernel")
+    back = None
+    if not any(call.run.fatal for call in done):
+        try:
+            back = storage.cpu().numpy() if cuda else host
+        except Exception as exc:  # noqa: BLE001 - an asynchronous sticky error surfaces here
+            if not sync_each:
+                return BatchResult(poisoned=_describe(exc))
+            last = done[-1].run
+            last.error, last.fatal = _describe(exc), True
+    tick("transfer")
+    for call in done:
+        if call.events is not None:
+            call.run.elapsed_s = call.events[0].elapsed_time(call.events[1]) / 1e3
+        if call.run.error is None and back is not None:
+            call.staged.inspect(back, call.base, call.run)
+    tick("inspection")
+    result = BatchResult([[] for _ in cases])
+    for call in done:
+        per_case = result.runs[call.case]
+        if len(per_case) <= call.repeat:
+            per_case.append([])
+        per_case[call.repeat].append(call.run)
+    return result
+
+
 def run_case(case: Case, callables: dict[str, Callable[..., Any]], device: str,
              repeats: int = 1) -> list[list[RankRun]]:
     """Run every rank of ``case`` ``repeats`` times: ``runs[repeat][rank_index]``.
 
-    Stops early after a fatal (sticky) device error: nothing after it means
-    anything in this process.
+    Each call is synchronised on its own; the runs stop after a fatal (sticky)
+    device error: nothing after it means anything in this process.
     """
-    fn = callables[case.dialect]
-    runs: list[list[RankRun]] = []
-    for _ in range(repeats):
-        one: list[RankRun] = []
-        for rank in case.ranks():
-            run = run_call(case, rank, fn, device)
-            one.append(run)
-            if run.fatal:
-                runs.append(one)
-                return runs
-        runs.append(one)
-    return runs
+    return run_batch([case], callables, device, repeats, sync_each=True).runs[0]

@@ -11,6 +11,13 @@ stderr); one that does not answer within ``timeout_s`` is killed and gives
 already recorded is lost. A sticky CUDA error (illegal address) also ends the
 worker, after it has reported the case as a ``crash``.
 
+Campaigns send cases in batches (:meth:`SandboxRunner.submit`, then
+:meth:`~SandboxRunner.collect`): one message, one staged copy each way, and
+the runner compares the previous batch while the worker runs the next. A
+batch that crashes, hangs or hits a sticky device error gives no verdicts:
+its cases are run again one by one, each in the isolation described above,
+so the crash or hang is pinned on the case that caused it.
+
 :class:`InProcessRunner` has the same interface without the isolation, for
 tests and for implementations known to be well behaved.
 """
@@ -45,7 +52,12 @@ class Outcome:
     verdict: str | None = None  # "crash" | "timeout" when the worker did not report
     detail: str = ""
     worker: str = ""
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # in the implementation's calls, all repeats and ranks; or waited
+
+    @classmethod
+    def of(cls, runs: list[list[Any]], worker: str) -> Outcome:
+        return cls(runs, worker=worker,
+                   elapsed_s=sum(r.elapsed_s for repeat in runs for r in repeat))
 
 
 class InProcessRunner:
@@ -55,14 +67,21 @@ class InProcessRunner:
                  callables: dict[str, Any] | None = None) -> None:
         self.impl, self.device = impl, device
         self.repeats = repeats if repeats is not None else impl.repeats(device)
+        self._pending: list[Case] = []
         self._callables = callables if callables is not None else impl.load()
 
     def run(self, case: Case) -> Outcome:
         from .execute import run_case
 
-        start = time.perf_counter()
         runs = run_case(case, self._callables, self.device, self.repeats)
-        return Outcome(runs, worker=f"pid{os.getpid()}", elapsed_s=time.perf_counter() - start)
+        return Outcome.of(runs, f"pid{os.getpid()}")
+
+    def submit(self, cases: list[Case]) -> None:
+        self._pending = list(cases)
+
+    def collect(self) -> list[Outcome]:
+        cases, self._pending = self._pending, []
+        return [self.run(case) for case in cases]
 
     def close(self) -> None:
         pass
@@ -103,7 +122,7 @@ def _worker_main() -> None:
         outbox.send(("load_error", detail))
         return
     outbox.send(("ready", os.getpid()))
-    from .execute import run_case
+    from .execute import run_batch
 
     while True:
         try:
@@ -112,10 +131,13 @@ def _worker_main() -> None:
             return
         if msg is None:
             return
-        case, repeats = msg
-        runs = run_case(case, callables, device, repeats)
-        outbox.send(("ok", runs))
-        if any(r.fatal for repeat in runs for r in repeat):
+        cases, repeats, sync_each = msg
+        result = run_batch(cases, callables, device, repeats, sync_each=sync_each)
+        if result.poisoned is not None:
+            outbox.send(("poisoned", result.poisoned))
+            os._exit(3)
+        outbox.send(("ok", result.runs))
+        if any(r.fatal for runs in result.runs for repeat in runs for r in repeat):
             # the CUDA context is poisoned: nothing this process runs next means anything
             os._exit(3)
 
@@ -132,10 +154,12 @@ class SandboxRunner:
         self.cuda_device = cuda_device
         self._proc: Any = None
         self._conn: Any = None
+        self._pending: tuple[list[Case], bool] = ([], False)
         self._stderr = tempfile.NamedTemporaryFile(prefix="difftest-worker-", suffix=".err",
                                                    delete=False)
         self._stderr.close()
         self.restarts = 0
+        self.fallbacks = 0  # batches re-run case by case after a crash, hang or sticky error
 
     # -- worker lifecycle ---------------------------------------------------
     def _start(self) -> None:
@@ -209,7 +233,7 @@ class SandboxRunner:
         worker = f"pid{self._proc.pid}"
         start = time.perf_counter()
         try:
-            self._conn.send((case, self.repeats))
+            self._conn.send(([case], self.repeats, True))
             answered = self._conn.poll(timeout_s)
             if not answered:
                 self._kill()
@@ -218,6 +242,7 @@ class SandboxRunner:
                                detail=f"no answer within {timeout_s:g} s; worker killed",
                                elapsed_s=time.perf_counter() - start)
             kind, runs = self._conn.recv()
+            runs = runs[0]
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             try:
                 code = self._proc.wait(5)
@@ -230,7 +255,6 @@ class SandboxRunner:
                            detail=f"worker died: {_exit_text(code)}" + (
                                f"; stderr tail:\n{tail}" if tail else ""),
                            elapsed_s=time.perf_counter() - start)
-        elapsed = time.perf_counter() - start
         if any(r.fatal for repeat in runs for r in repeat):
             try:
                 self._proc.wait(5)
@@ -238,7 +262,47 @@ class SandboxRunner:
                 pass
             self._kill()
             self.restarts += 1
-        return Outcome(runs, worker=worker, elapsed_s=elapsed)
+        return Outcome.of(runs, worker)
+
+    def submit(self, cases: list[Case]) -> None:
+        """Start running ``cases`` as one batch; :meth:`collect` gives their outcomes."""
+        cases = list(cases)
+        sent = False
+        if cases:
+            try:
+                if self._proc is None or self._proc.poll() is not None:
+                    self._kill()
+                    self._start()
+                self._clear_stderr()
+                self._conn.send((cases, self.repeats, False))
+                sent = True
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                sent = False
+        self._pending = (cases, sent)
+
+    def collect(self) -> list[Outcome]:
+        """The outcomes of the batch :meth:`submit` started, in its order.
+
+        The batch has ``timeout_s`` in all. When its worker dies, hangs or
+        reports a sticky device error, every case of it is run again on its own
+        (:meth:`run`), which pins the failure on the case that caused it.
+        """
+        (cases, sent), self._pending = self._pending, ([], False)
+        if not cases:
+            return []
+        if sent:
+            worker = f"pid{self._proc.pid}"
+            try:
+                if self._conn.poll(self.timeout_s):
+                    kind, payload = self._conn.recv()
+                    if kind == "ok":
+                        return [Outcome.of(runs, worker) for runs in payload]
+            except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+                pass
+        self._kill()
+        self.restarts += 1
+        self.fallbacks += 1
+        return [self.run(case) for case in cases]
 
     def close(self) -> None:
         if self._conn is not None:

@@ -38,6 +38,8 @@ parameters, so they take milliseconds; they shrink through those parameters.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -600,8 +602,15 @@ def _draw_ep(draw: st.DrawFn, plan: _Plan) -> None:
         plan.num_experts = max(plan.num_experts, 3 if non_divisible else 2)
     if non_divisible and not any(plan.num_experts % r for r in range(2, 9)):
         plan.num_experts += 1  # e.g. 840 is divisible by every ep_size in 2..8
-    plan.ep = draw(ep_groups(plan.num_experts, min_ranks=min_ranks, dispatches=dispatches,
-                             non_divisible=non_divisible))
+    plan.ep = draw(_ep_groups(plan.num_experts, min_ranks, tuple(dispatches), non_divisible))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ep_groups(num_experts: int, min_ranks: int, dispatches: tuple[str, ...],
+               non_divisible: bool | None) -> SearchStrategy[EPGroup]:
+    # building a composite strategy inspects its function: once per argument set
+    return ep_groups(num_experts, min_ranks=min_ranks, dispatches=dispatches,
+                     non_divisible=non_divisible)
 
 
 def _lora_features(plan: _Plan) -> None:

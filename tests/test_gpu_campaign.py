@@ -46,12 +46,13 @@ def test_cuda_kernels_agree_with_torch_on_the_gpu_and_with_the_oracle(dialect):
         for runs, stable in ((a, cuda.STABLE), (b, torch_impl.STABLE)):
             ev = evaluate(case, Outcome(runs), stable=stable)
             assert ev.verdict == "pass", (case.case_id, ev.detail)
-        from difftest.compare import canonical
+        from difftest.compare import canonical, same_canonical
         from difftest.evaluate import expected_by_rank
 
         expected = expected_by_rank(case)
         for ra, rb in zip(a[0], b[0]):
-            assert canonical(case, expected[ra.rank], ra) == canonical(case, expected[rb.rank], rb)
+            assert same_canonical(canonical(case, expected[ra.rank], ra),
+                                  canonical(case, expected[rb.rank], rb))
 
 
 def test_row_spilling_past_its_buffer_is_caught_by_the_guard_band_on_the_gpu():
@@ -87,3 +88,54 @@ def test_illegal_address_is_a_crash_and_the_next_case_runs(tmp_path):
         crashed = evaluate(wild, runner.run(wild), stable=False)
         assert crashed.verdict == "crash", crashed.detail
         assert evaluate(fine, runner.run(fine), stable=False).verdict == "pass"
+
+
+def test_a_batch_with_an_illegal_address_pins_the_crash_on_its_case():
+    from difftest import registry
+    from difftest.case import Case
+    from difftest.evaluate import evaluate
+    from difftest.sandbox import SandboxRunner
+
+    impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
+    wild = Case("vllm-lora", "defensive", np.zeros((1, 1), dtype=np.int32), 1, 1, max_loras=1,
+                token_lora_mapping=np.zeros(1, dtype=np.int32),
+                lora_ids=np.array([0, 1 << 28], dtype=np.int32),
+                adapter_enabled=np.ones(2, dtype=np.int32))
+    fine = Case("vllm-lora", "production", np.zeros((2, 1), dtype=np.int32), 1, 1,
+                max_loras=1, token_lora_mapping=np.zeros(2, dtype=np.int32))
+    cases = [fine, fine, wild, fine]
+    with SandboxRunner(impl, "cuda", timeout_s=60) as runner:
+        runner.submit(cases)
+        verdicts = [evaluate(c, o, stable=False).verdict
+                    for c, o in zip(cases, runner.collect())]
+        assert verdicts == ["pass", "pass", "crash", "pass"]
+        assert runner.fallbacks == 1
+
+
+def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
+    import user_impls
+
+    from cuda_impl import cuda
+    from difftest.case import Case
+    from difftest.evaluate import evaluate
+    from difftest.execute import run_batch, run_case
+    from difftest.sandbox import Outcome
+
+    cases = _draw("vllm-lora", 30, seed=11) + _draw("ep-remap", 10, seed=12)
+    fns = cuda.implementation()
+    batch = run_batch(cases, fns, "cuda", repeats=2)
+    assert batch.poisoned is None
+    for case, runs in zip(cases, batch.runs):
+        assert evaluate(case, Outcome(runs), stable=False).verdict == "pass"
+        alone = run_case(case, fns, "cuda", repeats=1)[0]
+        for got in runs:
+            for a, b in zip(got, alone):
+                assert (a.error, a.guard_damage, a.mutated_inputs) == (
+                    b.error, b.guard_damage, b.mutated_inputs)
+                assert a.outputs.keys() == b.outputs.keys()
+                assert a.elapsed_s > 0 or a.error is not None
+    spill = {"vllm-lora": user_impls.writes_past_last_row}
+    small = [Case("vllm-lora", "production", np.zeros((T, 1), dtype=np.int32), 1, 1,
+                  max_loras=1, token_lora_mapping=np.zeros(T, dtype=np.int32)) for T in (4, 2)]
+    first, second = (runs[0][0] for runs in run_batch(small, spill, "cuda").runs)
+    assert first.guard_damage == {"sorted_token_ids": [(4, 7)]} and second.guard_damage == {}

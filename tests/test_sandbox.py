@@ -86,3 +86,32 @@ def test_a_module_that_fails_in_the_worker_is_an_implementation_error(tmp_path, 
     with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
         with pytest.raises(ImplementationError, match="cannot initialise"):
             runner.run(case)
+
+
+def test_a_batch_with_a_segfault_is_rerun_case_by_case_and_only_that_case_crashes():
+    impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
+    cases = [_vllm_case(3), _vllm_case(1), _vllm_case(0), _vllm_case(2)]
+    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        runner.submit(cases[:2])
+        assert [o.verdict for o in runner.collect()] == [None, None]  # one message, no crash
+        assert runner.fallbacks == 0
+        runner.submit(cases)
+        outcomes = runner.collect()
+        verdicts = [evaluate(c, o, stable=impl.stable).verdict for c, o in zip(cases, outcomes)]
+        assert verdicts == ["pass", "pass", "crash", "pass"]
+        assert "SIGSEGV" in outcomes[2].detail
+        assert runner.fallbacks == 1
+        # the batch's worker and the crashed case's worker were both replaced
+        assert runner.restarts == 2
+
+
+def test_a_batch_that_hangs_pins_the_timeout_on_its_case():
+    impl = registry.resolve("py:user_impls:hangs_on_disabled_adapter", "vllm-lora")
+    cases = [_vllm_case(2), _vllm_case(2, enabled=(0, 1, 1)), _vllm_case(1)]
+    with SandboxRunner(impl, "cpu", timeout_s=1.0, confirm_timeouts=False) as runner:
+        runner.run(cases[0])  # started and loaded: the batch's second has no load time
+        runner.submit(cases)
+        verdicts = [evaluate(c, o, stable=impl.stable).verdict
+                    for c, o in zip(cases, runner.collect())]
+        assert verdicts == ["pass", "timeout", "pass"]
+        assert runner.fallbacks == 1

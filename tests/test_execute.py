@@ -1,0 +1,116 @@
+"""Batches: one staged array per batch gives every case exactly what it gets alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import user_impls  # noqa: E402  (needs torch)
+from cuda_impl import torch_impl  # noqa: E402
+from difftest.case import Case  # noqa: E402
+from difftest.dialects import DIALECT_INFO  # noqa: E402
+from difftest.execute import (ALIGN, GUARD, GUARD_LEN, SENTINEL, Staged,  # noqa: E402
+                              run_batch, run_case)
+
+
+def _draw(n: int, seed: int) -> list[Case]:
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
+
+    from difftest.strategies import cases
+
+    drawn: list[Case] = []
+
+    @hseed(seed)
+    @settings(max_examples=n, phases=[Phase.generate], database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(cases(max_tokens=40, allow_large=False))
+    def collect(case: Case) -> None:
+        drawn.append(case)
+
+    collect()
+    return drawn
+
+
+def _vllm(T: int) -> Case:
+    return Case("vllm-lora", "production", np.zeros((T, 1), dtype=np.int32), 1, 1,
+                max_loras=1, token_lora_mapping=np.zeros(T, dtype=np.int32))
+
+
+def _same(a, b) -> None:
+    assert (a.rank, a.error, a.fatal) == (b.rank, b.error, b.fatal)
+    assert a.guard_damage == b.guard_damage and a.mutated_inputs == b.mutated_inputs
+    assert a.outputs.keys() == b.outputs.keys()
+    for name in a.outputs:
+        np.testing.assert_array_equal(a.outputs[name], b.outputs[name])
+
+
+def test_a_batch_gives_every_case_what_it_gives_alone():
+    cases = _draw(40, seed=3)
+    assert {c.dialect for c in cases} == {"align", "vllm-lora", "sglang-lora", "ep-remap"}
+    fns = torch_impl.implementation()
+    batch = run_batch(cases, fns, "cpu", repeats=2)
+    assert batch.poisoned is None and len(batch.runs) == len(cases)
+    for case, runs in zip(cases, batch.runs):
+        alone = run_case(case, fns, "cpu", repeats=2)
+        assert len(runs) == 2 and [len(r) for r in runs] == [len(case.ranks())] * 2
+        for got, want in zip(runs, alone):
+            for a, b in zip(got, want):
+                _same(a, b)
+
+
+def test_an_overrun_and_an_error_stay_with_their_own_case():
+    fns = {"vllm-lora": user_impls.writes_past_last_row}
+    # T > 3 writes 7 one element past sorted_token_ids; T = 2 does not
+    batch = run_batch([_vllm(4), _vllm(2), _vllm(5)], fns, "cpu")
+    first, second, third = (runs[0][0] for runs in batch.runs)
+    assert first.guard_damage == {"sorted_token_ids": [(first.outputs["sorted_token_ids"].size,
+                                                         7)]}
+    assert second.guard_damage == {} and second.error is None
+    assert third.guard_damage == {"sorted_token_ids": [(third.outputs["sorted_token_ids"].size,
+                                                         7)]}
+    raising = {"align": user_impls.align_raises_on_expert_map}
+    plain = Case("align", "production", np.array([[0, 1]], dtype=np.int32), 2, 2)
+    mapped = plain.replace(expert_map=np.array([0, -1], dtype=np.int32))
+    batch = run_batch([plain, mapped, plain], raising, "cpu")
+    errors = [runs[0][0].error for runs in batch.runs]
+    assert errors[0] is None and errors[2] is None
+    assert errors[1] == "NotImplementedError: expert_map is not supported"
+    assert batch.runs[2][0][0].outputs["num_tokens_post_pad"].tolist() == [4]
+
+
+def test_a_mutated_input_is_reported_for_the_case_that_mutated_it():
+    fns = {"vllm-lora": user_impls.mutates_mapping}
+    clean = _vllm(2)
+    negative = clean.replace(token_lora_mapping=np.array([0, -1], dtype=np.int32))
+    batch = run_batch([clean, negative, clean], fns, "cpu")
+    mutated = [runs[0][0].mutated_inputs for runs in batch.runs]
+    assert mutated == [{}, {"token_lora_mapping": (1, -1, 0)}, {}]
+
+
+def test_every_byte_of_a_staged_block_outside_the_data_is_guard_band():
+    case = Case("vllm-lora", "defensive", np.array([[3, 1], [0, 2]], dtype=np.int64), 4, 3,
+                max_loras=2, token_lora_mapping=np.array([1, -1], dtype=np.int32),
+                lora_ids=np.array([1, -1, 0], dtype=np.int32),
+                adapter_enabled=np.array([1, 0, 1], dtype=np.int32))
+    plan = DIALECT_INFO[case.dialect].plan(case, None)
+    staged = Staged(plan)
+    data = np.zeros(staged.nbytes, dtype=bool)
+    for buf in staged.buffers:
+        size = buf.numel * buf.dtype.itemsize
+        assert buf.start % ALIGN == 0 and buf.data % ALIGN == 0 and buf.end % ALIGN == 0
+        assert buf.lead >= GUARD_LEN and (buf.end - buf.data - size) >= GUARD_LEN * buf.dtype.itemsize
+        region = staged.block[buf.data:buf.data + size].view(buf.dtype).reshape(buf.shape)
+        if buf.role == "input":
+            np.testing.assert_array_equal(region, plan.inputs[buf.name])
+        else:
+            assert (region == (SENTINEL if buf.role == "output" else 0)).all()
+        band = np.concatenate([staged.block[buf.start:buf.data],
+                               staged.block[buf.data + size:buf.end]]).view(buf.dtype)
+        assert (band == np.array(GUARD).astype(buf.dtype)).all()
+        data[buf.data:buf.data + size] = True
+    assert staged.buffers[0].start == 0 and staged.buffers[-1].end == staged.nbytes
+    assert all(a.end == b.start for a, b in zip(staged.buffers, staged.buffers[1:]))
+    assert plan.inputs["topk_ids"].dtype == np.int64  # both item sizes are staged
