@@ -121,41 +121,53 @@ def ensure_worker(runner: Any, dialect: str) -> float:
 
 # -- end-to-end -----------------------------------------------------------------------
 def end_to_end(impl: Any, device: str, num_tokens: int, count: int, seed: int,
-               runner: Any = None) -> dict[str, Any]:
-    """``count`` cases of ``num_tokens`` tokens through ``Campaign.run_one``.
+               runner: Any = None, batch: int | None = None) -> dict[str, Any]:
+    """``count`` cases of ``num_tokens`` tokens through the campaign's own path.
 
     Generation (NumPy) + run in ``runner`` (a warm ``SandboxRunner`` when none is
     given: the worker start-up is measured once, apart) + oracle + compare +
-    record.  Returns seconds per case (median and mean), cases/s, verdicts and
-    the worker start-up time.
+    record.  ``batch`` = 1 runs case by case (``Campaign.run_one``: one message
+    and a synchronisation per call); otherwise cases go in batches of ``batch``
+    through ``Campaign.dispatch``, pipelined as ``Campaign.generate`` does (the
+    runner compares one batch while the worker runs the next); default
+    ``difftest.campaign.BATCH_CASES``.  Returns seconds per case, cases/s,
+    verdicts and the worker start-up time.
     """
-    from difftest.campaign import Campaign
+    from difftest.campaign import BATCH_CASES, Campaign
     from difftest.sandbox import SandboxRunner
 
+    batch = batch or BATCH_CASES
     own = runner is None
     if own:
         runner = SandboxRunner(impl, device, timeout_s=120.0)
     startup = ensure_worker(runner, "vllm-lora")
     rng = np.random.default_rng(seed)
-    per_case: list[float] = []
     verdicts: dict[str, int] = {}
+
+    def tally(evaluations: Sequence[Any]) -> None:
+        for e in evaluations:
+            verdicts[e.verdict] = verdicts.get(e.verdict, 0) + 1
+
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         campaign = Campaign(impl, runner, Path(tmp), seed=seed)
-        # one untimed case of this size first: allocator and page warm-up
-        campaign.run_one(make_case(rng, num_tokens))
-        for _ in range(count):
-            start = time.perf_counter()
-            case = make_case(rng, num_tokens)
-            evaluation = campaign.run_one(case, seed)
-            per_case.append(time.perf_counter() - start)
-            verdicts[evaluation.verdict] = verdicts.get(evaluation.verdict, 0) + 1
+        # one untimed batch of this size first: allocator and page warm-up
+        campaign.dispatch([make_case(rng, num_tokens) for _ in range(batch)])
+        campaign.dispatch([])
+        start = time.perf_counter()
+        if batch == 1:
+            tally([campaign.run_one(make_case(rng, num_tokens), seed) for _ in range(count)])
+        else:
+            for first in range(0, count, batch):
+                tally(campaign.dispatch([make_case(rng, num_tokens)
+                                         for _ in range(min(batch, count - first))]))
+            tally(campaign.dispatch([]))
+        wall = time.perf_counter() - start
         campaign.log.close()
     if own:
         runner.close()
-    total = sum(per_case)
-    return {"median_s": statistics.median(per_case), "mean_s": total / len(per_case),
-            "cases_per_s": len(per_case) / total, "verdicts": verdicts,
-            "worker_startup_s": startup, "count": len(per_case)}
+    return {"mean_s": wall / count, "cases_per_s": count / wall, "verdicts": verdicts,
+            "worker_startup_s": startup, "count": count, "batch": batch,
+            "fallbacks": getattr(runner, "fallbacks", 0)}
 
 
 # -- timing ---------------------------------------------------------------------------

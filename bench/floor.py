@@ -11,9 +11,10 @@ T=16384) this measures, in one run:
   Median wall time per iteration (``time.perf_counter``); on CUDA also the
   kernel alone between CUDA events;
 * end-to-end throughput of cases of that size: generation → run → oracle →
-  compare → record through ``Campaign.run_one`` with a warm ``SandboxRunner``
-  (``--impl``, default cuda / torch), and the same through an
-  ``InProcessRunner`` (no IPC);
+  compare → record with a warm ``SandboxRunner`` (``--impl``, default cuda /
+  torch), batched and pipelined as campaigns run them (``Campaign.dispatch``),
+  and case by case (``Campaign.run_one``, one message and synchronisation per
+  call);
 
 and reports throughput as a fraction of the floor (floor time / time per
 case).  A case runs its kernel ``repeats`` times (4 on CUDA, to expose races),
@@ -36,7 +37,7 @@ from _common import (SIZE_CLASSES, base_parser, check_device, default_impl, end_
 
 ITERS = {"decode": 500, "mid": 300, "prefill": 100}
 QUICK_ITERS = {"decode": 50, "mid": 30, "prefill": 5}
-COUNTS = {"decode": 200, "mid": 100, "prefill": 20}
+COUNTS = {"decode": 1024, "mid": 256, "prefill": 20}
 QUICK_COUNTS = {"decode": 20, "mid": 10, "prefill": 3}
 
 
@@ -111,7 +112,7 @@ def main() -> None:
     check_device(ns.device)
 
     from difftest import registry
-    from difftest.sandbox import InProcessRunner, SandboxRunner
+    from difftest.sandbox import SandboxRunner
 
     impl = registry.resolve(ns.impl or default_impl(ns.device))
     repeats = impl.repeats(ns.device)
@@ -122,7 +123,6 @@ def main() -> None:
 
     sandbox = SandboxRunner(impl, ns.device, timeout_s=120.0)
     startup = ensure_worker(sandbox, "vllm-lora")
-    inproc = InProcessRunner(impl, ns.device)
     rows, csv_rows = [], []
     try:
         for k, size in enumerate(sizes):
@@ -131,10 +131,11 @@ def main() -> None:
             fl = measure_floor(fn, case, ns.device, ns.iters or iters[size])
             n = ns.count or counts[size]
             e2e = end_to_end(impl, ns.device, T, n, ns.seed + 100 + k, runner=sandbox)
-            ip = end_to_end(impl, ns.device, T, n, ns.seed + 200 + k, runner=inproc)
+            one = end_to_end(impl, ns.device, T, min(n, 200), ns.seed + 200 + k,
+                             runner=sandbox, batch=1)
             frac = fl["floor_s"] / e2e["mean_s"]
             rows.append([f"{size} T={T}", fmt_ms(fl["kernel_s"]), fmt_ms(fl["floor_s"]),
-                         fmt_rate(1 / fl["floor_s"]), fmt_rate(ip["cases_per_s"]),
+                         fmt_rate(1 / fl["floor_s"]), fmt_rate(one["cases_per_s"]),
                          fmt_rate(e2e["cases_per_s"]), f"{100 * frac:.2f}%",
                          f"{100 * frac * repeats:.2f}%"])
             csv_rows.append({
@@ -142,24 +143,26 @@ def main() -> None:
                 "device": ns.device, "repeats": repeats, "kernel_ms": (
                     fl["kernel_s"] * 1e3 if fl["kernel_s"] is not None else None),
                 "floor_ms": fl["floor_s"] * 1e3, "floor_min_ms": fl["floor_min_s"] * 1e3,
-                "floor_per_s": 1 / fl["floor_s"], "inprocess_cases_per_s": ip["cases_per_s"],
+                "floor_per_s": 1 / fl["floor_s"], "unbatched_cases_per_s": one["cases_per_s"],
                 "e2e_cases_per_s": e2e["cases_per_s"], "e2e_ms": e2e["mean_s"] * 1e3,
                 "fraction_of_floor": frac, "fraction_per_launch": frac * repeats,
                 "iters": ns.iters or iters[size], "count": n,
-                "verdicts": {**e2e["verdicts"]}, "inprocess_verdicts": ip["verdicts"]})
+                "verdicts": {**e2e["verdicts"]}, "unbatched_verdicts": one["verdicts"],
+                "batch": e2e["batch"]})
     finally:
         sandbox.close()
     path = write_csv("floor", csv_rows)
     print_table(
         f"floor vs end-to-end: floor={label} on {ns.device}, end-to-end impl={impl.name} "
         f"({repeats} launch(es)/case), vllm-lora K=8 E=64 B=16 L=8",
-        ["size", "kernel ms", "floor ms", "floor /s", "in-proc cases/s", "e2e cases/s",
+        ["size", "kernel ms", "floor ms", "floor /s", "unbatched /s", "e2e cases/s",
          "e2e/floor", "x repeats"],
         rows,
         ["floor = launch + synchronise + copy-back of the 3 outputs into preallocated "
          "host buffers (median); kernel = CUDA events around the launch (GPU only)",
-         f"e2e = generation + Campaign.run_one via a warm SandboxRunner (start-up "
-         f"{startup:.1f} s excluded); in-proc = the same via InProcessRunner; "
+         f"e2e = generation + run via a warm SandboxRunner (start-up {startup:.1f} s "
+         "excluded) + compare + record, batched and pipelined (Campaign.dispatch); "
+         "unbatched = the same case by case (Campaign.run_one, at most 200 cases); "
          "e2e/floor = floor time / e2e time per case; x repeats = that times the launches per "
          "case",
          f"total {time.perf_counter() - started:.1f} s; csv: {path}"])

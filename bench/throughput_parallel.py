@@ -4,8 +4,9 @@ One campaign process (runner + its sandbox worker) is bound by the CPU work
 around each case (generation, oracle, comparison, logging), not by the GPU:
 a decode-sized launch is tens of microseconds. ``difftest run --workers N``
 runs N such processes; this measures what that buys, per size class: each
-process warms its worker, waits at a barrier, then runs ``Campaign.run_one``
-on freshly generated cases for ``--seconds``; the table sums cases/s.
+process warms its worker, waits at a barrier, then sends freshly generated
+cases through ``Campaign.dispatch`` in batches of ``BATCH_CASES`` (pipelined,
+as ``Campaign.generate`` runs them) for ``--seconds``; the table sums cases/s.
 
     python3 bench/throughput_parallel.py --device cuda --procs 1,4,8,14
 """
@@ -30,7 +31,7 @@ def _one(impl_name: str, device: str, num_tokens: int, seconds: float, seed: int
 
     from _common import ensure_worker
     from difftest import registry
-    from difftest.campaign import Campaign
+    from difftest.campaign import BATCH_CASES, Campaign
     from difftest.sandbox import SandboxRunner
 
     impl = registry.resolve(impl_name)
@@ -39,12 +40,21 @@ def _one(impl_name: str, device: str, num_tokens: int, seconds: float, seed: int
             tempfile.TemporaryDirectory() as tmp:
         ensure_worker(runner, "vllm-lora")
         campaign = Campaign(impl, runner, Path(tmp), seed=seed)
-        campaign.run_one(make_case(rng, num_tokens))
+        campaign.dispatch([make_case(rng, num_tokens) for _ in range(BATCH_CASES)])
+        campaign.dispatch([])
         barrier.wait()
         start, done, failed = time.perf_counter(), 0, 0
-        while time.perf_counter() - start < seconds:
-            failed += campaign.run_one(make_case(rng, num_tokens), seed).verdict != "pass"
-            done += 1
+        evaluations: list = []
+        while True:
+            done += len(evaluations)
+            failed += sum(e.verdict != "pass" for e in evaluations)
+            if time.perf_counter() - start >= seconds:
+                break
+            evaluations = campaign.dispatch([make_case(rng, num_tokens)
+                                             for _ in range(BATCH_CASES)])
+        evaluations = campaign.dispatch([])
+        done += len(evaluations)
+        failed += sum(e.verdict != "pass" for e in evaluations)
         results.put((done, time.perf_counter() - start, failed))
         campaign.log.close()
 
