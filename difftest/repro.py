@@ -104,18 +104,21 @@ def array(rec):
     return np.asarray(rec["data"], dtype=rec["dtype"]).reshape(rec["shape"])
 
 
-def run(fn, call, device):
+def run(fn, call, device, exact=False):
+    # exact: every buffer its own allocation of exactly its size, no guard bands, so
+    # that compute-sanitizer (with PYTORCH_NO_CUDA_MEMORY_CACHING=1) sees a write past it
+    band = 0 if exact else GUARD_LEN
     tensors, guarded = {}, {}
     for name, rec in call["inputs"].items():
         tensors[name] = torch.from_numpy(array(rec)).to(device)
     for kind in ("outputs", "scratch"):
         for name, (shape, dtype) in call[kind].items():
             numel = int(np.prod(shape))
-            buf = torch.full((numel + 2 * GUARD_LEN,), GUARD, device=device,
+            buf = torch.full((numel + 2 * band,), GUARD, device=device,
                              dtype=torch.int64 if dtype == "int64" else torch.int32)
-            buf[GUARD_LEN:GUARD_LEN + numel] = SENTINEL if kind == "outputs" else 0
+            buf[band:band + numel] = SENTINEL if kind == "outputs" else 0
             guarded[name] = (buf, kind)
-            tensors[name] = buf[GUARD_LEN:GUARD_LEN + numel].view(shape)
+            tensors[name] = buf[band:band + numel].view(shape)
     args = [tensors[a["tensor"]] if "tensor" in a else a["value"] for a in call["arguments"]]
     fn(*args)
     if device.startswith("cuda"):
@@ -124,9 +127,9 @@ def run(fn, call, device):
     got = {}
     for name, (buf, kind) in guarded.items():
         host = buf.cpu().numpy()
-        if (host[:GUARD_LEN] != GUARD).any() or (host[-GUARD_LEN:] != GUARD).any():
+        if (host[:band] != GUARD).any() or (host[host.size - band:] != GUARD).any():
             problems.append(f"{name}: guard band overwritten (write outside the buffer)")
-        got[name] = host[GUARD_LEN:-GUARD_LEN]
+        got[name] = host[band:host.size - band]
     for name, rec in call["inputs"].items():
         if not np.array_equal(tensors[name].cpu().numpy(), array(rec)):
             problems.append(f"input {name} was modified")
@@ -182,6 +185,9 @@ def main():
     ap.add_argument("--device", default="cuda" if IMPL.startswith("cuda") else "cpu")
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs of the case (default: 20 on CUDA, where races hide, else 1)")
+    ap.add_argument("--exact-buffers", action="store_true",
+                    help="outputs in allocations of their exact size, no guard bands (for "
+                         "compute-sanitizer with PYTORCH_NO_CUDA_MEMORY_CACHING=1)")
     ns = ap.parse_args()
     repeats = ns.repeats or (20 if ns.device.startswith("cuda") else 1)
     try:
@@ -194,7 +200,7 @@ def main():
         for call in CALLS:
             where = f"run {k + 1}" + (f", rank {call['rank']}" if call["rank"] is not None else "")
             try:
-                problems += [f"{where}: {p}" for p in run(fn, call, ns.device)]
+                problems += [f"{where}: {p}" for p in run(fn, call, ns.device, ns.exact_buffers)]
             except Exception as exc:
                 problems.append(f"{where}: raised {type(exc).__name__}: {exc}")
         if problems:

@@ -22,8 +22,33 @@ SANITIZED_CHECKS = ("crash", "guard_band", "exception", "timeout")
 TAIL = 6000
 
 
+def find_sanitizer() -> str | None:
+    """compute-sanitizer: ``$PATH``, then beside nvcc, ``$CUDA_HOME/bin``, ``/usr/local/cuda/bin``
+    (CUDA images often put only nvcc's folder, or neither, on the PATH)."""
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    nvcc = shutil.which("nvcc")
+    folders = [Path(nvcc).resolve().parent if nvcc else None]
+    folders += [Path(home) / "bin" for home in (os.environ.get("CUDA_HOME"),
+                                                os.environ.get("CUDA_PATH"), "/usr/local/cuda")
+                if home]
+    for folder in folders:
+        if folder is not None:
+            candidate = folder / "compute-sanitizer"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return None
+
+
 def run_sanitizer(case: Case, impl: Any, timeout_s: float = 300.0) -> str | None:
-    tool = shutil.which("compute-sanitizer")
+    """memcheck's output for one run of ``case`` (``None`` when the tool is absent).
+
+    The re-run uses ``repro.py --exact-buffers``: each output is an allocation of
+    its own exact size, without the campaign's guard bands, so a write one element
+    past a row's buffer is outside every allocation and memcheck names it.
+    """
+    tool = find_sanitizer()
     if tool is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -31,15 +56,15 @@ def run_sanitizer(case: Case, impl: Any, timeout_s: float = 300.0) -> str | None
         script.write_text(repro_script(case, impl.name, impl.stable, "sanitizer re-run", "-"))
         env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
         cmd = [tool, "--tool", "memcheck", sys.executable, str(script), "--device", "cuda",
-               "--repeats", "1"]
+               "--repeats", "1", "--exact-buffers"]
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True,
                                   timeout=timeout_s)
             text = done.stdout + done.stderr
         except subprocess.TimeoutExpired as exc:
             text = f"(compute-sanitizer timed out after {timeout_s:.0f} s)\n{exc.stdout or ''}"
-    return f"$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 {' '.join(cmd[:3])} python repro.py\n" + \
-        text[-TAIL:]
+    return (f"$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python "
+            f"repro.py {' '.join(cmd[5:])}\n" + text[-TAIL:])
 
 
 def sanitizer_extra(impl: Any) -> Callable[[Any, Case], dict]:

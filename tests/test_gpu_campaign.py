@@ -139,3 +139,21 @@ def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
                   max_loras=1, token_lora_mapping=np.zeros(T, dtype=np.int32)) for T in (4, 2)]
     first, second = (runs[0][0] for runs in run_batch(small, spill, "cuda").runs)
     assert first.guard_damage == {"sorted_token_ids": [(4, 7)]} and second.guard_damage == {}
+
+
+def test_the_sanitizer_re_run_names_a_write_one_element_past_a_row():
+    from difftest import registry
+    from difftest.case import Case
+    from difftest.sanitizer import find_sanitizer, run_sanitizer
+
+    if find_sanitizer() is None:
+        pytest.skip("compute-sanitizer not found")
+    impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
+    # lora_ids[1] = 1 = L: the faulty kernel writes row 1, just past the one-row outputs
+    case = Case("vllm-lora", "defensive", np.zeros((1, 1), dtype=np.int32), 1, 1, max_loras=1,
+                token_lora_mapping=np.zeros(1, dtype=np.int32),
+                lora_ids=np.array([0, 1], dtype=np.int32),
+                adapter_enabled=np.ones(2, dtype=np.int32))
+    text = run_sanitizer(case, impl, timeout_s=240)
+    assert text.startswith("$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer"), text
+    assert "Invalid __global__ write of size 4" in text, text[-3000:]

@@ -1,0 +1,43 @@
+"""The standalone repro.py: guard bands by default, exact-size buffers for compute-sanitizer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from difftest.case import Case  # noqa: E402
+from difftest.repro import repro_script  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_an_overrun_is_a_guard_band_by_default_and_outside_the_allocation_with_exact_buffers(
+        tmp_path):
+    # T = 4 > 3: user_impls.writes_past_last_row stores 7 one element past sorted_token_ids
+    case = Case("vllm-lora", "production", np.zeros((4, 1), dtype=np.int32), 1, 1, max_loras=1,
+                token_lora_mapping=np.zeros(4, dtype=np.int32))
+    script = tmp_path / "repro.py"
+    script.write_text(repro_script(case, "py:user_impls:writes_past_last_row", False, "t", "s"))
+    banded = _run(script)
+    assert banded.returncode == 1, banded.stdout + banded.stderr
+    assert "run 1: sorted_token_ids: guard band overwritten" in banded.stdout
+    # exact buffers: the store lands past the tensor's own storage, which torch refuses on
+    # the CPU (on CUDA it is a write outside the allocation, which memcheck names)
+    exact = _run(script, "--exact-buffers")
+    assert exact.returncode == 1, exact.stdout + exact.stderr
+    assert "run 1: raised RuntimeError" in exact.stdout and "guard band" not in exact.stdout
+    fixed = _run(script, "--exact-buffers", "--impl", "torch")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
