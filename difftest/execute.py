@@ -29,6 +29,7 @@ the sandbox worker (or an in-process run) imports it.
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -75,14 +76,21 @@ class _Buffer:
     start: int  # byte offset of the leading band in the call's block
     lead: int  # elements of leading band (>= GUARD_LEN)
     end: int  # byte offset one past the trailing band
+    numel: int
+    data: int  # byte offset of the data in the call's block
+    strides: tuple[int, ...]  # contiguous, in elements
 
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def data(self) -> int:
-        return self.start + self.lead * self.dtype.itemsize
+    @classmethod
+    def lay_out(cls, name: str, role: str, shape: Sequence[int], dtype: np.dtype,
+                start: int) -> _Buffer:
+        """The buffer whose leading band starts at byte ``start`` of the block."""
+        shape = tuple(int(s) for s in shape)
+        numel = math.prod(shape)
+        lead = _round_up(GUARD_LEN * dtype.itemsize, ALIGN) // dtype.itemsize
+        data = start + lead * dtype.itemsize
+        end = _round_up(data + (numel + GUARD_LEN) * dtype.itemsize, ALIGN)
+        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return cls(name, role, shape, dtype, start, lead, end, numel, data, strides)
 
 
 def _round_up(value: int, to: int) -> int:
@@ -104,13 +112,14 @@ class Staged:
             if ALIGN % dtype.itemsize:
                 raise TypeError(f"{name}: dtype {dtype} cannot be staged (item size "
                                 f"{dtype.itemsize} does not divide {ALIGN})")
-            lead = _round_up(GUARD_LEN * dtype.itemsize, ALIGN) // dtype.itemsize
-            buf = _Buffer(name, role, tuple(int(s) for s in shape), dtype, offset, lead, 0)
-            end = _round_up(buf.data + (buf.numel + GUARD_LEN) * dtype.itemsize, ALIGN)
-            buffers.append(_Buffer(name, role, buf.shape, dtype, offset, lead, end))
-            offset = end
+            buf = _Buffer.lay_out(name, role, shape, dtype, offset)
+            buffers.append(buf)
+            offset = buf.end
         self.buffers = buffers
         self.nbytes = offset
+        # byte ranges of the block a correct call may change: output and scratch data
+        self.writable = [(buf.data, buf.data + buf.numel * buf.dtype.itemsize)
+                         for buf in buffers if buf.role != "input"]
         block = np.empty(offset, np.uint8)
         for buf in buffers:
             region = block[buf.start:buf.end].view(buf.dtype)
@@ -123,22 +132,36 @@ class Staged:
         self.block = block
 
     def tensors(self, storage: Any, base: int, device: str) -> dict[str, Any]:
-        """The call's tensors: views of ``storage`` (a device byte tensor holding this
-        block at ``base``), or on the CPU, where ``storage`` is the host array, one tensor
-        per buffer whose storage is the buffer and its two ``GUARD_LEN`` bands."""
+        """The call's tensors, for the block at byte ``base`` of the batch.
+
+        On a GPU ``storage`` is :class:`_DeviceViews` (the batch's device bytes) and
+        each tensor is one ``as_strided`` view of it. On the CPU ``storage`` is the
+        host array and each buffer gets a tensor whose storage is the buffer and its
+        two ``GUARD_LEN`` bands, so a write further out raises as torch does.
+        """
         import torch
 
         out = {}
         for buf in self.buffers:
-            lo, hi = base + buf.data, base + buf.data + buf.numel * buf.dtype.itemsize
             if device == "cpu":
-                whole = storage[base + buf.data - GUARD_LEN * buf.dtype.itemsize:
-                                hi + GUARD_LEN * buf.dtype.itemsize]
+                size = buf.dtype.itemsize
+                whole = storage[base + buf.data - GUARD_LEN * size:
+                                base + buf.data + (buf.numel + GUARD_LEN) * size]
                 tensor = torch.from_numpy(whole.view(buf.dtype))[GUARD_LEN:GUARD_LEN + buf.numel]
+                out[buf.name] = tensor.view(buf.shape)
             else:
-                tensor = storage[lo:hi].view(_TORCH_DTYPES[buf.dtype])
-            out[buf.name] = tensor.view(buf.shape)
+                out[buf.name] = storage[buf.dtype].as_strided(
+                    buf.shape, buf.strides, (base + buf.data) // buf.dtype.itemsize)
         return out
+
+    def outputs(self, host: np.ndarray, base: int, run: RankRun) -> None:
+        """Only the outputs of the call whose block is ``host[base:]`` (for a block known
+        to differ from the staged one in output and scratch data alone)."""
+        for buf in self.buffers:
+            if buf.role == "output":
+                lo = base + buf.data
+                data = host[lo:lo + buf.numel * buf.dtype.itemsize].view(buf.dtype)
+                run.outputs[buf.name] = data.reshape(buf.shape).copy()
 
     def inspect(self, host: np.ndarray, base: int, run: RankRun) -> None:
         """Guard bands, outputs and inputs of the call whose block is ``host[base:]``."""
@@ -180,6 +203,18 @@ class _LazyDtypes(dict):
 
 
 _TORCH_DTYPES: dict[np.dtype, Any] = _LazyDtypes()
+
+
+class _DeviceViews(dict):
+    """A batch's device bytes (``uint8``), and the same bytes as each dtype asked for."""
+
+    def __init__(self, storage: Any) -> None:
+        super().__init__()
+        self.storage = storage
+
+    def __missing__(self, dtype: np.dtype) -> Any:
+        self[dtype] = self.storage.view(_TORCH_DTYPES[dtype])
+        return self[dtype]
 
 
 def _is_sticky_cuda_error(exc: BaseException) -> bool:
@@ -241,20 +276,24 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     host = np.empty(base, np.uint8)
     for call in calls:
         host[call.base:call.base + call.staged.nbytes] = call.staged.block
+    # on the CPU the calls write into ``host`` itself: keep the staged bytes apart
+    pristine = host if cuda else host.copy()
     tick("set-up")
-    storage = torch.from_numpy(host).to(device) if cuda else host
+    storage = _DeviceViews(torch.from_numpy(host).to(device)) if cuda else host
     tick("transfer")
     done: list[_Call] = []
+    # one timing event per call boundary: a call's GPU time runs from the event
+    # before it to the event after it
+    mark = None
+    if cuda and not sync_each:
+        mark = torch.cuda.Event(enable_timing=True)
+        mark.record()
     for call in calls:
         tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
         args = [tensors[a.name] if isinstance(a, TensorArg) else a
                 for a in call.staged.plan.arguments]
         fn = callables[cases[call.case].dialect]
         done.append(call)
-        if cuda and not sync_each:
-            call.events = (torch.cuda.Event(enable_timing=True),
-                           torch.cuda.Event(enable_timing=True))
-            call.events[0].record()
         start = time.perf_counter()
         try:
             fn(*args)
@@ -268,27 +307,36 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
                     return BatchResult(poisoned=call.run.error)
                 call.run.fatal = True
                 break
-            call.events = None
-            continue
-        call.run.elapsed_s = time.perf_counter() - start
-        if call.events is not None:
-            call.events[1].record()
+        else:
+            call.run.elapsed_s = time.perf_counter() - start
+        if mark is not None:
+            after = torch.cuda.Event(enable_timing=True)
+            after.record()
+            if call.run.error is None:
+                call.events = (mark, after)
+            mark = after
     tick("kernel")
     back = None
     if not any(call.run.fatal for call in done):
         try:
-            back = storage.cpu().numpy() if cuda else host
+            back = storage.storage.cpu().numpy() if cuda else host
         except Exception as exc:  # noqa: BLE001 - an asynchronous sticky error surfaces here
             if not sync_each:
                 return BatchResult(poisoned=_describe(exc))
             last = done[-1].run
             last.error, last.fatal = _describe(exc), True
     tick("transfer")
-    for call in done:
-        if call.events is not None:
-            call.run.elapsed_s = call.events[0].elapsed_time(call.events[1]) / 1e3
-        if call.run.error is None and back is not None:
-            call.staged.inspect(back, call.base, call.run)
+    if back is not None:
+        suspects = _calls_with_stray_changes(done, pristine, back)
+        for k, call in enumerate(done):
+            if call.events is not None:
+                call.run.elapsed_s = call.events[0].elapsed_time(call.events[1]) / 1e3
+            if call.run.error is not None:
+                continue
+            if k in suspects:
+                call.staged.inspect(back, call.base, call.run)
+            else:
+                call.staged.outputs(back, call.base, call.run)
     tick("inspection")
     result = BatchResult([[] for _ in cases])
     for call in done:
@@ -297,6 +345,25 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
             per_case.append([])
         per_case[call.repeat].append(call.run)
     return result
+
+
+def _calls_with_stray_changes(calls: Sequence[_Call], pristine: np.ndarray,
+                              back: np.ndarray) -> set[int]:
+    """Indices of the calls whose block changed outside its output and scratch data.
+
+    One comparison over the whole batch: a byte that differs from the staged
+    one, outside what a call may write, is guard-band damage or a mutated
+    input, and only those calls get the buffer-by-buffer :meth:`Staged.inspect`.
+    """
+    changed = back != pristine
+    for call in calls:
+        for lo, hi in call.staged.writable:
+            changed[call.base + lo:call.base + hi] = False
+    stray = np.flatnonzero(changed)
+    if not stray.size:
+        return set()
+    starts = np.array([call.base for call in calls])
+    return set(np.unique(np.searchsorted(starts, stray, side="right") - 1).tolist())
 
 
 def run_case(case: Case, callables: dict[str, Callable[..., Any]], device: str,
