@@ -19,7 +19,7 @@ import time
 from _common import (base_parser, check_device, default_impl, make_case, print_table,
                      write_csv)
 
-SIZES = {"decode T=32": 32, "mid T=1024": 1024}
+SIZES = {"decode": 32, "mid": 1024}
 
 
 def _one(impl_name: str, device: str, num_tokens: int, seconds: float, seed: int,
@@ -77,15 +77,21 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--procs", default="1,4,8", help="comma-separated process counts")
     parser.add_argument("--seconds", type=float, default=None, help="per measurement (20)")
+    parser.add_argument("--sizes", default=",".join(SIZES),
+                        help=f"size classes, comma-separated (default {','.join(SIZES)})")
     ns = parser.parse_args()
     check_device(ns.device)
     impl = default_impl(ns.device)
     seconds = ns.seconds or (5.0 if ns.quick else 20.0)
     rows, csv_rows = [], []
-    for label, tokens in SIZES.items():
+    for label in [s.strip() for s in ns.sizes.split(",") if s.strip()]:
+        if label not in SIZES:
+            parser.error(f"--sizes: {label!r} is not one of {', '.join(SIZES)}")
+        tokens = SIZES[label]
         for procs in [int(p) for p in ns.procs.split(",")]:
             cases, rate, failed = measure(impl, ns.device, tokens, procs, seconds)
-            rows.append([label, procs, cases, f"{rate:,.0f}", f"{rate / procs:,.0f}", failed])
+            rows.append([f"{label} T={tokens}", procs, cases, f"{rate:,.0f}",
+                         f"{rate / procs:,.0f}", failed])
             csv_rows.append({"size": label, "procs": procs, "cases": cases,
                              "cases_per_s": rate, "failed": failed, "impl": impl,
                              "device": ns.device})
