@@ -32,12 +32,14 @@ from pathlib import Path
 from _common import base_parser, check_device, ensure_worker, print_table, write_csv
 
 
-def implementations(device: str, only: list[str] | None) -> list[tuple[str, str]]:
-    """(impl name, device it runs on) for every fault of ``device``."""
+def implementations(device: str, only: list[str] | None,
+                    backends: list[str] | None = None) -> list[tuple[str, str]]:
+    """(impl name, device it runs on) for every fault of ``device`` (of ``backends``)."""
     from cuda_impl import FAULTS
 
-    backends = [("torch", "cpu")] + ([("cuda", "cuda")] if device == "cuda" else [])
-    return [(f"{backend}:{fault}", dev) for backend, dev in backends
+    where = [("torch", "cpu")] + ([("cuda", "cuda")] if device == "cuda" else [])
+    return [(f"{backend}:{fault}", dev) for backend, dev in where
+            if not backends or backend in backends
             for fault, info in FAULTS.items()
             if backend in info.backends and (not only or fault in only)]
 
@@ -82,6 +84,7 @@ def main() -> None:
                         help="shrink budget per seed (default 5; '1-min' says how many "
                              "shrinks finished inside it)")
     parser.add_argument("--faults", help="only these faults, comma-separated")
+    parser.add_argument("--backends", help="only these backends, comma-separated (torch, cuda)")
     ns = parser.parse_args()
     check_device(ns.device)
 
@@ -90,7 +93,8 @@ def main() -> None:
 
     seeds = list(range(ns.seeds or (2 if ns.quick else 10)))
     only = [f.strip() for f in ns.faults.split(",")] if ns.faults else None
-    names = implementations(ns.device, only)
+    backends = [b.strip() for b in ns.backends.split(",")] if ns.backends else None
+    names = implementations(ns.device, only, backends)
     started = time.perf_counter()
     rows, csv_rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench-ttc-") as tmp:
@@ -122,7 +126,8 @@ def main() -> None:
             rows.append([name, f"{len(caught)}/{len(per_seed)}", c_med, c_max, s_med, s_max,
                          k_med, k_max, m_med, m_max,
                          sum(bool(r.get("minimal")) for r in caught), ",".join(sigs) or "-"])
-            print(f"  {name}: caught {len(caught)}/{len(per_seed)}", flush=True)
+            # the row as it is done, so that a run cut short still shows it
+            print("  " + "  ".join(str(v) for v in rows[-1]), flush=True)
     path = write_csv("time_to_catch", csv_rows)
     print_table(
         f"time to catch: device={ns.device}, {len(seeds)} seeds, budget {ns.seconds:g} s/seed, "

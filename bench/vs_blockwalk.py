@@ -16,7 +16,7 @@ Two measurements, in one run:
 
 1. time of each check on the same outputs of one prefill-sized case (T=16384,
    K=8 of E=64, B=16, L=8 with base tokens), run once by ``--impl`` (torch on
-   CPU, cuda on GPU) through ``difftest.execute.run_call``: the block walk, and
+   CPU, cuda on GPU) through ``difftest.execute.run_case``: the block walk, and
    ``difftest.evaluate.evaluate`` with the oracle (``DIALECT_INFO.reference``)
    included and, separately, with the expected value given; as a ratio;
 2. which shipped faults each check catches: every torch fault runs (in
@@ -129,12 +129,13 @@ def walk_run(case, run) -> str | None:
 
 def time_checks(impl, device: str, repeats: int, seed: int) -> dict:
     from difftest.evaluate import evaluate, expected_by_rank
-    from difftest.execute import run_call
+    from difftest.execute import run_case
     from difftest.sandbox import Outcome
 
     case = make_case(np.random.default_rng(seed), 16384)
-    run = run_call(case, None, impl.load()["vllm-lora"], device)
-    outcome = Outcome([[run]])
+    runs = run_case(case, impl.load(), device)
+    run = runs[0][0]
+    outcome = Outcome(runs)
     expected = expected_by_rank(case)
     result: dict = {"case": case, "walk_verdict": walk_run(case, run) or "pass",
                     "ours_verdict": evaluate(case, outcome, stable=impl.stable).verdict}
