@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import tempfile
@@ -23,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# CSVs go to bench/results/ (git-ignored), or where DIFFTEST_BENCH_RESULTS says
+RESULTS = Path(os.environ.get("DIFFTEST_BENCH_RESULTS")
+               or Path(__file__).resolve().parent / "results")
 
 # The size classes of the issue: decode (T <= 64), mid (T ~ 1k), prefill (T ~ 16k).
 # Routing as in a real MoE layer: K distinct experts per token out of E, B = 16,
@@ -127,7 +130,7 @@ def end_to_end(impl: Any, device: str, num_tokens: int, count: int, seed: int,
     Generation (NumPy) + run in ``runner`` (a warm ``SandboxRunner`` when none is
     given: the worker start-up is measured once, apart) + oracle + compare +
     record.  ``batch`` = 1 runs case by case (``Campaign.run_one``: one message
-    and a synchronisation per call); otherwise cases go in batches of ``batch``
+    per case); otherwise cases go in batches of ``batch``
     through ``Campaign.dispatch``, pipelined as ``Campaign.generate`` does (the
     runner compares one batch while the worker runs the next); default
     ``difftest.campaign.BATCH_CASES``.  Returns seconds per case, cases/s,
@@ -152,7 +155,7 @@ def end_to_end(impl: Any, device: str, num_tokens: int, count: int, seed: int,
         campaign = Campaign(impl, runner, Path(tmp), seed=seed)
         # one untimed batch of this size first: allocator and page warm-up
         campaign.dispatch([make_case(rng, num_tokens) for _ in range(batch)])
-        campaign.dispatch([])
+        campaign.drain()
         start = time.perf_counter()
         if batch == 1:
             tally([campaign.run_one(make_case(rng, num_tokens), seed) for _ in range(count)])
@@ -160,7 +163,7 @@ def end_to_end(impl: Any, device: str, num_tokens: int, count: int, seed: int,
             for first in range(0, count, batch):
                 tally(campaign.dispatch([make_case(rng, num_tokens)
                                          for _ in range(min(batch, count - first))]))
-            tally(campaign.dispatch([]))
+            tally(campaign.drain())
         wall = time.perf_counter() - start
         campaign.log.close()
     if own:

@@ -13,8 +13,7 @@ T=16384) this measures, in one run:
 * end-to-end throughput of cases of that size: generation → run → oracle →
   compare → record with a warm ``SandboxRunner`` (``--impl``, default cuda /
   torch), batched and pipelined as campaigns run them (``Campaign.dispatch``),
-  and case by case (``Campaign.run_one``, one message and synchronisation per
-  call);
+  and case by case (``Campaign.run_one``, one message per case);
 
 and reports throughput as a fraction of the floor (floor time / time per
 case).  A case runs its kernel ``repeats`` times (4 on CUDA, to expose races),

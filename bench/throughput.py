@@ -9,21 +9,21 @@ in this process, with one timer per stage (per case = stage total / cases):
 
 * generation  -- build and tag the cases (``bench/_common.make_case``);
 * set-up      -- the call plans, one staged host array with guard bands and fills;
-* transfer    -- that array host→device, and back (one copy each way per batch);
-* kernel      -- every call of the batch (``repeats`` per case), launched back to
-  back, synchronised once;
+* transfer    -- that array host→device (one copy per batch), and each case's
+  blocks back (one copy per case);
+* kernel      -- every call of the batch (``repeats`` per case), each synchronised;
 * inspection  -- guard bands, outputs and inputs read back from the host copy;
 * oracle      -- ``DIALECT_INFO[d].reference`` for every rank;
 * comparison  -- ``difftest.evaluate.evaluate`` with that expected value;
 * logging     -- ``Campaign._record``: ``RunLog.add_case`` (+ ``add_mismatches``).
 
 set-up, transfer, kernel and inspection are ``difftest.execute.run_batch``'s
-own steps (its ``profile`` argument, which synchronises between them). Then,
-for the full cost including the IPC to the sandbox worker, the same kind of
-cases go through a warm ``SandboxRunner`` and ``Campaign.dispatch``, pipelined
-as ``Campaign.generate`` runs them (end-to-end, batched), and one by one
-through ``Campaign.run_one`` (end-to-end, unbatched: a message and a
-synchronisation per call, as before batching). One more row is the cost of
+own steps (its ``profile`` argument). Then, for the full cost including the
+IPC to the sandbox worker, the same kind of cases go through a warm
+``SandboxRunner`` and ``Campaign.dispatch``, pipelined as
+``Campaign.generate`` runs them (end-to-end, batched), and one by one through
+``Campaign.run_one`` (end-to-end, unbatched: one message, one upload and no
+overlap per case, as before batching). One more row is the cost of
 drawing one case from ``difftest.strategies.cases`` (Hypothesis, mixed
 sizes), which is how campaigns get their cases.
 
@@ -70,8 +70,8 @@ def in_process(impl, fns, device: str, num_tokens: int, count: int, seed: int,
                 cases = [make_case(rng, num_tokens) for _ in range(size)]
             steps: dict[str, float] = {}
             result = run_batch(cases, fns, device, repeats, profile=steps)
-            assert result.poisoned is None, result.poisoned
-            for case, runs in zip(cases, result.runs):
+            assert len(result) == len(cases), "a sticky device error stopped the batch"
+            for case, runs in zip(cases, result):
                 with sw("oracle"):
                     info = DIALECT_INFO[case.dialect]
                     expected = {rank: info.reference(case, rank) for rank in case.ranks()}

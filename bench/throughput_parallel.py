@@ -41,7 +41,7 @@ def _one(impl_name: str, device: str, num_tokens: int, seconds: float, seed: int
         ensure_worker(runner, "vllm-lora")
         campaign = Campaign(impl, runner, Path(tmp), seed=seed)
         campaign.dispatch([make_case(rng, num_tokens) for _ in range(BATCH_CASES)])
-        campaign.dispatch([])
+        campaign.drain()
         barrier.wait()
         start, done, failed = time.perf_counter(), 0, 0
         evaluations: list = []
@@ -52,7 +52,7 @@ def _one(impl_name: str, device: str, num_tokens: int, seconds: float, seed: int
                 break
             evaluations = campaign.dispatch([make_case(rng, num_tokens)
                                              for _ in range(BATCH_CASES)])
-        evaluations = campaign.dispatch([])
+        evaluations = campaign.drain()
         done += len(evaluations)
         failed += sum(e.verdict != "pass" for e in evaluations)
         results.put((done, time.perf_counter() - start, failed))

@@ -11,13 +11,16 @@ and written up as a bug report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .case import Case
 from .errors import UsageError
@@ -31,6 +34,37 @@ DEFAULT_SHRINK_SECONDS = 30.0
 # twice as many, so a failure in the first cases is seen as soon as it would be unbatched.
 BATCH_CASES = 64
 BATCH_ROUTES = 1 << 16
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C seen between two cases (see :func:`_sigint_deferred`)."""
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[dict[str, bool]]:
+    """While generating, the first Ctrl-C only sets ``flag["sigint"]``; the loop
+    stops at its next case, with the batch in flight collected and recorded. A
+    KeyboardInterrupt raised at an arbitrary point can land inside Hypothesis'
+    own drawing, which does not always let it through. A second Ctrl-C raises
+    at once. Off the main thread, or under a handler that is not Python's
+    default, nothing changes.
+    """
+    flag = {"sigint": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if flag["sigint"]:
+            raise KeyboardInterrupt
+        flag["sigint"] = True
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield flag
+        return
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _BudgetExhausted(BaseException):
@@ -163,14 +197,34 @@ class Campaign:
 
     def dispatch(self, batch: list[Case]) -> list[Evaluation]:
         """Collect the batch in flight, start ``batch`` in the worker, then evaluate and
-        record the collected one while the worker runs the new one. ``dispatch([])``
-        drains. Returns the evaluations of the collected batch, in its order."""
-        previous, self._inflight = self._inflight, list(batch)
+        record the collected one while the worker runs the new one. Returns the
+        evaluations of the collected cases, in their order.
+
+        When the batch in flight stopped at a crash (a sticky device error), the
+        cases after it did not run: they go in front of ``batch``, and the
+        collected cases are recorded first, so that the crash is on record
+        before the worker restarts. :meth:`drain` runs whatever is in flight.
+        """
+        previous = self._inflight
         outcomes = self.runner.collect() if previous else []
-        if batch:
-            self.runner.submit(batch)
-        return [self._finish(case, outcome, self.seed)
-                for case, outcome in zip(previous, outcomes)]
+        rest = previous[len(outcomes):]
+
+        def record() -> list[Evaluation]:
+            return [self._finish(case, outcome, self.seed)
+                    for case, outcome in zip(previous, outcomes)]
+
+        recorded = record() if rest else None  # a submit after a crash restarts the worker
+        self._inflight = rest + list(batch)
+        if self._inflight:
+            self.runner.submit(self._inflight)
+        return recorded if recorded is not None else record()
+
+    def drain(self) -> list[Evaluation]:
+        """Collect, evaluate and record every case in flight (see :meth:`dispatch`)."""
+        evaluations: list[Evaluation] = []
+        while self._inflight:
+            evaluations += self.dispatch([])
+        return evaluations
 
     def _record(self, case: Case, evaluation: Evaluation, outcome: Any, seed: int | None) -> None:
         r = self.result
@@ -241,6 +295,8 @@ class Campaign:
                   derandomize=False)
         @given(cases(dialects=dialects, contracts=contracts))
         def drive(case: Case) -> None:
+            if sigint["sigint"]:
+                raise _Interrupted
             if deadline is not None and time.monotonic() >= deadline:
                 raise _BudgetExhausted
             queue.append(case)
@@ -253,24 +309,29 @@ class Campaign:
 
         if self.seed is not None:
             drive = hseed(self.seed)(drive)
-        interrupted = True
-        try:
-            drive()
-            interrupted = False
-        except _BudgetExhausted:
-            interrupted = False
-        finally:
+        with _sigint_deferred() as sigint:
+            interrupted = True
             try:
-                # the cases generated but not yet run, then the batch in flight; after
-                # Ctrl-C or an error only the batch in flight (it is running already)
-                if queue and not (interrupted or state["stopped"]):
-                    dispatch(queue[:])
-                self.dispatch([])
+                drive()
+                interrupted = False
             except _BudgetExhausted:
-                self.dispatch([])
+                interrupted = False
+            except _Interrupted:
+                pass
             finally:
-                self.progress.update(self.result, budget, force=True)
-                self.progress.done()
+                try:
+                    # the cases generated but not yet run, then the batch in flight; after
+                    # Ctrl-C or an error only the batch in flight (it is running already)
+                    if queue and not (interrupted or state["stopped"]):
+                        dispatch(queue[:])
+                    self.drain()
+                except _BudgetExhausted:
+                    self.drain()
+                finally:
+                    self.progress.update(self.result, budget, force=True)
+                    self.progress.done()
+        if sigint["sigint"]:
+            raise KeyboardInterrupt
 
     # -- after the budget -------------------------------------------------------
     def shrink_and_report(self, *, shrink_seconds: float = DEFAULT_SHRINK_SECONDS,

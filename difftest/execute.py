@@ -9,17 +9,16 @@ One call's buffers (inputs, outputs, scratch, each with its bands) are laid
 out in one block of bytes (:class:`Staged`); every byte of the block that is
 not a buffer's data belongs to a guard band. A batch of cases is one host
 array of such blocks (every repeat of every rank of every case), so on a GPU
-it costs one copy to the device and one back, whatever the number of calls:
-the calls are launched back to back and synchronised once. On the CPU each
-buffer is its own tensor over its part of the host array, so a write past a
-buffer's storage raises as torch does.
+it costs one copy to the device, whatever the number of calls, and one copy
+back per case. On the CPU each buffer is its own tensor over its part of the
+host array, so a write past a buffer's storage raises as torch does.
 
-A batch gives up at the first sticky device error (an illegal address
-poisons the context, and which call caused it is not known without a
-synchronisation after every call): :func:`run_batch` then reports the batch
-*poisoned*, and the caller re-runs its cases one by one in a fresh process
-with ``sync_each`` (a synchronisation after every call), which names the
-call and gives it the verdict ``crash``.
+Every call is synchronised before the next one starts, so a sticky device
+error (an illegal address poisons the context) is pinned on the call that
+caused it (``fatal``) and the batch stops there: :func:`run_batch` returns
+the cases up to and including that one, each case's outputs having been
+copied back as soon as its calls were done. The cases after it did not run;
+the caller runs them in a fresh process.
 
 The result is a :class:`RankRun` of plain NumPy arrays per call: it crosses
 the pipe from a sandbox worker to the runner, which compares it with the
@@ -57,14 +56,6 @@ class RankRun:
     error: str | None = None
     fatal: bool = False  # the device is unusable after this error (sticky CUDA error)
     elapsed_s: float = 0.0
-
-
-@dataclass
-class BatchResult:
-    """``runs[case][repeat][rank]``, or why there are none (``poisoned``)."""
-
-    runs: list[list[list[RankRun]]] = field(default_factory=list)
-    poisoned: str | None = None  # a sticky device error in a batch run without sync_each
 
 
 @dataclass(frozen=True)
@@ -238,19 +229,18 @@ class _Call:
     staged: Staged
     base: int
     run: RankRun
-    events: tuple[Any, Any] | None = None
 
 
 def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], device: str,
-              repeats: int = 1, *, sync_each: bool = False,
-              profile: dict[str, float] | None = None) -> BatchResult:
-    """Every rank of every case, ``repeats`` times, from one staged host array.
+              repeats: int = 1, *,
+              profile: dict[str, float] | None = None) -> list[list[list[RankRun]]]:
+    """Every rank of every case, ``repeats`` times: ``runs[case][repeat][rank]``.
 
-    Without ``sync_each`` (a batch) the calls are not synchronised one by one:
-    a sticky device error makes the whole batch *poisoned*. With it, the call
-    whose synchronisation fails is marked ``fatal`` and nothing after it runs.
-    ``profile``, when given, gets the seconds of each step added to it (``set-up``,
-    ``transfer``, ``kernel``, ``inspection``), with a synchronisation between steps.
+    The calls run in order, each synchronised. After a fatal (sticky) device
+    error nothing more runs: the result ends with the case of the fatal call
+    (whose runs stop at that call), so it may hold fewer cases than given.
+    ``profile``, when given, gets the seconds of each step added to it
+    (``set-up``, ``transfer``, ``kernel``, ``inspection``).
     """
     import torch
 
@@ -260,109 +250,96 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
 
     def tick(step: str) -> None:
         if profile is not None:
-            sync()
             now = time.perf_counter()
             profile[step] = profile.get(step, 0.0) + now - clock[0]
             clock[0] = now
 
-    calls: list[_Call] = []
+    per_case: list[list[_Call]] = []
     base = 0
     for index, case in enumerate(cases):
         staged = [Staged(DIALECT_INFO[case.dialect].plan(case, rank)) for rank in case.ranks()]
+        per_case.append([])
         for repeat in range(repeats):
             for rank, one in zip(case.ranks(), staged):
-                calls.append(_Call(index, repeat, rank, one, base, RankRun(rank)))
+                per_case[-1].append(_Call(index, repeat, rank, one, base, RankRun(rank)))
                 base += one.nbytes
     host = np.empty(base, np.uint8)
-    for call in calls:
-        host[call.base:call.base + call.staged.nbytes] = call.staged.block
+    for calls in per_case:
+        for call in calls:
+            host[call.base:call.base + call.staged.nbytes] = call.staged.block
     # on the CPU the calls write into ``host`` itself: keep the staged bytes apart
     pristine = host if cuda else host.copy()
     tick("set-up")
     storage = _DeviceViews(torch.from_numpy(host).to(device)) if cuda else host
+    sync()
     tick("transfer")
-    done: list[_Call] = []
-    # one timing event per call boundary: a call's GPU time runs from the event
-    # before it to the event after it
-    mark = None
-    if cuda and not sync_each:
-        mark = torch.cuda.Event(enable_timing=True)
-        mark.record()
-    for call in calls:
-        tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
-        args = [tensors[a.name] if isinstance(a, TensorArg) else a
-                for a in call.staged.plan.arguments]
-        fn = callables[cases[call.case].dialect]
-        done.append(call)
-        start = time.perf_counter()
-        try:
-            fn(*args)
-            if sync_each:
+    runs: list[list[list[RankRun]]] = []
+    for index, calls in enumerate(per_case):
+        fn = callables[cases[index].dialect]
+        done: list[_Call] = []
+        for call in calls:
+            tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
+            args = [tensors[a.name] if isinstance(a, TensorArg) else a
+                    for a in call.staged.plan.arguments]
+            done.append(call)
+            start = time.perf_counter()
+            try:
+                fn(*args)
                 sync()
-        except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
+            except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
+                call.run.error = _describe(exc)
+                call.run.fatal = cuda and _is_sticky_cuda_error(exc)
             call.run.elapsed_s = time.perf_counter() - start
-            call.run.error = _describe(exc)
-            if cuda and _is_sticky_cuda_error(exc):
-                if not sync_each:
-                    return BatchResult(poisoned=call.run.error)
-                call.run.fatal = True
+            if call.run.fatal:
                 break
-        else:
-            call.run.elapsed_s = time.perf_counter() - start
-        if mark is not None:
-            after = torch.cuda.Event(enable_timing=True)
-            after.record()
-            if call.run.error is None:
-                call.events = (mark, after)
-            mark = after
-    tick("kernel")
-    back = None
-    if not any(call.run.fatal for call in done):
-        try:
-            back = storage.storage.cpu().numpy() if cuda else host
-        except Exception as exc:  # noqa: BLE001 - an asynchronous sticky error surfaces here
-            if not sync_each:
-                return BatchResult(poisoned=_describe(exc))
-            last = done[-1].run
-            last.error, last.fatal = _describe(exc), True
-    tick("transfer")
-    if back is not None:
-        suspects = _calls_with_stray_changes(done, pristine, back)
-        for k, call in enumerate(done):
-            if call.events is not None:
-                call.run.elapsed_s = call.events[0].elapsed_time(call.events[1]) / 1e3
-            if call.run.error is not None:
-                continue
-            if k in suspects:
-                call.staged.inspect(back, call.base, call.run)
-            else:
-                call.staged.outputs(back, call.base, call.run)
-    tick("inspection")
-    result = BatchResult([[] for _ in cases])
-    for call in done:
-        per_case = result.runs[call.case]
-        if len(per_case) <= call.repeat:
-            per_case.append([])
-        per_case[call.repeat].append(call.run)
-    return result
+        tick("kernel")
+        lo, hi = calls[0].base, calls[-1].base + calls[-1].staged.nbytes
+        back = None
+        if not done[-1].run.fatal:
+            try:
+                back = storage.storage[lo:hi].cpu().numpy() if cuda else host[lo:hi]
+            except Exception as exc:  # noqa: BLE001 - a sticky error surfacing at the copy
+                done[-1].run.error, done[-1].run.fatal = _describe(exc), True
+        tick("transfer")
+        if back is not None:
+            suspects = _calls_with_stray_changes(done, pristine[lo:hi], back, lo)
+            for k, call in enumerate(done):
+                if call.run.error is not None:
+                    continue
+                if k in suspects:
+                    call.staged.inspect(back, call.base - lo, call.run)
+                else:
+                    call.staged.outputs(back, call.base - lo, call.run)
+        tick("inspection")
+        by_repeat: list[list[RankRun]] = []
+        for call in done:
+            if len(by_repeat) <= call.repeat:
+                by_repeat.append([])
+            by_repeat[call.repeat].append(call.run)
+        runs.append(by_repeat)
+        if done[-1].run.fatal:
+            break  # the context is unusable: nothing run after this means anything
+    return runs
 
 
 def _calls_with_stray_changes(calls: Sequence[_Call], pristine: np.ndarray,
-                              back: np.ndarray) -> set[int]:
+                              back: np.ndarray, offset: int) -> set[int]:
     """Indices of the calls whose block changed outside its output and scratch data.
 
-    One comparison over the whole batch: a byte that differs from the staged
-    one, outside what a call may write, is guard-band damage or a mutated
-    input, and only those calls get the buffer-by-buffer :meth:`Staged.inspect`.
+    ``pristine`` and ``back`` are the staged and the returned bytes of the
+    calls' blocks, from byte ``offset`` of the batch. One comparison over all
+    of them: a byte that differs outside what a call may write is guard-band
+    damage or a mutated input, and only those calls get the buffer-by-buffer
+    :meth:`Staged.inspect`.
     """
     changed = back != pristine
     for call in calls:
         for lo, hi in call.staged.writable:
-            changed[call.base + lo:call.base + hi] = False
+            changed[call.base - offset + lo:call.base - offset + hi] = False
     stray = np.flatnonzero(changed)
     if not stray.size:
         return set()
-    starts = np.array([call.base for call in calls])
+    starts = np.array([call.base - offset for call in calls])
     return set(np.unique(np.searchsorted(starts, stray, side="right") - 1).tolist())
 
 
@@ -370,7 +347,7 @@ def run_case(case: Case, callables: dict[str, Callable[..., Any]], device: str,
              repeats: int = 1) -> list[list[RankRun]]:
     """Run every rank of ``case`` ``repeats`` times: ``runs[repeat][rank_index]``.
 
-    Each call is synchronised on its own; the runs stop after a fatal (sticky)
-    device error: nothing after it means anything in this process.
+    The runs stop after a fatal (sticky) device error: nothing after it means
+    anything in this process.
     """
-    return run_batch([case], callables, device, repeats, sync_each=True).runs[0]
+    return run_batch([case], callables, device, repeats)[0]

@@ -12,11 +12,15 @@ already recorded is lost. A sticky CUDA error (illegal address) also ends the
 worker, after it has reported the case as a ``crash``.
 
 Campaigns send cases in batches (:meth:`SandboxRunner.submit`, then
-:meth:`~SandboxRunner.collect`): one message, one staged copy each way, and
-the runner compares the previous batch while the worker runs the next. A
-batch that crashes, hangs or hits a sticky device error gives no verdicts:
-its cases are run again one by one, each in the isolation described above,
-so the crash or hang is pinned on the case that caused it.
+:meth:`~SandboxRunner.collect`): one message and one staged copy to the
+device for the batch, and the runner compares the previous batch while the
+worker runs the next. A sticky device error stops a batch at the call that
+caused it (every call is synchronised): the worker reports the cases up to
+that one and exits, and :meth:`~SandboxRunner.collect` returns just those, so
+the crash is recorded before any restart; the caller submits the rest again.
+A batch whose worker dies or hangs without reporting gives no verdicts: its
+cases are run again one by one, each in the isolation described above, so
+the crash or hang is pinned on the case that caused it.
 
 :class:`InProcessRunner` has the same interface without the isolation, for
 tests and for implementations known to be well behaved.
@@ -80,8 +84,13 @@ class InProcessRunner:
         self._pending = list(cases)
 
     def collect(self) -> list[Outcome]:
+        from .execute import run_batch
+
         cases, self._pending = self._pending, []
-        return [self.run(case) for case in cases]
+        if not cases:
+            return []
+        return [Outcome.of(runs, f"pid{os.getpid()}")
+                for runs in run_batch(cases, self._callables, self.device, self.repeats)]
 
     def close(self) -> None:
         pass
@@ -131,15 +140,17 @@ def _worker_main() -> None:
             return
         if msg is None:
             return
-        cases, repeats, sync_each = msg
-        result = run_batch(cases, callables, device, repeats, sync_each=sync_each)
-        if result.poisoned is not None:
-            outbox.send(("poisoned", result.poisoned))
-            os._exit(3)
-        outbox.send(("ok", result.runs))
-        if any(r.fatal for runs in result.runs for repeat in runs for r in repeat):
+        cases, repeats = msg
+        runs = run_batch(cases, callables, device, repeats)
+        outbox.send(("ok", runs))
+        if _fatal(runs[-1] if runs else []):
             # the CUDA context is poisoned: nothing this process runs next means anything
             os._exit(3)
+
+
+def _fatal(runs: list[list[Any]]) -> bool:
+    """Whether one case's runs (``[repeat][rank]``) end in a sticky device error."""
+    return any(r.fatal for repeat in runs for r in repeat)
 
 
 class SandboxRunner:
@@ -159,7 +170,7 @@ class SandboxRunner:
                                                    delete=False)
         self._stderr.close()
         self.restarts = 0
-        self.fallbacks = 0  # batches re-run case by case after a crash, hang or sticky error
+        self.fallbacks = 0  # batches re-run case by case after an unreported crash or a hang
 
     # -- worker lifecycle ---------------------------------------------------
     def _start(self) -> None:
@@ -233,7 +244,7 @@ class SandboxRunner:
         worker = f"pid{self._proc.pid}"
         start = time.perf_counter()
         try:
-            self._conn.send(([case], self.repeats, True))
+            self._conn.send(([case], self.repeats))
             answered = self._conn.poll(timeout_s)
             if not answered:
                 self._kill()
@@ -255,14 +266,18 @@ class SandboxRunner:
                            detail=f"worker died: {_exit_text(code)}" + (
                                f"; stderr tail:\n{tail}" if tail else ""),
                            elapsed_s=time.perf_counter() - start)
-        if any(r.fatal for repeat in runs for r in repeat):
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-            self._kill()
-            self.restarts += 1
+        if _fatal(runs):
+            self._retire()
         return Outcome.of(runs, worker)
+
+    def _retire(self) -> None:
+        """The worker reported a sticky device error and is exiting: let it go."""
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._kill()
+        self.restarts += 1
 
     def submit(self, cases: list[Case]) -> None:
         """Start running ``cases`` as one batch; :meth:`collect` gives their outcomes."""
@@ -274,7 +289,7 @@ class SandboxRunner:
                     self._kill()
                     self._start()
                 self._clear_stderr()
-                self._conn.send((cases, self.repeats, False))
+                self._conn.send((cases, self.repeats))
                 sent = True
             except (BrokenPipeError, ConnectionResetError, OSError):
                 sent = False
@@ -283,9 +298,12 @@ class SandboxRunner:
     def collect(self) -> list[Outcome]:
         """The outcomes of the batch :meth:`submit` started, in its order.
 
-        The batch has ``timeout_s`` in all. When its worker dies, hangs or
-        reports a sticky device error, every case of it is run again on its own
-        (:meth:`run`), which pins the failure on the case that caused it.
+        After a sticky device error only the cases up to the one that caused
+        it (its outcome a ``crash``): the cases after it did not run, and are
+        the caller's to submit again. The batch has ``timeout_s`` in all. When
+        its worker dies or hangs without reporting, every case of it is run
+        again on its own (:meth:`run`), which pins the crash or hang on the
+        case that caused it.
         """
         (cases, sent), self._pending = self._pending, ([], False)
         if not cases:
@@ -296,6 +314,8 @@ class SandboxRunner:
                 if self._conn.poll(self.timeout_s):
                     kind, payload = self._conn.recv()
                     if kind == "ok":
+                        if payload and _fatal(payload[-1]):
+                            self._retire()
                         return [Outcome.of(runs, worker) for runs in payload]
             except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
                 pass

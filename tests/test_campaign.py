@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -88,3 +89,57 @@ def test_crashing_or_hanging_callable_runs_to_the_end_of_its_budget(name, verdic
         # the smallest case with a listed, disabled slot
         assert minimal.max_loras == 1 and minimal.block_size == 1
         assert minimal.adapter_enabled is not None and 0 in minimal.adapter_enabled[:1].tolist()
+
+
+class _StopsAtCrash:
+    """A runner whose batches stop at the first case with T = 0, as a worker does at a
+    sticky device error; the rest of such a batch did not run."""
+
+    def __init__(self, campaign_cases):
+        self.submitted: list[list[int]] = []
+        self.recorded_at_submit: list[int] = []
+        self._pending: list[Case] = []
+        self._recorded = campaign_cases
+
+    def submit(self, cases):
+        self.submitted.append([c.topk_ids.shape[0] for c in cases])
+        self.recorded_at_submit.append(self._recorded())
+        self._pending = list(cases)
+
+    def collect(self):
+        from difftest.execute import run_case
+        from difftest.sandbox import Outcome
+
+        from cuda_impl import torch_impl
+
+        fns = torch_impl.implementation()
+        outcomes = []
+        for case in self._pending:
+            if case.topk_ids.shape[0] == 0:
+                outcomes.append(Outcome(verdict="crash", detail="sticky device error"))
+                break
+            outcomes.append(Outcome(run_case(case, fns, "cpu")))
+        self._pending = []
+        return outcomes
+
+
+def test_a_batch_stopped_by_a_crash_is_recorded_first_and_its_rest_runs_next(tmp_path):
+    pytest.importorskip("torch")
+    impl = registry.resolve("torch", "vllm-lora")
+    cases = [Case("vllm-lora", "production" if T else "defensive",
+                  np.zeros((T, 1), dtype=np.int32), 1, 1, max_loras=1,
+                  token_lora_mapping=np.zeros(T, dtype=np.int32)) for T in (1, 0, 2, 3, 4)]
+    campaign = Campaign(impl, None, tmp_path, seed=0)
+    runner = _StopsAtCrash(lambda: campaign.result.cases)
+    campaign.runner = runner
+    assert campaign.dispatch(cases[:4]) == []
+    first = campaign.dispatch(cases[4:])
+    assert [e.verdict for e in first] == ["pass", "crash"]
+    # the rest of the stopped batch goes in front of the next one, submitted only once
+    # the crash is on record (a worker restart comes with that submit)
+    assert runner.submitted == [[1, 0, 2, 3], [2, 3, 4]]
+    assert runner.recorded_at_submit == [0, 2]
+    assert [e.verdict for e in campaign.drain()] == ["pass", "pass", "pass"]
+    assert [row["T"] for row in campaign.case_rows] == [1, 0, 2, 3, 4]
+    assert campaign.result.verdicts == {"pass": 4, "crash": 1}
+    campaign.log.close()

@@ -52,8 +52,8 @@ def test_a_batch_gives_every_case_what_it_gives_alone():
     assert {c.dialect for c in cases} == {"align", "vllm-lora", "sglang-lora", "ep-remap"}
     fns = torch_impl.implementation()
     batch = run_batch(cases, fns, "cpu", repeats=2)
-    assert batch.poisoned is None and len(batch.runs) == len(cases)
-    for case, runs in zip(cases, batch.runs):
+    assert len(batch) == len(cases)
+    for case, runs in zip(cases, batch):
         alone = run_case(case, fns, "cpu", repeats=2)
         assert len(runs) == 2 and [len(r) for r in runs] == [len(case.ranks())] * 2
         for got, want in zip(runs, alone):
@@ -65,7 +65,7 @@ def test_an_overrun_and_an_error_stay_with_their_own_case():
     fns = {"vllm-lora": user_impls.writes_past_last_row}
     # T > 3 writes 7 one element past sorted_token_ids; T = 2 does not
     batch = run_batch([_vllm(4), _vllm(2), _vllm(5)], fns, "cpu")
-    first, second, third = (runs[0][0] for runs in batch.runs)
+    first, second, third = (runs[0][0] for runs in batch)
     assert first.guard_damage == {"sorted_token_ids": [(first.outputs["sorted_token_ids"].size,
                                                          7)]}
     assert second.guard_damage == {} and second.error is None
@@ -75,10 +75,10 @@ def test_an_overrun_and_an_error_stay_with_their_own_case():
     plain = Case("align", "production", np.array([[0, 1]], dtype=np.int32), 2, 2)
     mapped = plain.replace(expert_map=np.array([0, -1], dtype=np.int32))
     batch = run_batch([plain, mapped, plain], raising, "cpu")
-    errors = [runs[0][0].error for runs in batch.runs]
+    errors = [runs[0][0].error for runs in batch]
     assert errors[0] is None and errors[2] is None
     assert errors[1] == "NotImplementedError: expert_map is not supported"
-    assert batch.runs[2][0][0].outputs["num_tokens_post_pad"].tolist() == [4]
+    assert batch[2][0][0].outputs["num_tokens_post_pad"].tolist() == [4]
 
 
 def test_a_mutated_input_is_reported_for_the_case_that_mutated_it():
@@ -86,7 +86,7 @@ def test_a_mutated_input_is_reported_for_the_case_that_mutated_it():
     clean = _vllm(2)
     negative = clean.replace(token_lora_mapping=np.array([0, -1], dtype=np.int32))
     batch = run_batch([clean, negative, clean], fns, "cpu")
-    mutated = [runs[0][0].mutated_inputs for runs in batch.runs]
+    mutated = [runs[0][0].mutated_inputs for runs in batch]
     assert mutated == [{}, {"token_lora_mapping": (1, -1, 0)}, {}]
 
 

@@ -90,7 +90,7 @@ def test_illegal_address_is_a_crash_and_the_next_case_runs(tmp_path):
         assert evaluate(fine, runner.run(fine), stable=False).verdict == "pass"
 
 
-def test_a_batch_with_an_illegal_address_pins_the_crash_on_its_case():
+def test_a_batch_with_an_illegal_address_stops_at_its_case_and_the_rest_runs_after():
     from difftest import registry
     from difftest.case import Case
     from difftest.evaluate import evaluate
@@ -103,13 +103,17 @@ def test_a_batch_with_an_illegal_address_pins_the_crash_on_its_case():
                 adapter_enabled=np.ones(2, dtype=np.int32))
     fine = Case("vllm-lora", "production", np.zeros((2, 1), dtype=np.int32), 1, 1,
                 max_loras=1, token_lora_mapping=np.zeros(2, dtype=np.int32))
-    cases = [fine, fine, wild, fine]
+    cases = [fine, fine, wild, fine, fine]
     with SandboxRunner(impl, "cuda", timeout_s=60) as runner:
         runner.submit(cases)
-        verdicts = [evaluate(c, o, stable=False).verdict
-                    for c, o in zip(cases, runner.collect())]
-        assert verdicts == ["pass", "pass", "crash", "pass"]
-        assert runner.fallbacks == 1
+        outcomes = runner.collect()  # pinned in the batch itself: no re-run, no fallback
+        assert [evaluate(c, o, stable=False).verdict for c, o in zip(cases, outcomes)] == [
+            "pass", "pass", "crash"]
+        assert outcomes[2].runs[0][0].fatal and outcomes[2].runs[0][0].error
+        assert runner.fallbacks == 0 and runner.restarts == 1
+        runner.submit(cases[3:])
+        assert [evaluate(c, o, stable=False).verdict
+                for c, o in zip(cases[3:], runner.collect())] == ["pass", "pass"]
 
 
 def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
@@ -124,8 +128,8 @@ def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
     cases = _draw("vllm-lora", 30, seed=11) + _draw("ep-remap", 10, seed=12)
     fns = cuda.implementation()
     batch = run_batch(cases, fns, "cuda", repeats=2)
-    assert batch.poisoned is None
-    for case, runs in zip(cases, batch.runs):
+    assert len(batch) == len(cases)
+    for case, runs in zip(cases, batch):
         assert evaluate(case, Outcome(runs), stable=False).verdict == "pass"
         alone = run_case(case, fns, "cuda", repeats=1)[0]
         for got in runs:
@@ -137,7 +141,7 @@ def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
     spill = {"vllm-lora": user_impls.writes_past_last_row}
     small = [Case("vllm-lora", "production", np.zeros((T, 1), dtype=np.int32), 1, 1,
                   max_loras=1, token_lora_mapping=np.zeros(T, dtype=np.int32)) for T in (4, 2)]
-    first, second = (runs[0][0] for runs in run_batch(small, spill, "cuda").runs)
+    first, second = (runs[0][0] for runs in run_batch(small, spill, "cuda"))
     assert first.guard_damage == {"sorted_token_ids": [(4, 7)]} and second.guard_damage == {}
 
 
