@@ -32,7 +32,7 @@ import numpy as np
 import oracle.ep
 
 from .case import Case
-from .dialects import DIALECT_INFO, RemapExpected, RowsExpected
+from .dialects import RemapExpected, RowsExpected
 
 MAX_SHOWN = 8  # elements shown in one message
 MAX_SEGMENTS = 4  # differing segments reported per row

@@ -30,6 +30,24 @@ def _draw(dialect: str, n: int, seed: int):
     return drawn
 
 
+def _slot_past_the_rows(slot: int):
+    """One route on slot 0 and ``lora_ids[1] = slot >= L = 1``: the faulty kernel
+    (cuda:no-slot-upper-guard) writes row ``slot`` of one-row outputs."""
+    from difftest.case import Case
+
+    return Case("vllm-lora", "defensive", np.zeros((1, 1), dtype=np.int32), 1, 1, max_loras=1,
+                token_lora_mapping=np.zeros(1, dtype=np.int32),
+                lora_ids=np.array([0, slot], dtype=np.int32),
+                adapter_enabled=np.ones(2, dtype=np.int32))
+
+
+def _fine(num_tokens: int):
+    from difftest.case import Case
+
+    return Case("vllm-lora", "production", np.zeros((num_tokens, 1), dtype=np.int32), 1, 1,
+                max_loras=1, token_lora_mapping=np.zeros(num_tokens, dtype=np.int32))
+
+
 @pytest.mark.parametrize("dialect", ["vllm-lora", "sglang-lora", "align"])
 def test_cuda_kernels_agree_with_torch_on_the_gpu_and_with_the_oracle(dialect):
     from cuda_impl import cuda, torch_impl
@@ -58,13 +76,11 @@ def test_cuda_kernels_agree_with_torch_on_the_gpu_and_with_the_oracle(dialect):
 def test_row_spilling_past_its_buffer_is_caught_by_the_guard_band_on_the_gpu():
     import user_impls
 
-    from difftest.case import Case
     from difftest.evaluate import evaluate
     from difftest.execute import run_case
     from difftest.sandbox import Outcome
 
-    case = Case("vllm-lora", "production", np.zeros((4, 1), dtype=np.int32), 1, 1,
-                max_loras=1, token_lora_mapping=np.zeros(4, dtype=np.int32))
+    case = _fine(4)
     runs = run_case(case, {"vllm-lora": user_impls.writes_past_last_row}, "cuda")
     ev = evaluate(case, Outcome(runs), stable=False)
     assert (ev.verdict, ev.checks_failed) == ("mismatch", ["guard_band"])
@@ -73,17 +89,11 @@ def test_row_spilling_past_its_buffer_is_caught_by_the_guard_band_on_the_gpu():
 
 def test_illegal_address_is_a_crash_and_the_next_case_runs(tmp_path):
     from difftest import registry
-    from difftest.case import Case
     from difftest.evaluate import evaluate
     from difftest.sandbox import SandboxRunner
 
     impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
-    wild = Case("vllm-lora", "defensive", np.zeros((1, 1), dtype=np.int32), 1, 1, max_loras=1,
-                token_lora_mapping=np.zeros(1, dtype=np.int32),
-                lora_ids=np.array([0, 1 << 28], dtype=np.int32),
-                adapter_enabled=np.ones(2, dtype=np.int32))
-    fine = Case("vllm-lora", "production", np.zeros((1, 1), dtype=np.int32), 1, 1,
-                max_loras=1, token_lora_mapping=np.zeros(1, dtype=np.int32))
+    wild, fine = _slot_past_the_rows(1 << 28), _fine(1)
     with SandboxRunner(impl, "cuda", timeout_s=60) as runner:
         crashed = evaluate(wild, runner.run(wild), stable=False)
         assert crashed.verdict == "crash", crashed.detail
@@ -92,17 +102,11 @@ def test_illegal_address_is_a_crash_and_the_next_case_runs(tmp_path):
 
 def test_a_batch_with_an_illegal_address_stops_at_its_case_and_the_rest_runs_after():
     from difftest import registry
-    from difftest.case import Case
     from difftest.evaluate import evaluate
     from difftest.sandbox import SandboxRunner
 
     impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
-    wild = Case("vllm-lora", "defensive", np.zeros((1, 1), dtype=np.int32), 1, 1, max_loras=1,
-                token_lora_mapping=np.zeros(1, dtype=np.int32),
-                lora_ids=np.array([0, 1 << 28], dtype=np.int32),
-                adapter_enabled=np.ones(2, dtype=np.int32))
-    fine = Case("vllm-lora", "production", np.zeros((2, 1), dtype=np.int32), 1, 1,
-                max_loras=1, token_lora_mapping=np.zeros(2, dtype=np.int32))
+    wild, fine = _slot_past_the_rows(1 << 28), _fine(2)
     cases = [fine, fine, wild, fine, fine]
     with SandboxRunner(impl, "cuda", timeout_s=60) as runner:
         runner.submit(cases)
@@ -120,7 +124,6 @@ def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
     import user_impls
 
     from cuda_impl import cuda
-    from difftest.case import Case
     from difftest.evaluate import evaluate
     from difftest.execute import run_batch, run_case
     from difftest.sandbox import Outcome
@@ -139,25 +142,18 @@ def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
                 assert a.outputs.keys() == b.outputs.keys()
                 assert a.elapsed_s > 0 or a.error is not None
     spill = {"vllm-lora": user_impls.writes_past_last_row}
-    small = [Case("vllm-lora", "production", np.zeros((T, 1), dtype=np.int32), 1, 1,
-                  max_loras=1, token_lora_mapping=np.zeros(T, dtype=np.int32)) for T in (4, 2)]
-    first, second = (runs[0][0] for runs in run_batch(small, spill, "cuda"))
+    first, second = (runs[0][0] for runs in run_batch([_fine(4), _fine(2)], spill, "cuda"))
     assert first.guard_damage == {"sorted_token_ids": [(4, 7)]} and second.guard_damage == {}
 
 
 def test_the_sanitizer_re_run_names_a_write_one_element_past_a_row():
     from difftest import registry
-    from difftest.case import Case
     from difftest.sanitizer import find_sanitizer, run_sanitizer
 
     if find_sanitizer() is None:
         pytest.skip("compute-sanitizer not found")
     impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
-    # lora_ids[1] = 1 = L: the faulty kernel writes row 1, just past the one-row outputs
-    case = Case("vllm-lora", "defensive", np.zeros((1, 1), dtype=np.int32), 1, 1, max_loras=1,
-                token_lora_mapping=np.zeros(1, dtype=np.int32),
-                lora_ids=np.array([0, 1], dtype=np.int32),
-                adapter_enabled=np.ones(2, dtype=np.int32))
-    text = run_sanitizer(case, impl, timeout_s=240)
+    # slot 1 = L: the faulty kernel writes row 1, just past the one-row outputs
+    text = run_sanitizer(_slot_past_the_rows(1), impl, timeout_s=240)
     assert text.startswith("$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer"), text
     assert "Invalid __global__ write of size 4" in text, text[-3000:]
