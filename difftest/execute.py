@@ -28,6 +28,7 @@ the sandbox worker (or an in-process run) imports it.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -155,7 +156,7 @@ class Staged:
                 run.outputs[buf.name] = data.reshape(buf.shape).copy()
 
     def inspect(self, host: np.ndarray, base: int, run: RankRun) -> None:
-        """Guard bands, outputs and inputs of the call whose block is ``host[base:]``."""
+        """Inputs, guard bands and outputs of the call whose block is ``host[base:]``."""
         for buf in self.buffers:
             region = host[base + buf.start:base + buf.end].view(buf.dtype)
             data = region[buf.lead:buf.lead + buf.numel]
@@ -172,28 +173,17 @@ class Staged:
                 pos = np.where(bad < buf.lead, bad - buf.lead, bad - buf.lead + buf.numel)
                 run.guard_damage[buf.name] = [(int(p), int(band[b]))
                                               for p, b in zip(pos[:8], bad[:8])]
-            if buf.role == "output":
-                run.outputs[buf.name] = data.reshape(buf.shape).copy()
+        self.outputs(host, base, run)
 
 
-def _torch_dtypes() -> dict[np.dtype, Any]:
+@functools.cache
+def _torch_dtype(dtype: np.dtype) -> Any:
     import torch
 
-    return {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
-            np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8,
-            np.dtype(np.int16): torch.int16, np.dtype(np.bool_): torch.bool,
-            np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-
-
-class _LazyDtypes(dict):
-    def __missing__(self, key: np.dtype) -> Any:
-        self.update(_torch_dtypes())
-        if key not in self:
-            raise TypeError(f"dtype {key} has no torch equivalent here")
-        return self[key]
-
-
-_TORCH_DTYPES: dict[np.dtype, Any] = _LazyDtypes()
+    try:
+        return getattr(torch, np.dtype(dtype).name)  # int32, int64, uint8, float32, ...
+    except AttributeError:
+        raise TypeError(f"dtype {dtype} has no torch equivalent here") from None
 
 
 class _DeviceViews(dict):
@@ -204,7 +194,7 @@ class _DeviceViews(dict):
         self.storage = storage
 
     def __missing__(self, dtype: np.dtype) -> Any:
-        self[dtype] = self.storage.view(_TORCH_DTYPES[dtype])
+        self[dtype] = self.storage.view(_torch_dtype(dtype))
         return self[dtype]
 
 
@@ -223,7 +213,6 @@ def _describe(exc: BaseException) -> str:
 
 @dataclass
 class _Call:
-    case: int
     repeat: int
     rank: int | None
     staged: Staged
@@ -256,12 +245,12 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
 
     per_case: list[list[_Call]] = []
     base = 0
-    for index, case in enumerate(cases):
+    for case in cases:
         staged = [Staged(DIALECT_INFO[case.dialect].plan(case, rank)) for rank in case.ranks()]
         per_case.append([])
         for repeat in range(repeats):
             for rank, one in zip(case.ranks(), staged):
-                per_case[-1].append(_Call(index, repeat, rank, one, base, RankRun(rank)))
+                per_case[-1].append(_Call(repeat, rank, one, base, RankRun(rank)))
                 base += one.nbytes
     host = np.empty(base, np.uint8)
     for calls in per_case:
