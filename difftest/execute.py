@@ -13,12 +13,14 @@ it costs one copy to the device, whatever the number of calls, and one copy
 back per case. On the CPU each buffer is its own tensor over its part of the
 host array, so a write past a buffer's storage raises as torch does.
 
-Every call is synchronised before the next one starts, so a sticky device
-error (an illegal address poisons the context) is pinned on the call that
-caused it (``fatal``) and the batch stops there: :func:`run_batch` returns
-the cases up to and including that one, each case's outputs having been
-copied back as soon as its calls were done. The cases after it did not run;
-the caller runs them in a fresh process.
+Every case is synchronised before the next one starts (its copy back is
+the synchronisation), so a sticky device error (an illegal address poisons
+the context) is pinned on the case that caused it (``fatal``) and the batch
+stops there: :func:`run_batch` returns the cases up to and including that
+one. The cases after it did not run; the caller runs them in a fresh
+process. The calls of one case run back to back when they are the same call
+repeated (one rank); the calls of an expert-parallel case, one per rank, are
+each synchronised, so the fatal error is also pinned on its rank.
 
 The result is a :class:`RankRun` of plain NumPy arrays per call: it crosses
 the pipe from a sandbox worker to the runner, which compares it with the
@@ -56,7 +58,7 @@ class RankRun:
     mutated_inputs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     error: str | None = None
     fatal: bool = False  # the device is unusable after this error (sticky CUDA error)
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # the call; the last call of a case also waits for its copy back
 
 
 @dataclass(frozen=True)
@@ -225,9 +227,10 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
               profile: dict[str, float] | None = None) -> list[list[list[RankRun]]]:
     """Every rank of every case, ``repeats`` times: ``runs[case][repeat][rank]``.
 
-    The calls run in order, each synchronised. After a fatal (sticky) device
-    error nothing more runs: the result ends with the case of the fatal call
-    (whose runs stop at that call), so it may hold fewer cases than given.
+    The calls run in order; each case is synchronised, and each rank of a
+    multi-rank case. After a fatal (sticky) device error nothing more runs:
+    the result ends with the case of the fatal call (whose runs stop at that
+    call), so it may hold fewer cases than given.
     ``profile``, when given, gets the seconds of each step added to it
     (``set-up``, ``transfer``, ``kernel``, ``inspection``).
     """
@@ -265,6 +268,9 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     runs: list[list[list[RankRun]]] = []
     for index, calls in enumerate(per_case):
         fn = callables[cases[index].dialect]
+        # one rank: the calls are one call repeated, run back to back, and the copy
+        # back synchronises them; several ranks: each call synchronised (fatal → rank)
+        each = cuda and len(cases[index].ranks()) > 1
         done: list[_Call] = []
         for call in calls:
             tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
@@ -274,21 +280,30 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
             start = time.perf_counter()
             try:
                 fn(*args)
-                sync()
+                if each:
+                    sync()
             except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
                 call.run.error = _describe(exc)
                 call.run.fatal = cuda and _is_sticky_cuda_error(exc)
             call.run.elapsed_s = time.perf_counter() - start
             if call.run.fatal:
                 break
-        tick("kernel")
         lo, hi = calls[0].base, calls[-1].base + calls[-1].staged.nbytes
         back = None
         if not done[-1].run.fatal:
+            start = time.perf_counter()
             try:
+                if profile is not None:
+                    sync()  # the kernels' time apart from the copy's
+                tick("kernel")
                 back = storage.storage[lo:hi].cpu().numpy() if cuda else host[lo:hi]
             except Exception as exc:  # noqa: BLE001 - a sticky error surfacing at the copy
-                done[-1].run.error, done[-1].run.fatal = _describe(exc), True
+                _fatal_at_copy(done, exc)
+            done[-1].run.elapsed_s += time.perf_counter() - start
+        else:
+            tick("kernel")
+        if back is None:  # the context is gone: only the calls' errors can be reported
+            done = [call for call in done if call.run.error is not None]
         tick("transfer")
         if back is not None:
             suspects = _calls_with_stray_changes(done, pristine[lo:hi], back, lo)
@@ -300,15 +315,25 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
                 else:
                     call.staged.outputs(back, call.base - lo, call.run)
         tick("inspection")
-        by_repeat: list[list[RankRun]] = []
+        by_repeat: dict[int, list[RankRun]] = {}
         for call in done:
-            if len(by_repeat) <= call.repeat:
-                by_repeat.append([])
-            by_repeat[call.repeat].append(call.run)
-        runs.append(by_repeat)
-        if done[-1].run.fatal:
+            by_repeat.setdefault(call.repeat, []).append(call.run)
+        runs.append(list(by_repeat.values()))
+        if any(call.run.fatal for call in done):
             break  # the context is unusable: nothing run after this means anything
     return runs
+
+
+def _fatal_at_copy(done: list[_Call], exc: BaseException) -> None:
+    """Put a sticky device error raised by a case's copy back on its call.
+
+    Unsynchronised calls are one call repeated: the error is that call's, put
+    on its first run. After synchronised calls (ranks) it is the last call's.
+    """
+    call = done[0] if len({c.rank for c in done}) == 1 else done[-1]
+    call.run.error, call.run.fatal = _describe(exc), True
+    if len(done) > 1 and call is done[0]:
+        call.run.error += f" (raised by the copy back after the {len(done)} runs of the call)"
 
 
 def _calls_with_stray_changes(calls: Sequence[_Call], pristine: np.ndarray,

@@ -14,8 +14,8 @@ worker, after it has reported the case as a ``crash``.
 Campaigns send cases in batches (:meth:`SandboxRunner.submit`, then
 :meth:`~SandboxRunner.collect`): one message and one staged copy to the
 device for the batch, and the runner compares the previous batch while the
-worker runs the next. A sticky device error stops a batch at the call that
-caused it (every call is synchronised): the worker reports the cases up to
+worker runs the next. A sticky device error stops a batch at the case that
+caused it (every case is synchronised): the worker reports the cases up to
 that one and exits, and :meth:`~SandboxRunner.collect` returns just those, so
 the crash is recorded before any restart; the caller submits the rest again.
 A batch whose worker dies or hangs without reporting gives no verdicts: its

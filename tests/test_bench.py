@@ -25,6 +25,7 @@ SMOKE = {
     "time_to_catch": ["--seeds", "1", "--faults", "inactive-blocks-zero,uneven-ep-truncates",
                       "--shrink-seconds", "2"],
     "vs_blockwalk": ["--repeats", "1"],
+    "oracle_scaling": ["--repeats", "1"],
 }
 
 

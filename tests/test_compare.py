@@ -127,6 +127,26 @@ def test_repeats_that_disagree_are_a_mismatch():
     assert ev.checks_failed == ["num_tokens_post_pad", "repeat_disagree"]
 
 
+def test_a_repeat_with_run_1s_bytes_is_still_checked_for_damage_and_a_wrong_run_1_is_kept():
+    wrong = {k: v.copy() for k, v in RIGHT.items()}
+    wrong["expert_ids"][1] = 0
+    same = [[RankRun(None, wrong)], [RankRun(None, wrong)]]
+    assert _checks(LORA_CASE, Outcome(same)) == ("mismatch", ["expert_ids"])
+    damaged = [[RankRun(None, RIGHT)],
+               [RankRun(None, RIGHT, guard_damage={"expert_ids": [(6, 3)]})]]
+    assert _checks(LORA_CASE, Outcome(damaged)) == ("mismatch", ["guard_band"])
+    mutated = [[RankRun(None, RIGHT)],
+               [RankRun(None, RIGHT, mutated_inputs={"topk_ids": (0, 1, 0)})]]
+    assert _checks(LORA_CASE, Outcome(mutated)) == ("mismatch", ["input_mutated"])
+    # segment order differs but canonically equal: no disagreement
+    case = Case("align", "production", np.array([[0], [0]], dtype=np.int32), 1, 2)
+    rows = {"expert_ids": np.array([0, -1], dtype=np.int32),
+            "num_tokens_post_pad": np.array([2], dtype=np.int32)}
+    a = RankRun(None, {"sorted_token_ids": np.array([0, 1, 2, 2], np.int32), **rows})
+    b = RankRun(None, {"sorted_token_ids": np.array([1, 0, 2, 2], np.int32), **rows})
+    assert _checks(case, Outcome([[a], [b], [a]])) == ("pass", [])
+
+
 REMAP = Case("ep-remap", "production", np.array([[0, 9], [4, 5]], dtype=np.int32), 10, 1,
              ep=EPGroup(10, 4))
 

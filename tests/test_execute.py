@@ -114,3 +114,17 @@ def test_every_byte_of_a_staged_block_outside_the_data_is_guard_band():
     assert staged.buffers[0].start == 0 and staged.buffers[-1].end == staged.nbytes
     assert all(a.end == b.start for a, b in zip(staged.buffers, staged.buffers[1:]))
     assert plan.inputs["topk_ids"].dtype == np.int64  # both item sizes are staged
+
+
+def test_a_sticky_error_at_the_copy_back_goes_to_the_call_that_was_repeated():
+    from difftest.execute import RankRun, _Call, _fatal_at_copy
+
+    staged = Staged(DIALECT_INFO["vllm-lora"].plan(_vllm(2), None))
+    repeated = [_Call(k, None, staged, 0, RankRun(None)) for k in range(3)]
+    _fatal_at_copy(repeated, RuntimeError("CUDA error: an illegal memory access"))
+    assert repeated[0].run.fatal and "after the 3 runs of the call" in repeated[0].run.error
+    assert not any(c.run.fatal or c.run.error for c in repeated[1:])
+    ranks = [_Call(0, r, staged, 0, RankRun(r)) for r in range(2)]  # each synchronised
+    _fatal_at_copy(ranks, RuntimeError("CUDA error: an illegal memory access"))
+    assert [c.run.fatal for c in ranks] == [False, True]
+    assert ranks[1].run.error == "RuntimeError: CUDA error: an illegal memory access"

@@ -120,6 +120,27 @@ def test_a_batch_with_an_illegal_address_stops_at_its_case_and_the_rest_runs_aft
                 for c, o in zip(cases[3:], runner.collect())] == ["pass", "pass"]
 
 
+def test_a_crash_in_a_repeated_call_is_one_fatal_run_of_its_case():
+    from difftest import registry
+    from difftest.evaluate import evaluate
+    from difftest.sandbox import SandboxRunner
+
+    impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
+    wild, fine = _slot_past_the_rows(1 << 28), _fine(3)
+    with SandboxRunner(impl, "cuda", timeout_s=60, repeats=4) as runner:
+        runner.submit([fine, wild, fine])
+        outcomes = runner.collect()
+        assert len(outcomes) == 2  # the case after the crash did not run
+        assert len(outcomes[0].runs) == 4
+        assert evaluate(fine, outcomes[0], stable=False).verdict == "pass"
+        # the four runs went out back to back: the error is the call's, on its first run,
+        # and no run of the case has unreadable outputs to compare
+        [[run]] = outcomes[1].runs
+        assert run.fatal and run.rank is None and run.error
+        ev = evaluate(wild, outcomes[1], stable=False)
+        assert ev.verdict == "crash" and ev.checks_failed[0] == "crash", ev.detail
+
+
 def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
     import user_impls
 
