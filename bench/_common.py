@@ -123,6 +123,14 @@ def ensure_worker(runner: Any, dialect: str) -> float:
 
 
 # -- end-to-end -----------------------------------------------------------------------
+def campaign_batch(num_tokens: int, topk: int = TOPK) -> int:
+    """Cases per batch as ``Campaign.generate`` forms them for cases of this size: a
+    batch closes at ``BATCH_CASES`` cases or once it holds ``BATCH_ROUTES`` routes."""
+    from difftest.campaign import BATCH_CASES, BATCH_ROUTES
+
+    return min(BATCH_CASES, -(-BATCH_ROUTES // max(1, num_tokens * topk)))
+
+
 def end_to_end(impl: Any, device: str, num_tokens: int, count: int, seed: int,
                runner: Any = None, batch: int | None = None) -> dict[str, Any]:
     """``count`` cases of ``num_tokens`` tokens through the campaign's own path.
@@ -133,13 +141,13 @@ def end_to_end(impl: Any, device: str, num_tokens: int, count: int, seed: int,
     per case); otherwise cases go in batches of ``batch``
     through ``Campaign.dispatch``, pipelined as ``Campaign.generate`` does (the
     runner compares one batch while the worker runs the next); default
-    ``difftest.campaign.BATCH_CASES``.  Returns seconds per case, cases/s,
+    :func:`campaign_batch`.  Returns seconds per case, cases/s,
     verdicts and the worker start-up time.
     """
-    from difftest.campaign import BATCH_CASES, Campaign
+    from difftest.campaign import Campaign
     from difftest.sandbox import SandboxRunner
 
-    batch = batch or BATCH_CASES
+    batch = batch or campaign_batch(num_tokens)
     own = runner is None
     if own:
         runner = SandboxRunner(impl, device, timeout_s=120.0)

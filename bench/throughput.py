@@ -4,14 +4,16 @@ For three size classes of production ``vllm-lora`` cases (decode T=32, mid
 T=1024, prefill T=16384; K=8 distinct experts of E=64, B=16, L=8 slots with
 base tokens), built deterministically from a NumPy RNG (not Hypothesis: a
 size class needs fixed sizes), cases go generate → run → oracle → compare →
-record in batches (``--batch``, default ``difftest.campaign.BATCH_CASES``),
-in this process, with one timer per stage (per case = stage total / cases):
+record in batches (``--batch``; by default as ``Campaign.generate`` forms
+them: ``_common.campaign_batch``, 64 decode, 8 mid or 1 prefill case), in
+this process, with one timer per stage (per case = stage total / cases):
 
 * generation  -- build and tag the cases (``bench/_common.make_case``);
 * set-up      -- the call plans, one staged host array with guard bands and fills;
 * transfer    -- that array host→device (one copy per batch), and each case's
   blocks back (one copy per case);
-* kernel      -- every call of the batch (``repeats`` per case), each synchronised;
+* kernel      -- every call of the batch (``repeats`` per case), one synchronisation
+  per case (for this profile, apart from the copy back);
 * inspection  -- guard bands, outputs and inputs read back from the host copy;
 * oracle      -- ``DIALECT_INFO[d].reference`` for every rank;
 * comparison  -- ``difftest.evaluate.evaluate`` with that expected value;
@@ -40,8 +42,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import (SIZE_CLASSES, Stopwatch, base_parser, check_device, default_impl,
-                     end_to_end, fmt_ms, fmt_rate, make_case, print_table, write_csv)
+from _common import (SIZE_CLASSES, Stopwatch, base_parser, campaign_batch, check_device,
+                     default_impl, end_to_end, fmt_ms, fmt_rate, make_case, print_table,
+                     write_csv)
 
 STAGES = ("generation", "set-up", "transfer", "kernel", "inspection", "oracle", "comparison",
           "logging")
@@ -123,7 +126,8 @@ def main() -> None:
                         help="size classes to run, comma-separated (default all)")
     parser.add_argument("--count", type=int,
                         help="cases per size class (default 1024/256/20)")
-    parser.add_argument("--batch", type=int, help="cases per batch (default BATCH_CASES)")
+    parser.add_argument("--batch", type=int,
+                        help="cases per batch (default: as campaigns form them per size)")
     parser.add_argument("--repeats", type=int, help="runs per case (default: the impl's)")
     parser.add_argument("--draws", type=int, help="Hypothesis draws (default 200, quick 30)")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,21 +135,20 @@ def main() -> None:
     check_device(ns.device)
 
     from difftest import registry
-    from difftest.campaign import BATCH_CASES
 
     impl = registry.resolve(ns.impl or default_impl(ns.device))
     fns = impl.load()
     repeats = ns.repeats or impl.repeats(ns.device)
-    batch = ns.batch or BATCH_CASES
     sizes = [s.strip() for s in ns.sizes.split(",") if s.strip()]
     counts = QUICK_COUNTS if ns.quick else COUNTS
     started = time.perf_counter()
 
-    results = {}
+    results, batches = {}, {}
     for k, size in enumerate(sizes):
         T = SIZE_CLASSES[size]
         n = ns.count or counts[size]
-        b = min(batch, n)
+        b = min(ns.batch or campaign_batch(T), n)
+        batches[size] = b
         results[size] = in_process(impl, fns, ns.device, T, n, ns.seed + k, repeats, b)
         results[size]["e2e"] = end_to_end(impl, ns.device, T, n, ns.seed + 100 + k, batch=b)
         results[size]["e2e1"] = end_to_end(impl, ns.device, T, min(n, 200), ns.seed + 300 + k,
@@ -208,7 +211,8 @@ def main() -> None:
     startup = max(results[s]["e2e"]["worker_startup_s"] for s in sizes)
     print_table(
         f"throughput: impl={impl.name} device={ns.device} vllm-lora K=8 E=64 B=16 L=8, "
-        f"{repeats} run(s)/case, batches of {batch}, cases/class "
+        f"{repeats} run(s)/case, batches of " + "/".join(str(batches[s]) for s in sizes)
+        + ", cases/class "
         + "/".join(str(results[s]["count"]) for s in sizes),
         headers, rows,
         [f"hypothesis generation: {draws} draws of strategies.cases(vllm-lora), mean "

@@ -5,8 +5,8 @@ around each case (generation, oracle, comparison, logging), not by the GPU:
 a decode-sized launch is tens of microseconds. ``difftest run --workers N``
 runs N such processes; this measures what that buys, per size class: each
 process warms its worker, waits at a barrier, then sends freshly generated
-cases through ``Campaign.dispatch`` in batches of ``BATCH_CASES`` (pipelined,
-as ``Campaign.generate`` runs them) for ``--seconds``; the table sums cases/s.
+cases through ``Campaign.dispatch`` in batches as ``Campaign.generate`` forms
+them (``_common.campaign_batch``: 64 decode cases, 8 mid ones; pipelined) for ``--seconds``; the table sums cases/s.
 
     python3 bench/throughput_parallel.py --device cuda --procs 1,4,8,14
 """
@@ -29,18 +29,19 @@ def _one(impl_name: str, device: str, num_tokens: int, seconds: float, seed: int
 
     import numpy as np
 
-    from _common import ensure_worker
+    from _common import campaign_batch, ensure_worker
     from difftest import registry
-    from difftest.campaign import BATCH_CASES, Campaign
+    from difftest.campaign import Campaign
     from difftest.sandbox import SandboxRunner
 
     impl = registry.resolve(impl_name)
+    batch = campaign_batch(num_tokens)
     rng = np.random.default_rng(seed)
     with SandboxRunner(impl, device, timeout_s=120.0) as runner, \
             tempfile.TemporaryDirectory() as tmp:
         ensure_worker(runner, "vllm-lora")
         campaign = Campaign(impl, runner, Path(tmp), seed=seed)
-        campaign.dispatch([make_case(rng, num_tokens) for _ in range(BATCH_CASES)])
+        campaign.dispatch([make_case(rng, num_tokens) for _ in range(batch)])
         campaign.drain()
         barrier.wait()
         start, done, failed = time.perf_counter(), 0, 0
@@ -51,7 +52,7 @@ def _one(impl_name: str, device: str, num_tokens: int, seconds: float, seed: int
             if time.perf_counter() - start >= seconds:
                 break
             evaluations = campaign.dispatch([make_case(rng, num_tokens)
-                                             for _ in range(BATCH_CASES)])
+                                             for _ in range(batch)])
         evaluations = campaign.drain()
         done += len(evaluations)
         failed += sum(e.verdict != "pass" for e in evaluations)
