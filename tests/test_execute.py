@@ -114,6 +114,33 @@ def test_every_byte_of_a_staged_block_outside_the_data_is_guard_band():
     assert staged.buffers[0].start == 0 and staged.buffers[-1].end == staged.nbytes
     assert all(a.end == b.start for a, b in zip(staged.buffers, staged.buffers[1:]))
     assert plan.inputs["topk_ids"].dtype == np.int64  # both item sizes are staged
+    # what a call may change and what it must leave as staged split the block exactly
+    may = np.zeros(staged.nbytes, dtype=int)
+    for lo, hi in staged.writable + staged.fixed:
+        may[lo:hi] += 1
+    assert (may == 1).all()
+    for buf in staged.buffers:
+        size = buf.numel * buf.dtype.itemsize
+        inside = any(lo <= buf.data and buf.data + size <= hi for lo, hi in staged.fixed)
+        assert inside == (buf.role == "input"), buf.name
+
+
+def test_a_write_into_a_guard_band_between_outputs_is_found_by_the_first_comparison():
+    from difftest.execute import RankRun, _Call, _calls_with_stray_changes
+
+    staged = Staged(DIALECT_INFO["vllm-lora"].plan(_vllm(3), None))
+    calls = [_Call(0, None, staged, k * staged.nbytes, RankRun(None)) for k in range(3)]
+    pristine = np.concatenate([staged.block] * 3)
+    back = pristine.copy()
+    for lo, hi in staged.writable:  # every output written: no call is suspect
+        back[staged.nbytes + lo:staged.nbytes + hi] = 1
+    assert _calls_with_stray_changes(calls, pristine, back, 0) == set()
+    lo, hi = staged.fixed[-1]  # the band after the last buffer of the second call
+    back[staged.nbytes + lo] ^= 0xFF
+    assert _calls_with_stray_changes(calls, pristine, back, 0) == {1}
+    first_input = staged.buffers[0]
+    back[2 * staged.nbytes + first_input.data] ^= 0x01  # an input of the third call
+    assert _calls_with_stray_changes(calls, pristine, back, 0) == {1, 2}
 
 
 def test_a_sticky_error_at_the_copy_back_goes_to_the_call_that_was_repeated():
