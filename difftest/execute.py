@@ -233,8 +233,9 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
 
     The calls run in order; each case is synchronised, and each rank of a
     multi-rank case. After a fatal (sticky) device error nothing more runs:
-    the result ends with the case of the fatal call (whose runs stop at that
-    call), so it may hold fewer cases than given.
+    the result ends with the case of the fatal call, whose runs are just its
+    calls that raised (none of its outputs can be read), so it may hold fewer
+    cases than given.
     ``profile``, when given, gets the seconds of each step added to it
     (``set-up``, ``transfer``, ``kernel``, ``inspection``).
     """
