@@ -6,7 +6,8 @@ a decode-sized launch is tens of microseconds. ``difftest run --workers N``
 runs N such processes; this measures what that buys, per size class: each
 process warms its worker, waits at a barrier, then sends freshly generated
 cases through ``Campaign.dispatch`` in batches as ``Campaign.generate`` forms
-them (``_common.campaign_batch``: 64 decode cases, 8 mid ones; pipelined) for ``--seconds``; the table sums cases/s.
+them (``_common.campaign_batch``: 64 decode cases, 8 mid ones; pipelined)
+for ``--seconds``; the table sums cases/s.
 
     python3 bench/throughput_parallel.py --device cuda --procs 1,4,8,14
 """
