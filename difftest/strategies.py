@@ -39,7 +39,6 @@ parameters, so they take milliseconds; they shrink through those parameters.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
