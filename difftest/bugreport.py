@@ -6,31 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from .case import Case
+from .checks import describe
 from .evaluate import Evaluation
 from .repro import repro_script
-
-_WHAT = {
-    "crash": "the worker process died (or the device raised a sticky error)",
-    "timeout": "the call did not return in time",
-    "exception": "the call raised an exception",
-    "guard_band": "the call wrote outside an output buffer",
-    "input_mutated": "the call modified one of its inputs",
-    "unwritten_row": "the call wrote the row of a slot it must not process",
-    "num_tokens_post_pad": "num_tokens_post_pad is wrong",
-    "expert_ids": "expert_ids is wrong",
-    "sorted_token_ids": "an expert segment of sorted_token_ids holds the wrong routes",
-    "pad_value": "padding positions of sorted_token_ids do not hold the pad value",
-    "local_topk_ids": "the remapped local expert ids are wrong",
-    "ep_conservation": "routes are lost or duplicated across EP ranks",
-    "repeat_disagree": "repeated runs of the same case disagree (a race)",
-}
 
 
 def title_of(impl_name: str, case: Case, evaluation: Evaluation) -> str:
     check = evaluation.primary_check or evaluation.verdict
     sizes = case.sizes()
     shape = ", ".join(f"{k}={v}" for k, v in sizes.items() if v is not None)
-    return (f"{impl_name} ({case.dialect}): {_WHAT.get(check, check)} "
+    return (f"{impl_name} ({case.dialect}): {describe(check)} "
             f"[{evaluation.verdict}, check {check}] on a {case.contract} case with {shape}")
 
 

@@ -15,18 +15,12 @@ from typing import Any
 import numpy as np
 
 from .case import Case
+from .checks import CHECK_PRIORITY
 from .compare import (Mismatch, RowOrder, breadcrumb, canonical, compare_conservation,
                       compare_run, same_canonical)
 from .dialects import DIALECT_INFO, RowsExpected
 from .execute import SENTINEL
 
-# The check a signature is named after, when several fail: the most
-# fundamental first (a crash explains everything after it).
-CHECK_PRIORITY = (
-    "crash", "timeout", "exception", "guard_band", "input_mutated", "unwritten_row",
-    "num_tokens_post_pad", "expert_ids", "sorted_token_ids", "pad_value", "local_topk_ids",
-    "ep_conservation", "repeat_disagree",
-)
 
 
 @dataclass

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .case import Case
+from .checks import sanitized
 from .repro import repro_script
 
-SANITIZED_CHECKS = ("crash", "guard_band", "exception", "timeout")
 TAIL = 6000
 
 
@@ -69,7 +69,7 @@ def run_sanitizer(case: Case, impl: Any, timeout_s: float = 300.0) -> str | None
 
 def sanitizer_extra(impl: Any) -> Callable[[Any, Case], dict]:
     def extra(failure: Any, minimal: Case) -> dict:
-        if failure.evaluation.primary_check not in SANITIZED_CHECKS:
+        if not sanitized(failure.evaluation.primary_check):
             return {}
         output = run_sanitizer(minimal, impl)
         return {"sanitizer": output} if output else {}

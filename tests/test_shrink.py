@@ -3,7 +3,7 @@
 Predicates are built in-process from the oracle and the torch implementation
 with one fault switched on: a candidate "still fails" when the checks that
 fail on it include the original's primary check (the most fundamental
-failed check, :data:`difftest.evaluate.CHECK_PRIORITY`).
+failed check, :data:`difftest.checks.CHECK_PRIORITY`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 
 import oracle
 from difftest.case import Case, EPGroup
+from difftest.checks import CHECK_PRIORITY
 from difftest.classify import contract_of, edge_classes_of
-from difftest.evaluate import CHECK_PRIORITY, evaluate
+from difftest.evaluate import evaluate
 from difftest.shrink import PASSES, ShrinkResult, shrink
 
 torch_impl = pytest.importorskip("cuda_impl.torch_impl")
