@@ -25,7 +25,8 @@ import oracle.ep
 
 from .errors import CaseError
 
-DIALECTS = ("align", "vllm-lora", "sglang-lora", "ep-remap")
+DIALECTS = ("align", "vllm-lora", "sglang-lora", "ep-remap", "sglang-align")
+#: The LoRA-aware dialects (per-slot rows, adapter inputs).
 LORA_DIALECTS = ("vllm-lora", "sglang-lora")
 CONTRACTS = ("production", "defensive")
 STRATEGIES = ("linear", "round_robin")
@@ -63,6 +64,10 @@ _ARRAY_FIELDS = (
     "adapter_enabled",
     "expert_map",
 )
+
+# Option fields and their defaults; a field at its default is left out of the
+# content id, so the ids of cases without options did not change when they came.
+_OPTION_FIELDS = {"pad_sorted_token_ids": True, "ignore_invalid_expert": False}
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,11 @@ class Case:
     adapter_enabled: np.ndarray | None = None
     expert_map: np.ndarray | None = None
     ep: EPGroup | None = None
+    # sglang-align options (SGLang's call flags; other dialects keep the defaults):
+    # pad_sorted_token_ids False leaves every position of sorted_token_ids that
+    # holds no route unwritten; ignore_invalid_expert drops the -1 routes.
+    pad_sorted_token_ids: bool = True
+    ignore_invalid_expert: bool = False
     edge_classes: tuple[str, ...] = ()
     seed: int | None = None
     note: str = ""
@@ -135,9 +145,28 @@ class Case:
             raise CaseError(f"topk_ids has shape {self.topk_ids.shape}: must be 2-D [T, K]")
         if self.topk_ids.dtype not in (np.int32, np.int64):
             raise CaseError(f"topk_ids has dtype {self.topk_ids.dtype}: must be int32 or int64")
+        self._check_options()
         object.__setattr__(self, "edge_classes", tuple(sorted(set(self.edge_classes))))
         if not self.case_id:
             object.__setattr__(self, "case_id", self._content_id())
+
+    def _check_options(self) -> None:
+        for name in _OPTION_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise CaseError(f"{name}={value!r}: must be true or false")
+            object.__setattr__(self, name, bool(value))
+            if self.dialect != "sglang-align" and value != _OPTION_FIELDS[name]:
+                raise CaseError(f"{name}={value!r}: only sglang-align cases have this option "
+                                f"(dialect={self.dialect!r})")
+        if self.dialect == "sglang-align":
+            # SGLang's align takes no expert_map: EP reaches it as local ids with -1.
+            if self.expert_map is not None:
+                raise CaseError("expert_map: sglang-align takes none (EP sends local ids "
+                                "with -1 for foreign routes)")
+            if self.ep is not None and self.ep.dispatch != "local_ids":
+                raise CaseError(f"ep.dispatch={self.ep.dispatch!r}: sglang-align takes only "
+                                "the 'local_ids' dispatch")
 
     # -- sizes -------------------------------------------------------------
     @property
@@ -246,6 +275,8 @@ class Case:
             if f.name in ("case_id", "seed", "note", "edge_classes"):
                 continue
             value = getattr(self, f.name)
+            if f.name in _OPTION_FIELDS and value == _OPTION_FIELDS[f.name]:
+                continue
             digest.update(f.name.encode())
             if isinstance(value, np.ndarray):
                 digest.update(f"{value.dtype}{value.shape}".encode())
@@ -272,10 +303,23 @@ def rank_inputs(case: Case, rank: int | None) -> dict[str, Any]:
             expert_map = rank_map
     padded = case.max_num_tokens_padded
     if padded is None and case.dialect != "ep-remap":
-        padded = oracle.padded_size(int(topk_ids.size), num_experts, case.block_size)
+        padded = production_padded_size(case.dialect, int(topk_ids.size), num_experts,
+                                        case.block_size)
     return {
         "topk_ids": topk_ids,
         "num_experts": int(num_experts),
         "expert_map": expert_map,
         "max_num_tokens_padded": padded,
     }
+
+
+def production_padded_size(dialect: str, numel: int, num_experts: int, block_size: int) -> int:
+    """The ``max_num_tokens_padded`` a serving stack allocates for one call of ``dialect``.
+
+    SGLang's plain align sizes for ``E + 1`` segments without rounding up
+    (:func:`oracle.sglang_padded_size`); every other dialect uses SPEC §2
+    (:func:`oracle.padded_size`). ``num_experts`` is the rank's ``E``.
+    """
+    if dialect == "sglang-align":
+        return oracle.sglang_padded_size(numel, num_experts, block_size)
+    return oracle.padded_size(numel, num_experts, block_size)

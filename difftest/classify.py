@@ -24,7 +24,8 @@ the expert count one rank's call receives (the local count under the
 ``slot-out-of-range``      LoRA: ``lora_ids`` holds a value ``>= L``
 ``ep-sentinel``            EP, ``ep-remap`` or the ``local_ids`` dispatch: some
                            rank of ``ep.ranks`` gets a ``-1`` route (a route
-                           foreign to it, or an id outside ``[0, G)``)
+                           foreign to it, or an id outside ``[0, G)``);
+                           ``sglang-align``: also a ``-1`` id of the case's own
 ``expert-map``             not ``ep-remap``: some rank's call gets an
                            ``expert_map`` with ``-1`` entries (EP ``expert_map``
                            dispatch, or the case's own ``expert_map``)
@@ -49,20 +50,21 @@ the expert count one rank's call receives (the local count under the
 ``huge-batch``             ``N > 65535`` (:data:`HUGE_BATCH_MIN_ROUTES`)
 ``invalid-expert-id``      some ``topk_ids`` value outside ``[0, E)`` — the
                            case's own ids; the ``-1`` a ``local_ids`` dispatch
-                           creates is ``ep-sentinel``, not this
+                           creates is ``ep-sentinel``, not this (``sglang-align``:
+                           outside ``[-1, E)``, its contract routes ``-1``)
 ``request-gap``            SGLang, ``T > 0``: a token outside every request
 =========================  ====================================================
 
 Contract: a case is ``defensive`` when :func:`defensive_reasons` finds any of
-``T == 0``; an invalid expert id; an explicit ``P`` other than the production
-size; for vLLM a mapping value outside ``[-1, L)``, ``lora_ids`` other than
-``oracle.active_lora_ids(mapping, L)``, ``adapter_enabled`` shorter than
-``L + 1`` or a listed slot disabled; for SGLang ``seg_indptr`` not covering
-``[0, T)`` (a request gap, or not non-decreasing), a ``req_to_lora`` value
-outside ``[0, L)``, ``lora_ids`` other than ``arange(L)``,
-``adapter_enabled`` shorter than ``L``, or a slot the batch uses disabled
-(SGLang may disable slots no request uses: that stays ``production``).
-Otherwise it is ``production``.
+``T == 0``; an invalid expert id (``sglang-align``: outside ``[-1, E)``); an
+explicit ``P`` other than the production size; for vLLM a mapping value outside
+``[-1, L)``, ``lora_ids`` other than ``oracle.active_lora_ids(mapping, L)``,
+``adapter_enabled`` shorter than ``L + 1`` or a listed slot disabled; for
+SGLang ``seg_indptr`` not covering ``[0, T)`` (a request gap, or not
+non-decreasing), a ``req_to_lora`` value outside ``[0, L)``, ``lora_ids`` other
+than ``arange(L)``, ``adapter_enabled`` shorter than ``L``, or a slot the batch
+uses disabled (SGLang may disable slots no request uses: that stays
+``production``). Otherwise it is ``production``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ import numpy as np
 import oracle
 import oracle.ep
 
-from .case import Case
+from .case import LORA_DIALECTS, Case, production_padded_size
+from .dialects import DIALECT_INFO
 
 __all__ = [
     "HUGE_BATCH_MIN_ROUTES",
@@ -123,7 +126,7 @@ def edge_classes_of(case: Case) -> tuple[str, ...]:
         found.append("int64-ids")
     if n > HUGE_BATCH_MIN_ROUTES - 1:
         found.append("huge-batch")
-    if not all_valid:
+    if not (all_valid or _only_sentinels(case, flat)):
         found.append("invalid-expert-id")
     if max(kernel_experts) >= MANY_EXPERTS_MIN:
         found.append("many-experts")
@@ -154,7 +157,10 @@ def edge_classes_of(case: Case) -> tuple[str, ...]:
                 case, counts if all_valid and num_experts == case.ep.global_num_experts
                 else None):
             found.append("ep-sentinel")
-    if case.dialect in ("vllm-lora", "sglang-lora"):
+    if (DIALECT_INFO[case.dialect].sentinel_segment and "ep-sentinel" not in found
+            and (flat == -1).any()):
+        found.append("ep-sentinel")
+    if case.dialect in LORA_DIALECTS:
         found.extend(_lora_classes(case))
     return tuple(sorted(found))
 
@@ -174,7 +180,10 @@ def defensive_reasons(case: Case) -> tuple[str, ...]:
     flat = case.topk_ids.reshape(-1)
     if case.num_tokens == 0:
         reasons.append("empty batch")
-    if not _all_in_range(flat, case.num_experts):
+    if DIALECT_INFO[case.dialect].sentinel_segment:
+        if not _all_in_range(flat + 1, case.num_experts + 1):
+            reasons.append("expert id outside [-1, E)")
+    elif not _all_in_range(flat, case.num_experts):
         reasons.append("expert id outside [0, E)")
     if case.dialect != "ep-remap" and case.max_num_tokens_padded is not None:
         if any(case.max_num_tokens_padded != p for p in _production_padded_sizes(case)):
@@ -350,6 +359,12 @@ def _all_in_range(values: np.ndarray, high: int) -> bool:
     return values.size == 0 or (int(values.min()) >= 0 and int(values.max()) < high)
 
 
+def _only_sentinels(case: Case, flat: np.ndarray) -> bool:
+    """sglang-align: every id outside ``[0, E)`` is ``-1`` (part of its contract)."""
+    return DIALECT_INFO[case.dialect].sentinel_segment and _all_in_range(
+        flat + 1, case.num_experts + 1)
+
+
 def _has_duplicate_route(ids: np.ndarray, num_experts: int, all_valid: bool) -> bool:
     # Column pairs (K <= 8: at most 28) beat sorting every row.
     num_tokens, topk = ids.shape
@@ -381,8 +396,8 @@ def _placement(global_num_experts: int, ep_size: int, strategy: str
     return tuple(counts), owner
 
 
-def _kernel_num_experts(case: Case) -> tuple[int, ...]:
-    """The ``num_experts`` each rank's call receives (one entry without EP)."""
+def _rank_num_experts(case: Case) -> tuple[int, ...]:
+    """The experts ``E`` of each rank's call (one entry without EP)."""
     ep = case.ep
     if ep is None or case.dialect == "ep-remap" or ep.dispatch != "local_ids":
         return (case.num_experts,)
@@ -390,9 +405,17 @@ def _kernel_num_experts(case: Case) -> tuple[int, ...]:
     return tuple(counts[r] for r in ep.ranks)
 
 
+def _kernel_num_experts(case: Case) -> tuple[int, ...]:
+    """The ``num_experts`` each rank's kernel receives: ``E``, or ``E + 1`` buckets for
+    a dialect whose ``-1`` routes form a segment of their own (sglang-align)."""
+    extra = int(DIALECT_INFO[case.dialect].sentinel_segment)
+    return tuple(e + extra for e in _rank_num_experts(case))
+
+
 def _production_padded_sizes(case: Case) -> tuple[int, ...]:
     n, b = case.num_routes, case.block_size
-    return tuple(oracle.padded_size(n, max(e, 1), b) for e in _kernel_num_experts(case))
+    return tuple(production_padded_size(case.dialect, n, max(e, 1), b)
+                 for e in _rank_num_experts(case))
 
 
 def _has_expert_map_with_gaps(case: Case) -> bool:

@@ -8,10 +8,12 @@ of how many, and the first differing position with expected and actual.
 Checks, by name (the ``check`` column of ``mismatches.parquet``):
 
 ``num_tokens_post_pad``  exact, per processed slot
-``expert_ids``           exact, per processed row
+``expert_ids``           exact, per processed row (the blocks its dialect
+                         specifies: sglang-align leaves those past the total)
 ``sorted_token_ids``     per expert segment: the same multiset of routes (same
                          order for a stable implementation)
-``pad_value``            positions from the total to ``P`` hold ``N``
+``pad_value``            positions from the total to ``P`` hold ``N`` (or stay
+                         unwritten, where the dialect says so)
 ``unwritten_row``        rows of unprocessed slots still hold the sentinel
 ``guard_band``           nothing written outside a buffer
 ``input_mutated``        inputs unchanged
@@ -32,7 +34,7 @@ import numpy as np
 import oracle.ep
 
 from .case import Case
-from .dialects import RemapExpected, RowsExpected
+from .dialects import DIALECT_INFO, RemapExpected, RowsExpected
 
 MAX_SHOWN = 8  # elements shown in one message
 MAX_SEGMENTS = 4  # differing segments reported per row
@@ -110,10 +112,16 @@ def array_mismatch(check: str, expected: np.ndarray, actual: np.ndarray, *, name
                     int(expected[i]), int(actual[i]))
 
 
-def segments(expert_row: np.ndarray, block_size: int) -> list[tuple[int, int, int]]:
-    """``(expert, start, end)`` of each padded segment of an expected ``expert_ids`` row."""
+def segments(expert_row: np.ndarray, block_size: int,
+             active: int | None = None) -> list[tuple[int, int, int]]:
+    """``(expert, start, end)`` of each padded segment of an expected ``expert_ids`` row.
+
+    ``active``: the blocks inside segments (``total / B``); by default the
+    blocks before the first ``-1`` (sglang-align's ``-1`` segment needs it given).
+    """
     row = np.asarray(expert_row)
-    active = int(np.argmax(row < 0)) if (row < 0).any() else row.size
+    if active is None:
+        active = int(np.argmax(row < 0)) if (row < 0).any() else row.size
     if active == 0:
         return []
     starts = np.flatnonzero(np.diff(row[:active], prepend=row[0] - 1) != 0)
@@ -126,8 +134,8 @@ class RowOrder:
     """Canonical [L, P] rows for one expected value: each expected segment sorted.
 
     Built once per expected value (rank) and used for every run compared with
-    it. Only the positions of the expected segments (the blocks whose expected
-    expert is not -1) are unspecified in order, so only those are gathered and
+    it. Only the positions of the expected segments (the blocks before the
+    row's total) are unspecified in order, so only those are gathered and
     sorted -- one int64 sort of (segment number, value) packed into 32 + 32
     bits -- and put back where they were; every other position keeps its value.
     """
@@ -140,7 +148,8 @@ class RowOrder:
         change = np.ones_like(ids, dtype=bool)
         change[:, 1:] = ids[:, 1:] != ids[:, :-1]
         segment = np.cumsum(change, axis=1)  # [L, M], 1-based segment number in its row
-        rows, blocks = np.nonzero(ids >= 0)  # row-major, so the keys below never decrease
+        inside = np.arange(M)[None, :] < expected.active_blocks()[:, None]
+        rows, blocks = np.nonzero(inside)  # row-major, so the keys below never decrease
         self.index = ((rows * P + blocks * B)[:, None] + np.arange(B)).reshape(-1)
         key = segment[rows, blocks].astype(np.int64) + rows * (M + 1)
         self.high = np.repeat(key << 32, B)
@@ -173,8 +182,9 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
         want_rows = order.want
         have_rows = order.rows(got_sorted) if have_rows is None else have_rows
     written = np.asarray(expected.written, dtype=bool)
+    checked = expected.expert_ids_checked() & written[:, None]
     if (np.array_equal(want_rows[written], have_rows[written])
-            and np.array_equal(expected.expert_ids[written], got_experts[written])
+            and np.array_equal(expected.expert_ids[checked], got_experts[checked])
             and np.array_equal(expected.num_tokens_post_pad[written], got_total[written])
             and (got_sorted[~written] == sentinel).all()
             and (got_experts[~written] == sentinel).all()
@@ -200,8 +210,10 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
                            rank=rank, slot=slot)
         if m:
             found.append(m)
-        m = array_mismatch("expert_ids", expected.expert_ids[row], got_experts[row],
-                           name="expert_ids", offset=row * M, rank=rank, slot=slot)
+        blocks = int(np.count_nonzero(checked[row]))  # the specified leading blocks
+        m = array_mismatch("expert_ids", expected.expert_ids[row, :blocks],
+                           got_experts[row, :blocks], name="expert_ids", offset=row * M,
+                           rank=rank, slot=slot)
         if m:
             found.append(m)
         exp_row, got_row = expected.sorted_token_ids[row], got_sorted[row]
@@ -212,7 +224,8 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
             # one record per differing segment (the first few), named by its expert
             bad_blocks = np.unique(np.flatnonzero(differ) // expected.block_size)
             shown = 0
-            for e, start, end in segments(exp_experts, expected.block_size):
+            for e, start, end in segments(exp_experts, expected.block_size,
+                                          total // expected.block_size):
                 if shown == MAX_SEGMENTS:
                     break
                 if not ((bad_blocks >= start // expected.block_size)
@@ -224,10 +237,14 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
                     name="sorted_token_ids", offset=row * P + start, rank=rank, slot=slot,
                     expert=e, what="segment holds different routes"
                     + ("" if stable else " (compared as sorted multisets)")))
+        if expected.pad_value == sentinel:
+            what = f"positions past the total {total} must be left unwritten (the sentinel)"
+        else:
+            what = f"positions past the total {total} must hold the pad value " \
+                   f"{expected.pad_value}"
         m = array_mismatch("pad_value", exp_row[total:], got_row[total:],
                            name="sorted_token_ids", offset=row * P + total, rank=rank,
-                           slot=slot, what=f"positions past the total {total} must hold "
-                                           f"the pad value {expected.pad_value}")
+                           slot=slot, what=what)
         if m:
             found.append(m)
     return found
@@ -276,7 +293,10 @@ def canonical(case: Case, expected: Any, run: Any, order: RowOrder | None = None
         return ("error", run.error)
     if isinstance(expected, RowsExpected):
         order = RowOrder(expected) if order is None else order
-        return (order.rows(run.outputs["sorted_token_ids"]), run.outputs["expert_ids"].tobytes(),
+        # expert_ids blocks the dialect leaves unspecified are not part of the result
+        experts = run.outputs["expert_ids"].reshape(expected.expert_ids.shape)
+        experts = np.where(expected.expert_ids_checked(), experts, 0)
+        return (order.rows(run.outputs["sorted_token_ids"]), experts.tobytes(),
                 run.outputs["num_tokens_post_pad"].tobytes())
     return tuple(v.tobytes() for _, v in sorted(run.outputs.items()))
 
@@ -316,6 +336,8 @@ def compare_conservation(case: Case, runs: list[Any], expected: dict) -> list[Mi
     global_of[routes] = experts
     first = expected[runs[0].rank]
     L = first.sorted_token_ids.shape[0]
+    # sglang-align: a rank's foreign (-1) routes sit in its -1 segment, not lost
+    foreign_segment = DIALECT_INFO[case.dialect].sentinel_segment
     found: list[Mismatch] = []
     for row in range(L):
         if not first.written[row]:
@@ -323,8 +345,11 @@ def compare_conservation(case: Case, runs: list[Any], expected: dict) -> list[Mi
         slot = row if L > 1 else None
         want = np.zeros(N, dtype=bool)  # routes the oracle gives this slot, on any rank
         for run in runs:
-            values = expected[run.rank].sorted_token_ids[row]
-            want[values[values != N]] = True
+            rank_expected = expected[run.rank]
+            values = rank_expected.sorted_token_ids[row]
+            block_expert = np.repeat(rank_expected.expert_ids[row].astype(np.int64), B)
+            mine = (values >= 0) & (values < N) & (block_expert[:values.size] >= 0)
+            want[values[mine]] = True
         hits = np.zeros(N, dtype=np.int64)
         wrong: Mismatch | None = None
         for run in runs:
@@ -334,6 +359,10 @@ def compare_conservation(case: Case, runs: list[Any], expected: dict) -> list[Mi
             route = srt[pos].astype(np.int64)
             block = pos // B
             local = np.where(block < eid.size, eid[np.minimum(block, eid.size - 1)], -1)
+            if foreign_segment:
+                total = int(run.outputs["num_tokens_post_pad"].reshape(L)[row])
+                keep = ~((local == -1) & (pos < total))  # the rank's -1 segment
+                pos, route, block, local = pos[keep], route[keep], block[keep], local[keep]
             own = owned[run.rank]
             inside = (local >= 0) & (local < own.size)
             glob = np.full(route.size, -1, dtype=np.int64)

@@ -19,12 +19,16 @@ import oracle.ep
 
 from .case import Case, rank_inputs
 
+SENTINEL = -559038737  # 0xDEADBEEF as int32: every output is pre-filled with it ("never written")
+
 
 @dataclass(frozen=True)
 class RowsExpected:
     """What the oracle expects of an align-type call, one row per slot.
 
-    Plain ``align`` has a single row that is always written.
+    Plain ``align`` has a single row that is always written. Positions a call
+    must leave alone hold :data:`SENTINEL` (``pad_value`` is then the
+    sentinel too: ``sglang-align`` without ``pad_sorted_token_ids``).
     """
 
     sorted_token_ids: np.ndarray  # int32 [L, P]
@@ -33,6 +37,21 @@ class RowsExpected:
     written: np.ndarray  # bool [L]
     pad_value: int
     block_size: int
+    # Leading blocks of each expert_ids row whose value is specified, int [L];
+    # None: all M. The rest (sglang-align: from total / B on) is not checked.
+    checked_blocks: np.ndarray | None = None
+
+    def expert_ids_checked(self) -> np.ndarray:
+        """bool [L, M]: the ``expert_ids`` entries a comparison checks."""
+        L, M = self.expert_ids.shape
+        if self.checked_blocks is None:
+            return np.ones((L, M), dtype=bool)
+        return np.arange(M)[None, :] < np.asarray(self.checked_blocks).reshape(L, 1)
+
+    def active_blocks(self) -> np.ndarray:
+        """int [L]: blocks inside the padded segments of each row (0 for unwritten rows)."""
+        totals = np.asarray(self.num_tokens_post_pad, dtype=np.int64) // self.block_size
+        return np.where(np.asarray(self.written, dtype=bool), totals, 0)
 
 
 @dataclass(frozen=True)
@@ -68,14 +87,43 @@ class TensorArg:
 
 @dataclass(frozen=True)
 class DialectInfo:
-    """The record of one dialect: calling convention, plan builder, reference."""
+    """The record of one dialect: every per-dialect fact lives here."""
 
     name: str
-    summary: str
-    signature: str
+    # Parameter names of the calling convention, in order (DESIGN.md; for
+    # sglang-align, sgl_kernel's own names). Adapters compare installed
+    # functions with these; len() is the arity.
+    arguments: tuple[str, ...]
+    # Defaults the convention gives trailing parameters (for `difftest list`).
+    defaults: dict[str, str]
+    # The leading parameter names that identify a user's callable as this
+    # dialect when --dialect is not given (registry._dialect_of).
+    signature_head: tuple[str, ...]
+    # Case -> the call's inputs, outputs, scratch and positional arguments.
     plan: Callable[[Case, int | None], CallPlan]
+    # Case -> what the oracle expects (RowsExpected / RemapExpected).
     reference: Callable[[Case, int | None], Any]
-    lora: bool
+    # Edge classes a generated case can be built around (strategies' foci).
+    edge_focus: tuple[str, ...]
+    # Edge classes only defensive inputs have (SPEC §7).
+    defensive_only: tuple[str, ...]
+    # Defensive ingredients a defensive case gets when no focus is defensive.
+    ingredients: tuple[str, ...]
+    # -1 routes form a segment of their own at the start of sorted_token_ids
+    # (under expert -1): the kernel's num_experts is E + 1 (SGLang's plain align).
+    sentinel_segment: bool = False
+
+    @property
+    def arity(self) -> int:
+        """Number of positional parameters of the calling convention."""
+        return len(self.arguments)
+
+    @property
+    def signature(self) -> str:
+        """The calling convention as one line: ``fn(topk_ids, ..., expert_map=None)``."""
+        params = (f"{a}={self.defaults[a]}" if a in self.defaults else a
+                  for a in self.arguments)
+        return f"fn({', '.join(params)})"
 
 
 def _num_m_blocks(padded: int, block_size: int) -> int:
@@ -224,30 +272,110 @@ def _remap_reference(case: Case, rank: int | None) -> RemapExpected:
     return RemapExpected(np.asarray(local, dtype=case.topk_ids.dtype))
 
 
+# -- sglang-align ----------------------------------------------------------
+def _sglang_align_plan(case: Case, rank: int | None) -> CallPlan:
+    ri = rank_inputs(case, rank)
+    padded, buckets = ri["max_num_tokens_padded"], ri["num_experts"] + 1
+    i32 = np.dtype(np.int32)
+    # SGLang's caller allocates num_experts + 2 entries (its num_experts is E).
+    scratch = {"cumsum_buffer": ((buckets + 1,), i32)}
+    args = (TensorArg("topk_ids"), buckets, case.block_size, TensorArg("sorted_token_ids"),
+            TensorArg("expert_ids"), TensorArg("num_tokens_post_pad"),
+            TensorArg("cumsum_buffer"), case.pad_sorted_token_ids, case.ignore_invalid_expert)
+    return CallPlan({"topk_ids": ri["topk_ids"]},
+                    _align_outputs(1, padded, _num_m_blocks(padded, case.block_size)),
+                    scratch, args)
+
+
+def _sglang_align_reference(case: Case, rank: int | None) -> RowsExpected:
+    ri = rank_inputs(case, rank)
+    a = oracle.sglang_align(ri["topk_ids"], ri["num_experts"], case.block_size,
+                            max_num_tokens_padded=ri["max_num_tokens_padded"],
+                            ignore_invalid_expert=case.ignore_invalid_expert)
+    sorted_ids, pad_value = a.sorted_token_ids, case.num_routes
+    if not case.pad_sorted_token_ids:
+        # Without the flag the call writes only the routes' places (the caller prefills).
+        sorted_ids = np.where(sorted_ids == pad_value, SENTINEL, sorted_ids).astype(np.int32)
+        pad_value = SENTINEL
+    total = a.num_tokens_post_pad
+    return RowsExpected(sorted_ids[None, :], a.expert_ids[None, :],
+                        np.array([total], dtype=np.int32), np.array([True]), pad_value,
+                        case.block_size, np.array([total // case.block_size]))
+
+
+_COMMON_FOCUS = (
+    "block-edges", "int64-ids", "hot-expert", "empty-expert", "duplicate-route",
+    "ep-sentinel", "expert-map", "non-divisible-experts", "empty-batch",
+    "invalid-expert-id", "loose-padding", "many-experts", "path-boundary", "huge-batch",
+)
+_LORA_FOCUS = ("full-slots-with-base", "base-only", "disabled-adapter", "slot-out-of-range")
+_ALWAYS_DEFENSIVE = ("empty-batch", "invalid-expert-id", "loose-padding")
+
 DIALECT_INFO: dict[str, DialectInfo] = {
     info.name: info
     for info in (
         DialectInfo(
-            "align", "plain block alignment (SPEC §3)",
-            "fn(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids, "
-            "num_tokens_post_pad, expert_map=None)",
-            _align_plan, _align_reference, lora=False),
+            "align",
+            ("topk_ids", "num_experts", "block_size", "sorted_token_ids", "expert_ids",
+             "num_tokens_post_pad", "expert_map"),
+            {"expert_map": "None"},
+            ("topk_ids", "num_experts"),
+            _align_plan, _align_reference,
+            edge_focus=_COMMON_FOCUS,
+            defensive_only=_ALWAYS_DEFENSIVE,
+            ingredients=("loose-padding", "invalid-expert-id")),
         DialectInfo(
-            "vllm-lora", "LoRA-aware alignment, vLLM calling convention (SPEC §4)",
-            "fn(topk_ids, token_lora_mapping, num_experts, block_size, max_loras, "
-            "max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids, "
-            "num_tokens_post_pad, adapter_enabled, lora_ids, expert_map=None)",
-            _vllm_plan, _vllm_reference, lora=True),
+            "vllm-lora",
+            ("topk_ids", "token_lora_mapping", "num_experts", "block_size", "max_loras",
+             "max_num_tokens_padded", "max_num_m_blocks", "sorted_token_ids", "expert_ids",
+             "num_tokens_post_pad", "adapter_enabled", "lora_ids", "expert_map"),
+            {"expert_map": "None"},
+            ("topk_ids", "token_lora_mapping"),
+            _vllm_plan, _vllm_reference,
+            edge_focus=_LORA_FOCUS + _COMMON_FOCUS,
+            defensive_only=_ALWAYS_DEFENSIVE + ("disabled-adapter", "slot-out-of-range"),
+            ingredients=("loose-padding", "invalid-expert-id", "slot-out-of-range",
+                         "disabled-adapter", "lora-layout")),
         DialectInfo(
-            "sglang-lora", "LoRA-aware alignment, SGLang calling convention (SPEC §5)",
-            "fn(topk_ids, seg_indptr, req_to_lora, num_experts, block_size, max_loras, "
-            "max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids, "
-            "num_tokens_post_pad, adapter_enabled, lora_ids, expert_map, cumsum_buffer, "
-            "token_mask)",
-            _sglang_plan, _sglang_reference, lora=True),
+            "sglang-lora",
+            ("topk_ids", "seg_indptr", "req_to_lora", "num_experts", "block_size", "max_loras",
+             "max_num_tokens_padded", "max_num_m_blocks", "sorted_token_ids", "expert_ids",
+             "num_tokens_post_pad", "adapter_enabled", "lora_ids", "expert_map",
+             "cumsum_buffer", "token_mask"),
+            {},
+            ("topk_ids", "seg_indptr"),
+            _sglang_plan, _sglang_reference,
+            edge_focus=_LORA_FOCUS + ("request-gap",) + _COMMON_FOCUS,
+            # SGLang production has no token without adapter; disabling an unused
+            # slot is production, so disabled-adapter is reachable in both contracts.
+            defensive_only=_ALWAYS_DEFENSIVE + (
+                "slot-out-of-range", "request-gap", "full-slots-with-base", "base-only"),
+            ingredients=("loose-padding", "invalid-expert-id", "slot-out-of-range",
+                         "disabled-adapter", "request-gap", "unassigned-request")),
         DialectInfo(
-            "ep-remap", "global expert ids to one EP rank's local ids (SPEC §6)",
-            "fn(topk_ids, global_num_experts, ep_size, ep_rank, strategy, local_topk_ids)",
-            _remap_plan, _remap_reference, lora=False),
+            "ep-remap",
+            ("topk_ids", "global_num_experts", "ep_size", "ep_rank", "strategy",
+             "local_topk_ids"),
+            {},
+            ("topk_ids", "global_num_experts"),
+            _remap_plan, _remap_reference,
+            edge_focus=("int64-ids", "hot-expert", "empty-expert", "duplicate-route",
+                        "ep-sentinel", "non-divisible-experts", "empty-batch",
+                        "invalid-expert-id", "many-experts", "huge-batch"),
+            defensive_only=("empty-batch", "invalid-expert-id"),
+            ingredients=("invalid-expert-id",)),
+        DialectInfo(
+            "sglang-align",
+            ("topk_ids", "num_experts", "block_size", "sorted_token_ids", "experts_ids",
+             "num_tokens_post_pad", "cumsum_buffer", "pad_sorted_token_ids",
+             "ignore_invalid_expert"),
+            {"pad_sorted_token_ids": "False", "ignore_invalid_expert": "False"},
+            ("topk_ids", "num_experts", "block_size", "sorted_token_ids", "experts_ids"),
+            _sglang_align_plan, _sglang_align_reference,
+            # No expert_map: EP reaches SGLang's align as local ids with -1.
+            edge_focus=tuple(c for c in _COMMON_FOCUS if c != "expert-map"),
+            defensive_only=_ALWAYS_DEFENSIVE,
+            ingredients=("loose-padding", "invalid-expert-id"),
+            sentinel_segment=True),
     )
 }

@@ -40,9 +40,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .case import Case
-from .dialects import DIALECT_INFO, CallPlan, TensorArg
+from .dialects import DIALECT_INFO, SENTINEL, CallPlan, TensorArg  # SENTINEL: outputs' fill
 
-SENTINEL = -559038737  # 0xDEADBEEF as int32: "never written"
 GUARD = -1163005939  # 0xBAADF00D as int32: guard band around every buffer
 GUARD_LEN = 64  # elements of guard band at least, before and after every buffer
 ALIGN = 256  # bytes: every buffer's band, and its data, starts on this boundary

@@ -15,17 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .case import DIALECTS
+from .dialects import DIALECT_INFO
 from .errors import ImplementationError
-
-# Parameters each calling convention starts with (DESIGN.md); used to tell the
-# dialect of a user's callable when --dialect is not given.
-_SIGNATURE_HEADS = {
-    "vllm-lora": ("topk_ids", "token_lora_mapping"),
-    "sglang-lora": ("topk_ids", "seg_indptr"),
-    "ep-remap": ("topk_ids", "global_num_experts"),
-    "align": ("topk_ids", "num_experts"),
-}
-_ARITY = {"align": 7, "vllm-lora": 13, "sglang-lora": 16, "ep-remap": 6}
 
 CUDA_REPEATS = 4  # CUDA runs of one case: a race that loses half the time escapes 1 in 16
 
@@ -90,12 +81,19 @@ def _dialect_of(fn: Callable[..., Any], target: str) -> str:
         params = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         params = []
-    for dialect, head in _SIGNATURE_HEADS.items():
-        if tuple(params[:2]) == head:
-            return dialect
-    arity = [d for d, n in _ARITY.items() if len(params) == n]
+    # The dialects whose signature head the parameters start with; among them
+    # one of the right arity, the longest head first; else the only dialect of
+    # that arity (a callable naming its parameters its own way).
+    heads = sorted((info for info in DIALECT_INFO.values()
+                    if tuple(params[:len(info.signature_head)]) == info.signature_head),
+                   key=lambda info: (info.arity != len(params), -len(info.signature_head)))
+    if heads and heads[0].arity == len(params):
+        return heads[0].name
+    arity = [info.name for info in DIALECT_INFO.values() if info.arity == len(params)]
     if len(arity) == 1:
         return arity[0]
+    if heads:
+        return heads[0].name
     raise ImplementationError(
         f"--impl py:{target}: cannot tell its dialect from its signature {tuple(params)}; "
         f"pass --dialect, one of {', '.join(DIALECTS)}")
