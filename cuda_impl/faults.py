@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIALECTS: tuple[str, ...] = ("align", "vllm-lora", "sglang-lora", "ep-remap")
+DIALECTS: tuple[str, ...] = ("align", "vllm-lora", "sglang-lora", "ep-remap", "sglang-align")
 """The calling conventions under test (DESIGN.md, "Implementations under test")."""
 
 BACKENDS: tuple[str, ...] = ("torch", "cuda")
@@ -60,8 +60,9 @@ FAULTS: dict[str, Fault] = {
         ),
         Fault(
             "negative-expert-kept",
-            "a -1 expert id is used as an index: the route is counted for another expert",
-            _ALIGNS,
+            "a -1 expert id is used as an index: the route is counted for another expert "
+            "(sglang-align: ignore_invalid_expert keeps the -1 routes)",
+            _ALIGNS + ("sglang-align",),
             BACKENDS,
         ),
         Fault(
@@ -76,6 +77,21 @@ FAULTS: dict[str, Fault] = {
             "belongs to no rank and its routes vanish",
             ("ep-remap",),
             BACKENDS,
+        ),
+        Fault(
+            "vector-tail-overrun",
+            "SGLang align's pad fill stores ceil(P / 4) 16-byte vectors: when P % 4 != 0 the "
+            "last one writes 1-3 ints past sorted_token_ids",
+            ("sglang-align",),
+            BACKENDS,
+        ),
+        Fault(
+            "zero-grid-launch",
+            "an empty batch (T = 0) on the large path launches a kernel with a zero-block "
+            "grid and does not check the launch: 'invalid argument' stays pending for the "
+            "next CUDA call",
+            ("align",),
+            ("cuda",),
         ),
         Fault(
             "odd-block-resets-count",

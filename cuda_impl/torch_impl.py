@@ -1,4 +1,4 @@
-"""The device-agnostic torch implementation of the four dialects, with its faults.
+"""The device-agnostic torch implementation of the five dialects, with its faults.
 
 An independent second implementation of SPEC §3–§6 (it shares no code with
 the oracle), written like the kernels it stands for: per launched
@@ -41,7 +41,7 @@ FAULT_NAMES: tuple[str, ...] = tuple(
 def implementation(fault: str | None = None) -> dict[str, Callable[..., None]]:
     """``{dialect: callable}`` following DESIGN.md's calling conventions.
 
-    Without ``fault``: all four dialects, correct. With a fault name: only the
+    Without ``fault``: every dialect, correct. With a fault name: only the
     dialects that fault affects, each with the fault switched on. A fault this
     backend does not ship (unknown, or CUDA-only) raises ``ValueError``.
     """
@@ -64,7 +64,7 @@ def describe() -> str:
 
 
 def _callables(sw: switches.Switches) -> dict[str, Callable[..., None]]:
-    """The four dialect callables with the switches ``sw`` bound in."""
+    """The dialect callables with the switches ``sw`` bound in."""
 
     def align(
         topk_ids,
@@ -157,9 +157,35 @@ def _callables(sw: switches.Switches) -> dict[str, Callable[..., None]]:
     def ep_remap(topk_ids, global_num_experts, ep_size, ep_rank, strategy, local_topk_ids) -> None:
         ep.remap(topk_ids, global_num_experts, ep_size, ep_rank, strategy, local_topk_ids, sw)
 
+    def sglang_align(
+        topk_ids,
+        num_experts,
+        block_size,
+        sorted_token_ids,
+        experts_ids,
+        num_tokens_post_pad,
+        cumsum_buffer,
+        pad_sorted_token_ids=False,
+        ignore_invalid_expert=False,
+    ) -> None:
+        """SGLang's plain align; ``cumsum_buffer`` (work buffer) is not needed and left alone."""
+        del cumsum_buffer
+        launch.sglang_align(
+            topk_ids,
+            num_experts,
+            block_size,
+            sorted_token_ids,
+            experts_ids,
+            num_tokens_post_pad,
+            pad_sorted_token_ids,
+            ignore_invalid_expert,
+            sw,
+        )
+
     return {
         "align": align,
         "vllm-lora": vllm_lora_align,
         "sglang-lora": sglang_lora_align,
         "ep-remap": ep_remap,
+        "sglang-align": sglang_align,
     }

@@ -48,7 +48,16 @@ from hypothesis.strategies import SearchStrategy
 
 import oracle
 
-from .case import CONTRACTS, DIALECTS, DISPATCH_FORMS, STRATEGIES, Case, EPGroup
+from .case import (
+    CONTRACTS,
+    DIALECTS,
+    DISPATCH_FORMS,
+    LORA_DIALECTS,
+    STRATEGIES,
+    Case,
+    EPGroup,
+    production_padded_size,
+)
 from .classify import (
     HUGE_BATCH_MIN_ROUTES,
     KERNEL_MAX_EXPERTS,
@@ -59,6 +68,7 @@ from .classify import (
     defensive_reasons,
     edge_classes_of,
 )
+from .dialects import DIALECT_INFO
 from .errors import UsageError
 
 __all__ = [
@@ -97,46 +107,15 @@ HUGE_MIN_TOKENS, HUGE_MAX_TOKENS = 16384, 40000
 #: Largest ``L`` of a case with many routes or experts (keeps ``[L, P]`` small).
 LARGE_CASE_MAX_LORAS = 8
 
-_COMMON_FOCUS = (
-    "block-edges", "int64-ids", "hot-expert", "empty-expert", "duplicate-route",
-    "ep-sentinel", "expert-map", "non-divisible-experts", "empty-batch",
-    "invalid-expert-id", "loose-padding", "many-experts", "path-boundary", "huge-batch",
-)
-_LORA_FOCUS = ("full-slots-with-base", "base-only", "disabled-adapter", "slot-out-of-range")
+#: Edge classes a case of each dialect can be built around (any contract);
+#: each dialect's ``DialectInfo.edge_focus``.
+EDGE_FOCUS: dict[str, tuple[str, ...]] = {d: i.edge_focus for d, i in DIALECT_INFO.items()}
 
-#: Edge classes a case of each dialect can be built around (any contract).
-EDGE_FOCUS: dict[str, tuple[str, ...]] = {
-    "align": _COMMON_FOCUS,
-    "vllm-lora": _LORA_FOCUS + _COMMON_FOCUS,
-    "sglang-lora": _LORA_FOCUS + ("request-gap",) + _COMMON_FOCUS,
-    "ep-remap": (
-        "int64-ids", "hot-expert", "empty-expert", "duplicate-route", "ep-sentinel",
-        "non-divisible-experts", "empty-batch", "invalid-expert-id", "many-experts",
-        "huge-batch",
-    ),
-}
-
-_ALWAYS_DEFENSIVE = ("empty-batch", "invalid-expert-id", "loose-padding")
-#: Edge classes that only defensive inputs have, per dialect (SPEC §7).
+#: Edge classes that only defensive inputs have, per dialect (SPEC §7);
+#: each dialect's ``DialectInfo.defensive_only``.
 DEFENSIVE_ONLY: dict[str, tuple[str, ...]] = {
-    "align": _ALWAYS_DEFENSIVE,
-    "vllm-lora": _ALWAYS_DEFENSIVE + ("disabled-adapter", "slot-out-of-range"),
-    # SGLang production has no token without adapter; disabling an unused
-    # slot is production, so disabled-adapter is reachable in both contracts.
-    "sglang-lora": _ALWAYS_DEFENSIVE + (
-        "slot-out-of-range", "request-gap", "full-slots-with-base", "base-only"),
-    "ep-remap": ("empty-batch", "invalid-expert-id"),
-}
+    d: i.defensive_only for d, i in DIALECT_INFO.items()}
 
-# Defensive ingredients a defensive case gets when its focus is not defensive.
-_INGREDIENTS = {
-    "align": ("loose-padding", "invalid-expert-id"),
-    "vllm-lora": ("loose-padding", "invalid-expert-id", "slot-out-of-range",
-                  "disabled-adapter", "lora-layout"),
-    "sglang-lora": ("loose-padding", "invalid-expert-id", "slot-out-of-range",
-                    "disabled-adapter", "request-gap", "unassigned-request"),
-    "ep-remap": ("invalid-expert-id",),
-}
 _CLASHES = {("base-only", "disabled-adapter"), ("full-slots-with-base", "lora-layout")}
 
 #: Features :func:`lora_layouts` can build in (see its docstring).
@@ -253,7 +232,7 @@ def lora_layouts(num_tokens: int, max_loras: int, *, dialect: str = "vllm-lora",
     on slot 0 (SGLang), every adapter enabled; batches of more than
     :data:`DEFAULT_MAX_TOKENS` tokens come from a drawn seed.
     """
-    _check_choice("dialect", dialect, ("vllm-lora", "sglang-lora"))
+    _check_choice("dialect", dialect, LORA_DIALECTS)
     for name in features:
         _check_choice("features", name, LORA_FEATURES)
     if num_tokens < 0 or max_loras < 1:
@@ -402,7 +381,7 @@ class _Plan:
 
     @property
     def lora(self) -> bool:
-        return self.dialect in ("vllm-lora", "sglang-lora")
+        return self.dialect in LORA_DIALECTS
 
     def wants(self, name: str) -> bool:
         """Whether a focus or an ingredient asks for ``name``."""
@@ -439,8 +418,12 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
     protected = _protected_routes(plan)
     if "duplicate-route" in foci:
         protected |= _force_duplicate(draw, ids, rng)
+    sentinel_ok = DIALECT_INFO[dialect].sentinel_segment
     if plan.wants("invalid-expert-id"):
-        _inject_invalid_ids(draw, ids, protected, plan.num_experts, rng)
+        _inject_invalid_ids(draw, ids, protected, plan.num_experts, rng,
+                            _invalid_ids(plan.num_experts, plan.dtype, sentinel_ok))
+    if sentinel_ok and plan.ep is None and _sometimes(draw, 25):
+        _inject_invalid_ids(draw, ids, protected, plan.num_experts, rng, (-1,))  # production
 
     fields: dict = {}
     if plan.lora:
@@ -453,6 +436,10 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
     padded = None
     if plan.wants("loose-padding") and dialect != "ep-remap":
         padded = _loose_padded_size(draw, plan)
+    if dialect == "sglang-align":
+        # SGLang's own callers pass True; older callers and its tests also False
+        fields["pad_sorted_token_ids"] = not _sometimes(draw, 25)
+        fields["ignore_invalid_expert"] = _sometimes(draw, 25)
 
     note = "focus=" + ("+".join(sorted(foci)) if foci else "broad")
     case = Case(dialect=dialect, contract=contract, topk_ids=ids,
@@ -474,7 +461,8 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
 
 def _loose_padded_size(draw: st.DrawFn, plan: _Plan) -> int:
     """Production ``P`` of the whole batch with ``G`` experts, plus 1..3B (any multiple)."""
-    base = oracle.padded_size(plan.num_routes, plan.num_experts, plan.block_size)
+    base = production_padded_size(plan.dialect, plan.num_routes, plan.num_experts,
+                                  plan.block_size)
     return base + draw(st.integers(1, 3 * plan.block_size))
 
 
@@ -508,11 +496,13 @@ def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool
         least_topk = 2 if "duplicate-route" in foci else 1
         routes, topk = draw(st.sampled_from(_boundary_topks(limit, least_topk)))
         plan.topk, plan.num_tokens = topk, routes // topk
+    # the kernel of a dialect with a -1 segment sees E + 1 buckets
+    extra = int(DIALECT_INFO[plan.dialect].sentinel_segment)
     if "many-experts" in foci:
-        plan.num_experts = draw(st.integers(MANY_EXPERTS_MIN, KERNEL_MAX_EXPERTS))
+        plan.num_experts = draw(st.integers(MANY_EXPERTS_MIN, KERNEL_MAX_EXPERTS)) - extra
     elif "path-boundary" in foci and _sometimes(draw, 75):
         plan.num_experts = draw(st.sampled_from(
-            (SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS + 1)))
+            (SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS + 1))) - extra
     wide_block = False
     if "block-edges" in foci:
         kind = draw(st.sampled_from(("one", "odd", "wide")))
@@ -566,7 +556,7 @@ def _draw_ingredients(draw: st.DrawFn, plan: _Plan) -> None:
         self_defensive.add("disabled-adapter")  # built as a used slot disabled
     if plan.contract != "defensive" or plan.foci & self_defensive:
         return
-    pool = tuple(i for i in _INGREDIENTS[plan.dialect]
+    pool = tuple(i for i in DIALECT_INFO[plan.dialect].ingredients
                  if not any((f, i) in _CLASHES for f in plan.foci))
     plan.ingredients = frozenset(draw(st.lists(st.sampled_from(pool), min_size=1,
                                                max_size=2, unique=True)))
@@ -590,6 +580,10 @@ def _draw_ep(draw: st.DrawFn, plan: _Plan) -> None:
         wanted = _sometimes(draw, 20)
         if not wanted and not foci and plan.num_experts <= 256:
             plan.direct_map = _sometimes(draw, 5)
+    if plan.dialect == "sglang-align":
+        # SGLang's align takes no expert_map: EP reaches it as local ids with -1
+        plan.direct_map, dispatches = False, ("local_ids",)
+        wanted = wanted and "many-experts" not in foci  # the kernel must see all G experts
     if not wanted:
         return
     if "many-experts" in foci:
@@ -683,22 +677,26 @@ def _force_duplicate(draw: st.DrawFn, ids: np.ndarray,
     return mask
 
 
-def _invalid_ids(num_experts: int, dtype: type) -> tuple[int, ...]:
-    """Ids outside ``[0, E)``; -1 first.  int64 adds ids that truncate to valid int32."""
+def _invalid_ids(num_experts: int, dtype: type, sentinel_ok: bool = False) -> tuple[int, ...]:
+    """Ids outside ``[0, E)``; -1 first (left out with ``sentinel_ok``: a dialect whose
+    contract routes ``-1``).  int64 adds ids that truncate to valid int32."""
     i32 = np.iinfo(np.int32)
     values = (-1, num_experts, -2, num_experts + 1, num_experts + 1000, int(i32.max),
               int(i32.min))
     if np.dtype(dtype) == np.int64:
         values += (2**32, 2**32 + 1, 2**31, -(2**32))
-    return values
+    return values[1:] if sentinel_ok else values
 
 
 def _inject_invalid_ids(draw: st.DrawFn, ids: np.ndarray, protected: np.ndarray,
-                        num_experts: int, rng: np.random.Generator | None) -> None:
+                        num_experts: int, rng: np.random.Generator | None,
+                        values: tuple[int, ...] | None = None) -> None:
+    """Some unprotected routes get an id of ``values`` (default: :func:`_invalid_ids`)."""
     free = np.flatnonzero(~protected)
     if free.size == 0:
         return  # contract check falls back to loose padding
-    values = _invalid_ids(num_experts, ids.dtype.type)
+    if values is None:
+        values = _invalid_ids(num_experts, ids.dtype.type)
     flat = ids.reshape(-1)
     if rng is None:
         where = draw(st.lists(st.sampled_from(free.tolist()), min_size=1,

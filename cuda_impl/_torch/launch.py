@@ -51,6 +51,59 @@ def align(
     )
 
 
+VECTOR_INTS = 4
+"""Ints per 16-byte vector store of SGLang's pad fill (the vector-tail-overrun fault)."""
+
+
+def sglang_align(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_size: int,
+    sorted_token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_tokens_post_pad: torch.Tensor,
+    pad_sorted_token_ids: bool,
+    ignore_invalid_expert: bool,
+    switches: Switches,
+) -> None:
+    """SGLang's plain align: ``num_experts`` buckets (``E + 1``), bucket 0 the ``-1`` routes.
+
+    ``expert_ids`` blocks from the total on are left as they were; without
+    ``pad_sorted_token_ids`` so is every position of ``sorted_token_ids``
+    that holds no route.
+    """
+    args.check_topk_ids(topk_ids)
+    E = args.check_positive("num_experts", num_experts)
+    B = args.check_positive("block_size", block_size)
+    for name, flag in (("pad_sorted_token_ids", pad_sorted_token_ids),
+                       ("ignore_invalid_expert", ignore_invalid_expert)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}={flag!r}: must be a bool")
+    args.check_output("sorted_token_ids", sorted_token_ids, 0)
+    args.check_output("expert_ids", expert_ids, 0)
+    args.check_output("num_tokens_post_pad", num_tokens_post_pad, 1)
+    P, M = sorted_token_ids.numel(), expert_ids.numel()
+
+    buckets, valid = routes.sglang_buckets(topk_ids, E, ignore_invalid_expert, switches)
+    layout = passes.count_pass(buckets, valid, E, B)
+    passes.check_fits(layout, P, M, B, "the batch")
+    passes.write_counts(
+        layout,
+        passes.row(expert_ids, 0, M),
+        passes.row(num_tokens_post_pad, 0, 1),
+        B,
+        None,
+        first_expert=-1,
+    )
+    pad_value = topk_ids.numel() if pad_sorted_token_ids else None
+    if pad_value is not None and not switches.pad_fill_stops_at_end:
+        # The bug: the fill stores whole vectors of 4 ints, ceil(P / 4) of them,
+        # so the last one runs 1-3 ints past the row when P % 4 != 0.
+        tail = -P % VECTOR_INTS
+        passes.row(sorted_token_ids, 0, P + tail)[P:] = pad_value
+    passes.scatter_pass(layout, buckets, valid, passes.row(sorted_token_ids, 0, P), pad_value)
+
+
 @dataclass(frozen=True)
 class LoraLaunch:
     """What both LoRA conventions hand to the per-slot passes; checked, sizes as Python ints."""

@@ -62,9 +62,15 @@ def write_counts(
     expert_ids_row: torch.Tensor,
     num_tokens_post_pad_row: torch.Tensor,
     block_size: int,
-    inactive_block_id: int,
+    inactive_block_id: int | None,
+    first_expert: int = 0,
 ) -> None:
-    """``num_tokens_post_pad`` and ``expert_ids`` of one row (SPEC §3 steps 2 and 4)."""
+    """``num_tokens_post_pad`` and ``expert_ids`` of one row (SPEC §3 steps 2 and 4).
+
+    Block ``b`` of segment ``e`` gets ``first_expert + e`` (SGLang's plain align:
+    ``-1`` for its bucket 0); blocks from the total on get ``inactive_block_id``,
+    or stay as they are when that is ``None``.
+    """
     num_tokens_post_pad_row.copy_(layout.total.reshape(1))
     device = layout.padded.device
     block_starts = torch.arange(expert_ids_row.numel(), device=device, dtype=torch.int64)
@@ -72,9 +78,12 @@ def write_counts(
     ends = layout.offsets + layout.padded
     # First expert whose padded segment ends after the block's start owns it;
     # `right=True` steps over empty experts (segments of length 0).
-    owner = torch.searchsorted(ends, block_starts, right=True)
+    owner = torch.searchsorted(ends, block_starts, right=True) + first_expert
     active = block_starts < layout.total
-    expert_ids_row.copy_(torch.where(active, owner, inactive_block_id))
+    if inactive_block_id is None:
+        expert_ids_row.copy_(torch.where(active, owner, expert_ids_row.long()))
+    else:
+        expert_ids_row.copy_(torch.where(active, owner, inactive_block_id))
 
 
 def scatter_pass(
@@ -82,11 +91,12 @@ def scatter_pass(
     experts: torch.Tensor,
     selected: torch.Tensor,
     sorted_row: torch.Tensor,
-    pad_value: int,
+    pad_value: int | None,
 ) -> None:
     """Fill the row with the pad value, then put each selected route in its expert's segment.
 
-    Stable: inside a segment routes are in ascending route index.
+    Stable: inside a segment routes are in ascending route index. With
+    ``pad_value`` ``None`` only the routes' places are written.
     """
     padded_len = sorted_row.numel()
     # Only this slot's routes are sorted (nonzero keeps them in ascending route
@@ -99,6 +109,9 @@ def scatter_pass(
     first = torch.cumsum(layout.counts, 0) - layout.counts
     rank = torch.arange(route.numel(), device=route.device) - first[expert_sorted]
     position = layout.offsets[expert_sorted] + rank
+    if pad_value is None:
+        sorted_row[position] = route.to(sorted_row.dtype)
+        return
     staged = torch.full((padded_len,), pad_value, dtype=torch.int64, device=route.device)
     staged[position] = route
     sorted_row.copy_(staged)

@@ -39,6 +39,33 @@ def effective_experts(
     return experts, valid & (experts != -1)
 
 
+def sglang_buckets(
+    topk_ids: torch.Tensor,
+    num_buckets: int,
+    ignore_invalid_expert: bool,
+    switches: Switches,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(buckets, valid)``, both ``[N]``, for SGLang's plain align (``E + 1`` buckets).
+
+    Route ``i`` goes to bucket ``g + 1``: a ``-1`` id to bucket 0 (the ``-1``
+    segment) unless ``ignore_invalid_expert`` drops it; ids outside ``[-1, E)``
+    are dropped (``E = num_buckets - 1``).
+    """
+    g = topk_ids.reshape(-1).long()
+    lowest = 0 if ignore_invalid_expert and switches.drop_negative_experts else -1
+    valid = (g >= lowest) & (g < num_buckets - 1)
+    bucket = torch.where(valid, g + 1, 0)
+    if not switches.drop_negative_experts:
+        # The bug: only g < E is checked; a negative id below -1 indexes the bucket
+        # table from its end, as in effective_experts.
+        below = g < -1
+        valid = valid | below
+        bucket = torch.where(below, g + 1 + num_buckets, bucket)
+        if bool((bucket < 0).any()):
+            raise IndexError(f"expert id below -num_experts={-num_buckets} used as an index")
+    return bucket, valid
+
+
 def vllm_route_slots(token_lora_mapping: torch.Tensor, topk: int) -> torch.Tensor:
     """Each route's slot, ``token_lora_mapping[i // K]`` (``-1``: base model), int64 ``[N]``."""
     return token_lora_mapping.long().repeat_interleave(topk)

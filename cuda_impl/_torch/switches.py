@@ -21,6 +21,8 @@ class Switches:
     """What ``expert_ids`` holds for blocks from ``total / B`` on."""
     ep_owns_remainder: bool = True
     """EP placement hands the ``G % R`` remainder experts to the first ranks."""
+    pad_fill_stops_at_end: bool = True
+    """SGLang align's pad fill stops at P (not at the end of its last 4-int vector)."""
 
 
 CORRECT = Switches()
@@ -32,6 +34,7 @@ _FAULTY: dict[str, Switches] = {
     "negative-expert-kept": replace(CORRECT, drop_negative_experts=False),
     "inactive-blocks-zero": replace(CORRECT, inactive_block_id=0),
     "uneven-ep-truncates": replace(CORRECT, ep_owns_remainder=False),
+    "vector-tail-overrun": replace(CORRECT, pad_fill_stops_at_end=False),
 }
 """The faults the torch backend can reproduce (every fault of ``FAULTS`` listing "torch")."""
 
