@@ -19,6 +19,8 @@ FAULT_DEFINES: dict[str, tuple[str, ...]] = {
     "inactive-blocks-zero": ("MOE_FAULT_INACTIVE_BLOCKS_ZERO=1",),
     "uneven-ep-truncates": ("MOE_FAULT_UNEVEN_EP_TRUNCATES=1",),
     "odd-block-resets-count": ("MOE_FAULT_ODD_BLOCK_RESETS_COUNT=1",),
+    "vector-tail-overrun": ("MOE_FAULT_VECTOR_TAIL_OVERRUN=1",),
+    "zero-grid-launch": ("MOE_FAULT_ZERO_GRID_LAUNCH=1",),
 }
 """Fault name → preprocessor defines (``NAME=VALUE``, no ``-D``) of its build."""
 

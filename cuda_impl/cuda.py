@@ -1,4 +1,4 @@
-"""The project's CUDA kernels (``csrc/moe_align.cu``) behind the four dialects.
+"""The project's CUDA kernels (``csrc/moe_align.cu``) behind the five dialects.
 
 The kernels are plain CUDA C++ with an ``extern "C"`` host API; this module
 JIT-builds them with nvcc (``cuda_impl._build``, cached on disk), binds them
@@ -53,6 +53,7 @@ __all__ = [
     "ep_remap",
     "implementation",
     "load_library",
+    "sglang_align",
     "sglang_lora",
     "uses_small_path",
     "vllm_lora",
@@ -76,7 +77,9 @@ FAULT_NAMES: tuple[str, ...] = tuple(
 """The faults this backend can switch on (one build of the library each)."""
 
 _INT32_MAX = 2**31 - 1
-_MODES = {"align": 0, "vllm-lora": 1, "sglang-lora": 2}
+_MODES = {"align": 0, "vllm-lora": 1, "sglang-lora": 2, "sglang-align": 3}
+_OPT_PAD, _OPT_IGNORE_INVALID = 1, 2  # moe_config.cuh's kOptPad, kOptIgnoreInvalid
+_LORA_MODES = ("vllm-lora", "sglang-lora")
 _STRATEGIES = {"linear": 0, "round_robin": 1}
 
 
@@ -109,7 +112,7 @@ def build(fault: str | None = None) -> Path:
 def implementation(fault: str | None = None) -> dict[str, Callable[..., None]]:
     """``{dialect: callable}`` following DESIGN.md's calling conventions.
 
-    Without ``fault``: all four dialects, correct. With a fault name: only the
+    Without ``fault``: every dialect, correct. With a fault name: only the
     dialects that fault affects, each running the faulty build. Builds and
     loads the library now, so a build error surfaces here. A fault this backend
     does not ship (unknown, or torch-only) raises ``ValueError``.
@@ -121,6 +124,7 @@ def implementation(fault: str | None = None) -> dict[str, Callable[..., None]]:
         "vllm-lora": vllm_lora,
         "sglang-lora": sglang_lora,
         "ep-remap": ep_remap,
+        "sglang-align": sglang_align,
     }
     if fault is None:
         return {dialect: callables[dialect] for dialect in dialects}
@@ -157,6 +161,48 @@ def align(
         sorted_token_ids=sorted_token_ids,
         expert_ids=expert_ids,
         num_tokens_post_pad=num_tokens_post_pad,
+    )
+
+
+def sglang_align(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_size: int,
+    sorted_token_ids: torch.Tensor,
+    experts_ids: torch.Tensor,
+    num_tokens_post_pad: torch.Tensor,
+    cumsum_buffer: torch.Tensor,
+    pad_sorted_token_ids: bool = False,
+    ignore_invalid_expert: bool = False,
+    *,
+    fault: str | None = None,
+) -> None:
+    """SGLang's plain align: ``num_experts`` is its bucket count ``E + 1`` (bucket 0 the
+    ``-1`` routes, expert id -1). ``expert_ids`` blocks from the total on, and without
+    ``pad_sorted_token_ids`` every position holding no route, are left as they were; the
+    work buffer ``cumsum_buffer`` is not used."""
+    del cumsum_buffer
+    for name, flag in (("pad_sorted_token_ids", pad_sorted_token_ids),
+                       ("ignore_invalid_expert", ignore_invalid_expert)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}={flag!r}: expected a bool")
+    device = _device_of(topk_ids)
+    _launch_align(
+        fault,
+        "sglang-align",
+        device,
+        topk_ids,
+        num_experts,
+        block_size,
+        None,
+        max_loras=1,
+        max_num_tokens_padded=_output("sorted_token_ids", sorted_token_ids, device, 0).numel(),
+        max_num_m_blocks=_output("expert_ids", experts_ids, device, 0).numel(),
+        sorted_token_ids=sorted_token_ids,
+        expert_ids=experts_ids,
+        num_tokens_post_pad=num_tokens_post_pad,
+        options=(_OPT_PAD if pad_sorted_token_ids else 0)
+        | (_OPT_IGNORE_INVALID if ignore_invalid_expert else 0),
     )
 
 
@@ -325,6 +371,7 @@ def _launch_align(
     sorted_token_ids: torch.Tensor,
     expert_ids: torch.Tensor,
     num_tokens_post_pad: torch.Tensor,
+    options: int = _OPT_PAD,
 ) -> None:
     topk_ids = _topk_ids(topk_ids, device)
     num_tokens, topk = topk_ids.shape
@@ -343,7 +390,7 @@ def _launch_align(
         raise ValueError(f"topk_ids.numel()={N}: at most 2**31 - 1 routes (int32 route indices)")
     if expert_map is not None:
         expert_map = _input("expert_map", expert_map, device, E)
-    if dialect != "align":
+    if dialect in _LORA_MODES:
         adapter_enabled = _input("adapter_enabled", adapter_enabled, device, L)
     _output("sorted_token_ids", sorted_token_ids, device, L * P)
     _output("expert_ids", expert_ids, device, L * M)
@@ -359,6 +406,7 @@ def _launch_align(
     )
     args = {
         "mode": _MODES[dialect],
+        "options": options,
         "topk_ids": topk_ids.data_ptr(),
         "ids_int64": int(topk_ids.dtype == torch.int64),
         "num_tokens": num_tokens,
@@ -471,6 +519,7 @@ _c_int, _c_int64, _c_void_p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
 
 _LAUNCH_SIGNATURE: tuple[tuple[str, type], ...] = (
     ("mode", _c_int),
+    ("options", _c_int),
     ("topk_ids", _c_void_p),
     ("ids_int64", _c_int),
     ("num_tokens", _c_int64),

@@ -88,7 +88,7 @@ FAULTS: dict[str, Fault] = {
         Fault(
             "zero-grid-launch",
             "an empty batch (T = 0) on the large path launches a kernel with a zero-block "
-            "grid and does not check the launch: 'invalid argument' stays pending for the "
+            "grid and does not check the launch: the launch error stays pending for the "
             "next CUDA call",
             ("align",),
             ("cuda",),

@@ -1,5 +1,7 @@
 // MoE block-alignment kernels: plain align (SPEC §3), LoRA-aware align in the
-// vLLM (§4) and SGLang (§5) conventions, and the EP remap (§6, ep_remap.cuh).
+// vLLM (§4) and SGLang (§5) conventions, SGLang's plain align (docs/SPEC.md,
+// sglang-align: E + 1 buckets, bucket 0 the -1 routes) and the EP remap (§6,
+// ep_remap.cuh).
 //
 // Plain CUDA C++ with an extern "C" host API taking raw device pointers, so
 // cuda_impl/cuda.py can bind it with ctypes. Every entry point returns a
@@ -32,7 +34,12 @@
 namespace moe {
 namespace {
 
-enum Mode : int { kPlain = 0, kVllm = 1, kSglang = 2 };
+enum Mode : int { kPlain = 0, kVllm = 1, kSglang = 2, kSglangAlign = 3 };
+
+// One row, every route (no LoRA slots): plain align and SGLang's plain align.
+__host__ __device__ inline bool single_row(int mode) {
+  return mode == kPlain || mode == kSglangAlign;
+}
 
 // What the blocks of one slot entry write into the entry's row.
 constexpr int kWritesCounts = 1;  // num_tokens_post_pad[slot] and the expert_ids row
@@ -42,10 +49,11 @@ constexpr int32_t kInactiveBlock = kFaultInactiveBlocksZero ? 0 : -1;  // the bu
 
 struct AlignParams {
   int mode;
+  int options;           // kOpt* bits (kSglangAlign); kOptPad for the other modes
   const void* topk_ids;  // int32 or int64 [T, K], the kernel's template type
   long long num_routes;  // N = T * K, also the pad value
   long long topk;        // K (>= 1 whenever N > 0)
-  int num_experts;       // E
+  int num_experts;       // E (kSglangAlign: E + 1 buckets)
   long long block_size;  // B
   const int32_t* expert_map;          // [E] or null
   const int32_t* token_lora_mapping;  // vLLM: [T]
@@ -84,13 +92,13 @@ __device__ inline long long round_up(long long value, long long multiple) {
 }
 
 __device__ inline int slot_of_entry(const AlignParams& p, int entry) {
-  return p.mode == kPlain ? 0 : p.lora_ids[entry];
+  return single_row(p.mode) ? 0 : p.lora_ids[entry];
 }
 
 // Which rows entry `entry` writes. A slot outside [0, L), a disabled slot and a
 // repeated entry write nothing (the first occurrence of a slot owns its row).
 __device__ Entry resolve_entry(const AlignParams& p, int entry) {
-  if (p.mode == kPlain) return {0, kWritesCounts | kWritesSorted};
+  if (single_row(p.mode)) return {0, kWritesCounts | kWritesSorted};
   const int slot = p.lora_ids[entry];
   // no-slot-upper-guard: the `slot < L` half of the guard is missing.
   if (slot < 0 || (!kFaultNoSlotUpperGuard && slot >= p.max_loras)) return {slot, 0};
@@ -125,9 +133,20 @@ __device__ int slot_of_token(const AlignParams& p, long long t) {
 }
 
 // The effective expert of a route (SPEC §3 step 1); -1 when the route is dropped.
+// SGLang's plain align: the bucket g + 1 (a -1 id: bucket 0, unless
+// ignore_invalid_expert drops it); ids outside [-1, E) are dropped.
 template <typename IdT>
 __device__ int effective_expert(const AlignParams& p, long long route) {
   long long g = static_cast<long long>(static_cast<const IdT*>(p.topk_ids)[route]);
+  if (p.mode == kSglangAlign) {
+    if (kFaultNegativeExpertKept && g < -1) {
+      g += p.num_experts;  // the bug: the id indexes the bucket table from its end
+    } else if (!kFaultNegativeExpertKept && g < 0 && (p.options & kOptIgnoreInvalid)) {
+      return -1;  // (the faulty build keeps -1 routes although asked to drop them)
+    }
+    const long long bucket = g + 1;
+    return bucket < 0 || bucket >= p.num_experts ? -1 : static_cast<int>(bucket);
+  }
   if (kFaultNegativeExpertKept && g < 0) {
     // The bug: only g < E is checked and g indexes the per-expert counters. In
     // the [rows][E] counter tables of the kernels this one stands for, index -1
@@ -176,7 +195,7 @@ __device__ inline bool race_coin() {
 // first and the result is right; otherwise the reset lands last and wins.
 __device__ inline void publish_total(const AlignParams& p, int slot, long long total) {
 #if MOE_FAULT_ODD_BLOCK_RESETS_COUNT
-  if (p.mode != kPlain && race_coin()) {
+  if (!single_row(p.mode) && race_coin()) {
     for (int step = 0; step < kRaceDelaySteps; ++step) __nanosleep(kRaceDelayNs);
   }
 #endif
@@ -186,7 +205,7 @@ __device__ inline void publish_total(const AlignParams& p, int slot, long long t
 // odd-block-resets-count: a fill block with an odd blockIdx.y also zeroes the
 // slot's total after its fill loop, unordered with the sorter's write of it.
 __device__ inline void odd_block_resets_count(const AlignParams& p, int slot) {
-  if (kFaultOddBlockResetsCount && p.mode != kPlain && (blockIdx.y & 1u) != 0) {
+  if (kFaultOddBlockResetsCount && !single_row(p.mode) && (blockIdx.y & 1u) != 0) {
     __syncthreads();
     if (threadIdx.x == 0) p.num_tokens_post_pad[slot] = 0;
   }
@@ -194,14 +213,22 @@ __device__ inline void odd_block_resets_count(const AlignParams& p, int slot) {
 
 // The filler's share of a row, positions first, first + stride, ...: pad values in
 // sorted_token_ids (segment tails and everything from the total on) and expert_ids.
+// SGLang's plain align writes pad values only with kOptPad, and expert_ids only
+// inside the segments (bucket b is expert b - 1); the rest keeps the caller's values.
 __device__ void fill_row(const AlignParams& p, const Entry& entry, const long long* offset,
                          const int* count, long long first, long long stride) {
   const int num_experts = p.num_experts;
   const long long total = offset[num_experts];
-  if (entry.flags & kWritesSorted) {
+  const bool sglang = p.mode == kSglangAlign;
+  if ((entry.flags & kWritesSorted) && (p.options & kOptPad)) {
     int32_t* row = p.sorted_token_ids + static_cast<long long>(entry.slot) * p.row_len;
     const int32_t pad = static_cast<int32_t>(p.num_routes);
-    for (long long pos = first; pos < p.row_len; pos += stride) {
+    // vector-tail-overrun: the fill runs over ceil(P / 4) whole vectors of 4 ints
+    // (SGLang stores them 16 bytes at a time), 1-3 ints past the row when P % 4 != 0.
+    const long long fill_end = kFaultVectorTailOverrun && sglang
+                                   ? round_up(p.row_len, kVectorInts)
+                                   : p.row_len;
+    for (long long pos = first; pos < fill_end; pos += stride) {
       if (pos < total) {
         const int e = segment_of(offset, num_experts, pos);
         if (pos - offset[e] < count[e]) continue;  // a route's place: the sorter writes it
@@ -213,7 +240,11 @@ __device__ void fill_row(const AlignParams& p, const Entry& entry, const long lo
     int32_t* row = p.expert_ids + static_cast<long long>(entry.slot) * p.row_blocks;
     for (long long block = first; block < p.row_blocks; block += stride) {
       const long long start = block * p.block_size;
-      row[block] = start < total ? segment_of(offset, num_experts, start) : kInactiveBlock;
+      if (start < total) {
+        row[block] = segment_of(offset, num_experts, start) - (sglang ? 1 : 0);
+      } else if (!sglang) {
+        row[block] = kInactiveBlock;
+      }
     }
   }
 }
@@ -383,9 +414,10 @@ WorkspaceLayout workspace_layout(long long num_entries, long long num_experts, l
   return w;
 }
 
-unsigned route_blocks(long long num_routes) {
+unsigned route_blocks(long long num_routes, int mode) {
   long long blocks = (num_routes + kRouteBlockThreads - 1) / kRouteBlockThreads;
-  if (blocks < 1) blocks = 1;
+  // zero-grid-launch: plain align launches ceil(N / threads) blocks, 0 for N = 0.
+  if (blocks < 1 && !(kFaultZeroGridLaunch && mode == kPlain)) blocks = 1;
   if (blocks > kMaxRouteBlocks) blocks = kMaxRouteBlocks;
   return static_cast<unsigned>(blocks);
 }
@@ -405,10 +437,10 @@ void launch_align(const AlignParams& p, bool small, unsigned entries, cudaStream
     return;
   }
   setup_entries_kernel<<<1, kRouteBlockThreads, 0, stream>>>(p);
-  count_kernel<IdT><<<route_blocks(p.num_routes), kRouteBlockThreads, 0, stream>>>(p);
+  count_kernel<IdT><<<route_blocks(p.num_routes, p.mode), kRouteBlockThreads, 0, stream>>>(p);
   offsets_fill_kernel<<<dim3(entries, 1 + fill_blocks(p.row_len, p.row_blocks)), kScanThreads, 0,
                         stream>>>(p);
-  scatter_kernel<IdT><<<route_blocks(p.num_routes), kRouteBlockThreads, 0, stream>>>(p);
+  scatter_kernel<IdT><<<route_blocks(p.num_routes, p.mode), kRouteBlockThreads, 0, stream>>>(p);
 }
 
 constexpr long long kInt32Max = 2147483647LL;
@@ -462,11 +494,13 @@ const char* moe_align_status_string(int status) {
   }
 }
 
-// Align (mode 0), vLLM LoRA align (1) or SGLang LoRA align (2), enqueued on
+// Align (mode 0), vLLM LoRA align (1), SGLang LoRA align (2) or SGLang's plain
+// align (3, num_experts = E + 1 buckets; `options` kOpt* bits), enqueued on
 // `stream`; outputs are written in place. Pointers not used by a mode may be
 // null. Returns a status (see moe_config.cuh); a launch error is the
-// cudaError_t of cudaGetLastError().
-int moe_align_launch(int mode, const void* topk_ids, int ids_int64, int64_t num_tokens,
+// cudaError_t of cudaGetLastError() (the zero-grid-launch build does not look).
+int moe_align_launch(int mode, int options, const void* topk_ids, int ids_int64,
+                     int64_t num_tokens,
                      int64_t topk, int64_t num_experts, int64_t block_size,
                      const int32_t* expert_map, const int32_t* token_lora_mapping,
                      const int32_t* seg_indptr, const int32_t* req_to_lora, int64_t num_requests,
@@ -475,12 +509,12 @@ int moe_align_launch(int mode, const void* topk_ids, int ids_int64, int64_t num_
                      int64_t max_num_m_blocks, int32_t* sorted_token_ids, int32_t* expert_ids,
                      int32_t* num_tokens_post_pad, void* workspace, int64_t workspace_bytes,
                      int device, void* stream) {
-  if (mode != kPlain && mode != kVllm && mode != kSglang) return kErrMode;
+  if (mode != kPlain && mode != kVllm && mode != kSglang && mode != kSglangAlign) return kErrMode;
   if (num_experts < 1 || num_experts > kMaxExperts) return kErrNumExperts;
   if (block_size < 1) return kErrBlockSize;
   if (num_tokens < 0 || topk < 0 || num_requests < 0 || num_adapter_enabled < 0) return kErrShape;
   if (topk > 0 && num_tokens > kInt32Max / topk) return kErrTooManyRoutes;
-  if (mode == kPlain) {
+  if (single_row(mode)) {
     max_loras = 1;
     num_lora_ids = 1;
   } else if (max_loras < 1 || max_loras > kMaxSlotEntries || num_lora_ids < 0 ||
@@ -497,7 +531,7 @@ int moe_align_launch(int mode, const void* topk_ids, int ids_int64, int64_t num_
   }
 
   long long entries = num_lora_ids;
-  if (kFaultGridSkipsLastSlot && mode != kPlain && entries > max_loras) {
+  if (kFaultGridSkipsLastSlot && !single_row(mode) && entries > max_loras) {
     entries = max_loras;  // the bug: L blocks for the L + 1 entries of lora_ids
   }
   if (entries == 0) return kOk;
@@ -509,6 +543,7 @@ int moe_align_launch(int mode, const void* topk_ids, int ids_int64, int64_t num_
 
   AlignParams p{};
   p.mode = mode;
+  p.options = mode == kSglangAlign ? options : kOptPad;
   p.topk_ids = topk_ids;
   p.num_routes = num_routes;
   p.topk = topk > 0 ? topk : 1;
@@ -546,6 +581,8 @@ int moe_align_launch(int mode, const void* topk_ids, int ids_int64, int64_t num_
   } else {
     launch_align<int32_t>(p, small, grid_entries, s);
   }
+  // zero-grid-launch: the launches are not checked; their error stays pending.
+  if (kFaultZeroGridLaunch && mode == kPlain) return kOk;
   return cudaGetLastError();
 }
 

@@ -30,11 +30,18 @@
 #ifndef MOE_FAULT_ODD_BLOCK_RESETS_COUNT
 #define MOE_FAULT_ODD_BLOCK_RESETS_COUNT 0
 #endif
+#ifndef MOE_FAULT_VECTOR_TAIL_OVERRUN
+#define MOE_FAULT_VECTOR_TAIL_OVERRUN 0
+#endif
+#ifndef MOE_FAULT_ZERO_GRID_LAUNCH
+#define MOE_FAULT_ZERO_GRID_LAUNCH 0
+#endif
 
 #if (MOE_FAULT_GRID_SKIPS_LAST_SLOT + MOE_FAULT_SORT_IGNORES_DISABLED +             \
      MOE_FAULT_NO_SLOT_UPPER_GUARD + MOE_FAULT_NEGATIVE_EXPERT_KEPT +                \
      MOE_FAULT_INACTIVE_BLOCKS_ZERO + MOE_FAULT_UNEVEN_EP_TRUNCATES +                \
-     MOE_FAULT_ODD_BLOCK_RESETS_COUNT) > 1
+     MOE_FAULT_ODD_BLOCK_RESETS_COUNT + MOE_FAULT_VECTOR_TAIL_OVERRUN +              \
+     MOE_FAULT_ZERO_GRID_LAUNCH) > 1
 #error "at most one MOE_FAULT_* switch per build"
 #endif
 
@@ -47,6 +54,8 @@ constexpr bool kFaultNegativeExpertKept = MOE_FAULT_NEGATIVE_EXPERT_KEPT != 0;
 constexpr bool kFaultInactiveBlocksZero = MOE_FAULT_INACTIVE_BLOCKS_ZERO != 0;
 constexpr bool kFaultUnevenEpTruncates = MOE_FAULT_UNEVEN_EP_TRUNCATES != 0;
 constexpr bool kFaultOddBlockResetsCount = MOE_FAULT_ODD_BLOCK_RESETS_COUNT != 0;
+constexpr bool kFaultVectorTailOverrun = MOE_FAULT_VECTOR_TAIL_OVERRUN != 0;
+constexpr bool kFaultZeroGridLaunch = MOE_FAULT_ZERO_GRID_LAUNCH != 0;
 
 constexpr const char* kFaultName = kFaultGridSkipsLastSlot     ? "grid-skips-last-slot"
                                    : kFaultSortIgnoresDisabled ? "sort-ignores-disabled"
@@ -55,6 +64,8 @@ constexpr const char* kFaultName = kFaultGridSkipsLastSlot     ? "grid-skips-las
                                    : kFaultInactiveBlocksZero  ? "inactive-blocks-zero"
                                    : kFaultUnevenEpTruncates   ? "uneven-ep-truncates"
                                    : kFaultOddBlockResetsCount ? "odd-block-resets-count"
+                                   : kFaultVectorTailOverrun   ? "vector-tail-overrun"
+                                   : kFaultZeroGridLaunch      ? "zero-grid-launch"
                                                                : "";
 
 // Path switch: a batch takes the small path (one kernel, per-slot histograms
@@ -72,6 +83,11 @@ constexpr int kMaxRouteBlocks = 1024;    // grid cap: huge batches loop instead 
 constexpr int kFillPositionsPerBlock = 8192;
 constexpr int kMaxFillBlocks = 64;       // pad-fill blocks per slot on the large path
 constexpr int64_t kMaxSlotEntries = 1 << 16;
+constexpr long long kVectorInts = 4;     // ints per 16-byte store (the vector-tail-overrun fault)
+
+// Option bits of moe_align_launch (SGLang's plain align; other modes pass kOptPad).
+constexpr int kOptPad = 1;            // pad_sorted_token_ids: write the pad value
+constexpr int kOptIgnoreInvalid = 2;  // ignore_invalid_expert: drop the -1 routes
 
 // Status codes of the extern "C" entry points: 0 success, > 0 a cudaError_t,
 // < 0 an argument outside the kernels' limits (Python raises ValueError).
