@@ -49,7 +49,8 @@ def _same(a, b) -> None:
 
 def test_a_batch_gives_every_case_what_it_gives_alone():
     cases = _draw(40, seed=3)
-    assert {c.dialect for c in cases} == {"align", "vllm-lora", "sglang-lora", "ep-remap"}
+    assert {c.dialect for c in cases} == {"align", "vllm-lora", "sglang-lora", "ep-remap",
+                                          "sglang-align"}
     fns = torch_impl.implementation()
     batch = run_batch(cases, fns, "cpu", repeats=2)
     assert len(batch) == len(cases)

@@ -364,12 +364,15 @@ def test_fault_table_matches_internals():
         "grid-skips-last-slot": (("vllm-lora",), both),
         "sort-ignores-disabled": (lora, both),
         "no-slot-upper-guard": (lora, both),
-        "negative-expert-kept": (aligns, both),
+        "negative-expert-kept": (aligns + ("sglang-align",), both),
         "inactive-blocks-zero": (aligns, both),
         "uneven-ep-truncates": (("ep-remap",), both),
+        "vector-tail-overrun": (("sglang-align",), both),
+        "zero-grid-launch": (("align",), ("cuda",)),
         "odd-block-resets-count": (lora, ("cuda",)),
     }
-    assert cuda_impl.DIALECTS == ("align", "vllm-lora", "sglang-lora", "ep-remap")
+    assert cuda_impl.DIALECTS == ("align", "vllm-lora", "sglang-lora", "ep-remap",
+                                  "sglang-align")
 
 
 def test_implementation_returns_the_dialects_a_fault_affects():
