@@ -86,7 +86,7 @@ import numpy as np
 
 import oracle
 
-from .case import Case, EPGroup, rank_inputs
+from .case import LORA_DIALECTS, Case, EPGroup, rank_inputs
 from .dialects import DIALECT_INFO
 from .errors import UsageError
 
@@ -609,7 +609,7 @@ def drop_slots(s: Shrinker) -> None:
     single token can go (each adapter's last token keeps the last real slot
     at ``lora_ids[L]``), but a whole slot and one from ``L`` can.
     """
-    if s.current.dialect not in ("vllm-lora", "sglang-lora"):
+    if s.current.dialect not in LORA_DIALECTS:
         return
 
     def without(case: Case, start: int, stop: int) -> Case | None:
@@ -634,7 +634,7 @@ def drop_slots(s: Shrinker) -> None:
 def drop_lora_ids(s: Shrinker) -> None:
     """Defensive LoRA: delete entries of a hand-made ``lora_ids`` (the launch covers fewer)."""
     case = s.current
-    if (case.dialect not in ("vllm-lora", "sglang-lora") or case.lora_ids is None
+    if (case.dialect not in LORA_DIALECTS or case.lora_ids is None
             or s.contract != "defensive" or _is_production_lora_ids(case)):
         return
 
@@ -779,7 +779,7 @@ def lower_loras(s: Shrinker) -> None:
     :func:`oracle.active_lora_ids`, ``adapter_enabled`` keeps ``L + 1``
     (vLLM) or ``L`` (SGLang) entries.
     """
-    if s.current.dialect not in ("vllm-lora", "sglang-lora"):
+    if s.current.dialect not in LORA_DIALECTS:
         return
     used = _used_slots(s.current)
 
@@ -841,8 +841,8 @@ def simplify_values(s: Shrinker) -> None:
     """Plainer values: int32 ids; ids towards 0; adapters towards base; defaults for the rest.
 
     Order: whole-array steps first (dtype, no ``expert_map``, default
-    ``adapter_enabled``), then every occurrence of one expert id at once,
-    then single routes; then the adapter mapping, ``lora_ids`` entries and
+    ``adapter_enabled``, default sglang-align flags), then every occurrence
+    of one expert id at once, then single routes; then the adapter mapping, ``lora_ids`` entries and
     disabled adapters, one at a time.
     """
     case = s.current
@@ -856,6 +856,10 @@ def simplify_values(s: Shrinker) -> None:
         s.consider(s.build(expert_map=None), "expert_map -> none")
     if s.current.adapter_enabled is not None:
         s.consider(s.build(adapter_enabled=None), "adapter_enabled -> all enabled")
+    if not s.current.pad_sorted_token_ids:
+        s.consider(s.build(pad_sorted_token_ids=True), "pad_sorted_token_ids -> true")
+    if s.current.ignore_invalid_expert:
+        s.consider(s.build(ignore_invalid_expert=False), "ignore_invalid_expert -> false")
     _simplify_expert_ids(s)
     if s.current.dialect == "vllm-lora":
         _simplify_slots(s, "token_lora_mapping")
