@@ -439,3 +439,107 @@ def test_fault_odd_block_resets_count_is_wrong_on_some_runs_only():
         totals.append(tuple(row[2] for row in rows))
     right = totals.count((4, 6))
     assert 0 < right < len(totals), f"{right} of {len(totals)} runs right"
+
+
+# ---- GPU: sglang-align (SGLang's plain align: E + 1 buckets, bucket 0 the -1 routes) ----
+
+# T=2, K=2, E=2 (3 buckets), B=3: routes 0, 3 -> -1; 2 -> e0; 1 -> e1; N = 4; P = 10, M = 4.
+SGL_IDS = [[-1, 1], [0, -1]]
+
+
+def _run_sglang_align(fn, ids, buckets, B, P, M, pad=True, ignore=False, dtype=torch.int32,
+                      spare=0):
+    """Runs one call; returns (sorted_token_ids and ``spare`` elements past it, expert_ids,
+    total)."""
+    storage = _filled(P + spare)
+    expert_ids, ntpp = _filled(M), _filled(1)
+    cumsum = torch.zeros(buckets + 1, dtype=torch.int32, device="cuda")
+    fn(_cuda(ids, dtype), buckets, B, storage[:P], expert_ids, ntpp, cumsum, pad, ignore)
+    torch.cuda.synchronize()
+    return storage.tolist(), expert_ids.tolist(), ntpp.item()
+
+
+def _segments(row, bounds):
+    return [sorted(row[lo:hi]) for lo, hi in bounds]
+
+
+@gpu_test
+@pytest.mark.parametrize("E", [2, 100], ids=["small-path", "large-path"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_sglang_align_puts_minus_one_routes_first_and_leaves_the_expert_ids_tail(fns, E, dtype):
+    row, blocks, total = _run_sglang_align(fns["sglang-align"], SGL_IDS, E + 1, 3, 10, 4,
+                                           dtype=dtype)
+    assert total == 9
+    assert blocks == [-1, 0, 1, SENTINEL]  # block 3 is past the total: SGLang leaves it
+    assert _segments(row, [(0, 3), (3, 6), (6, 9)]) == [[0, 3, 4], [2, 4, 4], [1, 4, 4]]
+    assert row[9] == 4
+
+
+@gpu_test
+@pytest.mark.parametrize("E", [2, 100], ids=["small-path", "large-path"])
+def test_sglang_align_without_pad_flag_writes_only_the_routes(fns, E):
+    row, blocks, total = _run_sglang_align(fns["sglang-align"], SGL_IDS, E + 1, 3, 10, 4,
+                                           pad=False)
+    assert (total, blocks[:3]) == (9, [-1, 0, 1])
+    s = SENTINEL
+    assert sorted(row[0:2]) == [0, 3] and row[2:] == [s, 2, s, s, 1, s, s, s]
+
+
+@gpu_test
+@pytest.mark.parametrize("E", [2, 100], ids=["small-path", "large-path"])
+def test_sglang_align_ignore_invalid_expert_drops_minus_one_routes(fns, E):
+    row, blocks, total = _run_sglang_align(fns["sglang-align"], SGL_IDS, E + 1, 3, 10, 4,
+                                           ignore=True)
+    assert (total, blocks[:2], blocks[2:]) == (6, [0, 1], [SENTINEL, SENTINEL])
+    assert row == [2, 4, 4, 1, 4, 4, 4, 4, 4, 4]
+
+
+@gpu_test
+def test_fault_vector_tail_overrun_writes_up_to_three_ints_past_sorted_token_ids():
+    fn = cuda.implementation("vector-tail-overrun")["sglang-align"]
+    # T=1 K=1 E=1 (2 buckets) B=1: P = N * B = 1, so the last vector covers 3 ints past it
+    row, _, total = _run_sglang_align(fn, [[0]], 2, 1, 1, 1, spare=4)
+    assert total == 1 and row == [0, 1, 1, 1, SENTINEL]
+    # E = 256 at SGLang's own sizing: P = 320 + 257 * 63 = 16511, one int past it
+    ids = (np.arange(40 * 8).reshape(40, 8) % 256).tolist()
+    P = 320 + 257 * 63
+    row, _, _ = _run_sglang_align(fn, ids, 257, 64, P, -(-P // 64), spare=2)
+    assert row[P:] == [320, SENTINEL]
+    row, _, _ = _run_sglang_align(cuda.implementation()["sglang-align"], ids, 257, 64, P,
+                                  -(-P // 64), spare=2)
+    assert row[P:] == [SENTINEL, SENTINEL]
+
+
+def _take_pending_cuda_errors():
+    """Texts of the launch errors pending in every CUDA runtime mapped into this process
+    (torch's and any other shared libcudart), each cleared as it is read."""
+    import ctypes
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split(None, 5)[5].strip() for line in maps
+                 if len(line.split(None, 5)) == 6 and "libcudart" in line.rsplit("/", 1)[-1]}
+    found = []
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)
+        lib.cudaGetLastError.restype = ctypes.c_int
+        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+        code = lib.cudaGetLastError()
+        if code:
+            found.append(lib.cudaGetErrorString(code).decode())
+    return found
+
+
+@gpu_test
+def test_fault_zero_grid_launch_leaves_a_launch_error_pending_for_the_next_call():
+    correct = cuda.implementation()["align"]
+    faulty = cuda.implementation("zero-grid-launch")["align"]
+    topk = torch.empty((0, 2), dtype=torch.int32, device="cuda")
+    _take_pending_cuda_errors()
+    correct(topk, 100, 2, _filled(8), _filled(4), _filled(1))
+    assert _take_pending_cuda_errors() == []
+    faulty(topk, 100, 2, _filled(8), _filled(4), _filled(1))  # returns normally ...
+    assert _take_pending_cuda_errors() == ["invalid configuration argument"]  # ... but left it
+    faulty(topk, 4, 2, _filled(8), _filled(4), _filled(1))  # the small path launches fine
+    assert _take_pending_cuda_errors() == []
+    torch.ones(4, device="cuda").add_(1)  # not sticky: the device stays usable
