@@ -28,6 +28,9 @@ def case_inputs(case: Case) -> dict[str, Any]:
             out[name] = value.tolist()
     for name in ("num_experts", "block_size", "max_loras", "max_num_tokens_padded"):
         out[name] = getattr(case, name)
+    if case.dialect == "sglang-align":  # SGLang's call flags
+        out["pad_sorted_token_ids"] = case.pad_sorted_token_ids
+        out["ignore_invalid_expert"] = case.ignore_invalid_expert
     if case.ep is not None:
         out["ep"] = (f"G={case.ep.global_num_experts}, R={case.ep.ep_size}, "
                      f"strategy={case.ep.strategy}, dispatch={case.ep.dispatch}, "
