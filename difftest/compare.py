@@ -183,7 +183,8 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
         have_rows = order.rows(got_sorted) if have_rows is None else have_rows
     written = np.asarray(expected.written, dtype=bool)
     checked = expected.expert_ids_checked() & written[:, None]
-    if (np.array_equal(want_rows[written], have_rows[written])
+    positions = expected.sorted_token_ids_checked() & written[:, None]
+    if (np.array_equal(want_rows[positions], have_rows[positions])
             and np.array_equal(expected.expert_ids[checked], got_experts[checked])
             and np.array_equal(expected.num_tokens_post_pad[written], got_total[written])
             and (got_sorted[~written] == sentinel).all()
@@ -242,7 +243,8 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
         else:
             what = f"positions past the total {total} must hold the pad value " \
                    f"{expected.pad_value}"
-        m = array_mismatch("pad_value", exp_row[total:], got_row[total:],
+        tail = int(np.count_nonzero(positions[row]))  # specified positions of the row
+        m = array_mismatch("pad_value", exp_row[total:tail], got_row[total:tail],
                            name="sorted_token_ids", offset=row * P + total, rank=rank,
                            slot=slot, what=what)
         if m:
@@ -296,7 +298,10 @@ def canonical(case: Case, expected: Any, run: Any, order: RowOrder | None = None
         # expert_ids blocks the dialect leaves unspecified are not part of the result
         experts = run.outputs["expert_ids"].reshape(expected.expert_ids.shape)
         experts = np.where(expected.expert_ids_checked(), experts, 0)
-        return (order.rows(run.outputs["sorted_token_ids"]), experts.tobytes(),
+        rows = order.rows(run.outputs["sorted_token_ids"])
+        if expected.checked_positions is not None:
+            rows = np.where(expected.sorted_token_ids_checked(), rows, 0)
+        return (rows, experts.tobytes(),
                 run.outputs["num_tokens_post_pad"].tobytes())
     return tuple(v.tobytes() for _, v in sorted(run.outputs.items()))
 

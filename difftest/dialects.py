@@ -40,6 +40,9 @@ class RowsExpected:
     # Leading blocks of each expert_ids row whose value is specified, int [L];
     # None: all M. The rest (sglang-align: from total / B on) is not checked.
     checked_blocks: np.ndarray | None = None
+    # Leading positions of each sorted_token_ids row whose value is specified,
+    # int [L]; None: all P (sglang-align with padding: up to the total).
+    checked_positions: np.ndarray | None = None
 
     def expert_ids_checked(self) -> np.ndarray:
         """bool [L, M]: the ``expert_ids`` entries a comparison checks."""
@@ -47,6 +50,13 @@ class RowsExpected:
         if self.checked_blocks is None:
             return np.ones((L, M), dtype=bool)
         return np.arange(M)[None, :] < np.asarray(self.checked_blocks).reshape(L, 1)
+
+    def sorted_token_ids_checked(self) -> np.ndarray:
+        """bool [L, P]: the ``sorted_token_ids`` positions a comparison checks."""
+        L, P = self.sorted_token_ids.shape
+        if self.checked_positions is None:
+            return np.ones((L, P), dtype=bool)
+        return np.arange(P)[None, :] < np.asarray(self.checked_positions).reshape(L, 1)
 
     def active_blocks(self) -> np.ndarray:
         """int [L]: blocks inside the padded segments of each row (0 for unwritten rows)."""
@@ -293,14 +303,18 @@ def _sglang_align_reference(case: Case, rank: int | None) -> RowsExpected:
                             max_num_tokens_padded=ri["max_num_tokens_padded"],
                             ignore_invalid_expert=case.ignore_invalid_expert)
     sorted_ids, pad_value = a.sorted_token_ids, case.num_routes
+    total = a.num_tokens_post_pad
+    # With the flag, the positions past the total are SGLang's to fill or not (its
+    # 2025 fill stopped near the total, later ones fill all of P; nothing reads them).
+    checked_positions = np.array([total])
     if not case.pad_sorted_token_ids:
         # Without the flag the call writes only the routes' places (the caller prefills).
         sorted_ids = np.where(sorted_ids == pad_value, SENTINEL, sorted_ids).astype(np.int32)
-        pad_value = SENTINEL
-    total = a.num_tokens_post_pad
+        pad_value, checked_positions = SENTINEL, None
     return RowsExpected(sorted_ids[None, :], a.expert_ids[None, :],
                         np.array([total], dtype=np.int32), np.array([True]), pad_value,
-                        case.block_size, np.array([total // case.block_size]))
+                        case.block_size, np.array([total // case.block_size]),
+                        checked_positions)
 
 
 _COMMON_FOCUS = (

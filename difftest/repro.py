@@ -42,6 +42,8 @@ def call_records(case: Case) -> list[dict[str, Any]]:
                 "block_size": exp.block_size,
                 # leading expert_ids blocks that are specified, per row (the rest unchecked)
                 "checked_blocks": [int(c) for c in exp.expert_ids_checked().sum(axis=1)],
+                # and leading sorted_token_ids positions
+                "checked_positions": [int(c) for c in exp.sorted_token_ids_checked().sum(axis=1)],
             }
         records.append({
             "rank": rank,
@@ -178,7 +180,8 @@ def run(fn, call, device, exact=False):
                 problems.append(f"slot {l} / expert {e}: sorted_token_ids[{b * B}:{end * B}] "
                                 f"expected routes {want.tolist()}, actual {have.tolist()}")
             b = end
-        if not np.array_equal(g_srt[l, t:], srt[l, t:]):
+        end = exp["checked_positions"][l]
+        if not np.array_equal(g_srt[l, t:end], srt[l, t:end]):
             problems.append(f"slot {l}: sorted_token_ids[{t}:] must all be the pad value"
                             + (" (left unwritten)" if (srt[l, t:] == SENTINEL).all() else ""))
     return problems

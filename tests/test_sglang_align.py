@@ -161,6 +161,17 @@ def test_expert_ids_past_the_total_are_not_checked_but_blocks_inside_are():
         ("expert_ids", 0, -1, 0)]
 
 
+def test_positions_past_the_total_are_not_checked_with_the_pad_flag():
+    expected = INFO.reference(_case([[-1, 1], [0, -1]], 2, 3), None)
+    assert expected.checked_positions.tolist() == [9]
+    got = _outputs(expected)
+    got["sorted_token_ids"][0, 9] = SENTINEL  # an older SGLang's fill stops near the total
+    assert compare_rows(expected, got, stable=True, sentinel=SENTINEL) == []
+    got["sorted_token_ids"][0, 8] = SENTINEL  # a pad position inside expert 1's segment
+    found = compare_rows(expected, got, stable=True, sentinel=SENTINEL)
+    assert [(m.check, m.expert) for m in found] == [("sorted_token_ids", 1)]
+
+
 def test_minus_one_segment_is_compared_as_a_segment_of_its_own():
     expected = INFO.reference(_case([[-1, 1], [0, -1]], 2, 3), None)
     got = _outputs(expected)
