@@ -27,28 +27,41 @@ def align(
     switches: Switches,
 ) -> None:
     """SPEC §3 into the whole of ``sorted_token_ids`` [P] and ``expert_ids`` [M]."""
+    E, B = _check_single_row(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
+                             num_tokens_post_pad)
+    args.check_expert_map(expert_map, E)
+    experts, valid = routes.effective_experts(topk_ids, E, expert_map, switches)
+    _align_row(experts, valid, E, B, sorted_token_ids, expert_ids, num_tokens_post_pad,
+               switches.inactive_block_id, 0, topk_ids.numel())
+
+
+def _check_single_row(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
+                      num_tokens_post_pad) -> tuple[int, int]:
+    """The checks of a one-row call; returns ``(E, B)``."""
     args.check_topk_ids(topk_ids)
     E = args.check_positive("num_experts", num_experts)
     B = args.check_positive("block_size", block_size)
-    args.check_expert_map(expert_map, E)
     args.check_output("sorted_token_ids", sorted_token_ids, 0)
     args.check_output("expert_ids", expert_ids, 0)
     args.check_output("num_tokens_post_pad", num_tokens_post_pad, 1)
-    P, M = sorted_token_ids.numel(), expert_ids.numel()
+    return E, B
 
-    experts, valid = routes.effective_experts(topk_ids, E, expert_map, switches)
-    layout = passes.count_pass(experts, valid, E, B)
-    passes.check_fits(layout, P, M, B, "the batch")
+
+def _align_row(experts, valid, num_experts, block_size, sorted_token_ids, expert_ids,
+               num_tokens_post_pad, inactive_block_id, first_expert, pad_value) -> None:
+    """The passes over the whole of ``sorted_token_ids`` [P] and ``expert_ids`` [M]."""
+    P, M = sorted_token_ids.numel(), expert_ids.numel()
+    layout = passes.count_pass(experts, valid, num_experts, block_size)
+    passes.check_fits(layout, P, M, block_size, "the batch")
     passes.write_counts(
         layout,
         passes.row(expert_ids, 0, M),
         passes.row(num_tokens_post_pad, 0, 1),
-        B,
-        switches.inactive_block_id,
+        block_size,
+        inactive_block_id,
+        first_expert,
     )
-    passes.scatter_pass(
-        layout, experts, valid, passes.row(sorted_token_ids, 0, P), topk_ids.numel()
-    )
+    passes.scatter_pass(layout, experts, valid, passes.row(sorted_token_ids, 0, P), pad_value)
 
 
 VECTOR_INTS = 4
@@ -72,36 +85,23 @@ def sglang_align(
     ``pad_sorted_token_ids`` so is every position of ``sorted_token_ids``
     that holds no route.
     """
-    args.check_topk_ids(topk_ids)
-    E = args.check_positive("num_experts", num_experts)
-    B = args.check_positive("block_size", block_size)
+    E, B = _check_single_row(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
+                             num_tokens_post_pad)
     for name, flag in (("pad_sorted_token_ids", pad_sorted_token_ids),
                        ("ignore_invalid_expert", ignore_invalid_expert)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}={flag!r}: must be a bool")
-    args.check_output("sorted_token_ids", sorted_token_ids, 0)
-    args.check_output("expert_ids", expert_ids, 0)
-    args.check_output("num_tokens_post_pad", num_tokens_post_pad, 1)
-    P, M = sorted_token_ids.numel(), expert_ids.numel()
-
     buckets, valid = routes.sglang_buckets(topk_ids, E, ignore_invalid_expert, switches)
-    layout = passes.count_pass(buckets, valid, E, B)
-    passes.check_fits(layout, P, M, B, "the batch")
-    passes.write_counts(
-        layout,
-        passes.row(expert_ids, 0, M),
-        passes.row(num_tokens_post_pad, 0, 1),
-        B,
-        None,
-        first_expert=-1,
-    )
     pad_value = topk_ids.numel() if pad_sorted_token_ids else None
+    P = sorted_token_ids.numel()
     if pad_value is not None and not switches.pad_fill_stops_at_end:
         # The bug: the fill stores whole vectors of 4 ints, ceil(P / 4) of them,
         # so the last one runs 1-3 ints past the row when P % 4 != 0.
         tail = -P % VECTOR_INTS
         passes.row(sorted_token_ids, 0, P + tail)[P:] = pad_value
-    passes.scatter_pass(layout, buckets, valid, passes.row(sorted_token_ids, 0, P), pad_value)
+    # bucket b is expert b - 1; blocks from the total on are left as they were
+    _align_row(buckets, valid, E, B, sorted_token_ids, expert_ids, num_tokens_post_pad,
+               None, -1, pad_value)
 
 
 @dataclass(frozen=True)
