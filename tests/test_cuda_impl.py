@@ -9,6 +9,7 @@ compare the two paths with each other.
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import subprocess
 
 import numpy as np
@@ -87,6 +88,18 @@ def test_build_caches_each_variant_and_reuses_it_without_nvcc(tmp_path, monkeypa
     monkeypatch.setattr(subprocess, "Popen", no_nvcc)
     assert [build(fault) for fault in variants] == first
     assert not list(tmp_path.glob(".*.so")), "a temporary build file was left behind"
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf")
+def test_library_links_the_cuda_runtime_shared_so_pending_launch_errors_are_visible(tmp_path):
+    # A statically linked runtime keeps its "last error" to itself, out of reach of
+    # the harness's check of the runtimes mapped into the process (launch_error).
+    path = _build.build_library(arch="sm_90", cache_dir=tmp_path)
+    dynamic = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True,
+                             check=True).stdout
+    assert "Shared library: [libcudart.so" in dynamic
 
 
 @needs_nvcc
