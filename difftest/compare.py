@@ -182,8 +182,11 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
         want_rows = order.want
         have_rows = order.rows(got_sorted) if have_rows is None else have_rows
     written = np.asarray(expected.written, dtype=bool)
-    checked = expected.expert_ids_checked() & written[:, None]
-    positions = expected.sorted_token_ids_checked() & written[:, None]
+    # what is compared: the written rows, or only their specified leading entries
+    checked = written if expected.checked_blocks is None else (
+        expected.expert_ids_checked() & written[:, None])
+    positions = written if expected.checked_positions is None else (
+        expected.sorted_token_ids_checked() & written[:, None])
     if (np.array_equal(want_rows[positions], have_rows[positions])
             and np.array_equal(expected.expert_ids[checked], got_experts[checked])
             and np.array_equal(expected.num_tokens_post_pad[written], got_total[written])
@@ -211,7 +214,7 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
                            rank=rank, slot=slot)
         if m:
             found.append(m)
-        blocks = int(np.count_nonzero(checked[row]))  # the specified leading blocks
+        blocks = M if checked.ndim == 1 else int(np.count_nonzero(checked[row]))
         m = array_mismatch("expert_ids", expected.expert_ids[row, :blocks],
                            got_experts[row, :blocks], name="expert_ids", offset=row * M,
                            rank=rank, slot=slot)
@@ -243,7 +246,7 @@ def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stab
         else:
             what = f"positions past the total {total} must hold the pad value " \
                    f"{expected.pad_value}"
-        tail = int(np.count_nonzero(positions[row]))  # specified positions of the row
+        tail = P if positions.ndim == 1 else int(np.count_nonzero(positions[row]))
         m = array_mismatch("pad_value", exp_row[total:tail], got_row[total:tail],
                            name="sorted_token_ids", offset=row * P + total, rank=rank,
                            slot=slot, what=what)
@@ -296,8 +299,10 @@ def canonical(case: Case, expected: Any, run: Any, order: RowOrder | None = None
     if isinstance(expected, RowsExpected):
         order = RowOrder(expected) if order is None else order
         # expert_ids blocks the dialect leaves unspecified are not part of the result
-        experts = run.outputs["expert_ids"].reshape(expected.expert_ids.shape)
-        experts = np.where(expected.expert_ids_checked(), experts, 0)
+        experts = run.outputs["expert_ids"]
+        if expected.checked_blocks is not None:
+            experts = np.where(expected.expert_ids_checked(),
+                               experts.reshape(expected.expert_ids.shape), 0)
         rows = order.rows(run.outputs["sorted_token_ids"])
         if expected.checked_positions is not None:
             rows = np.where(expected.sorted_token_ids_checked(), rows, 0)
