@@ -159,6 +159,7 @@ def test_expert_ids_past_the_total_are_not_checked_but_blocks_inside_are():
     found = compare_rows(expected, got, stable=True, sentinel=SENTINEL)
     assert [(m.check, m.position, m.expected, m.actual) for m in found] == [
         ("expert_ids", 0, -1, 0)]
+    assert "Mismatched elements: 1 / 3 " in found[0].message  # the 3 specified blocks
 
 
 def test_positions_past_the_total_are_not_checked_with_the_pad_flag():
