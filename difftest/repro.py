@@ -99,10 +99,16 @@ def load(name):
         from vllm import _custom_ops as ops
         return ops.moe_lora_align_block_size if DIALECT == "vllm-lora" else ops.moe_align_block_size
     if kind == "sglang":
+        import inspect
         import sgl_kernel
-        if DIALECT == "sglang-align":
-            return sgl_kernel.moe_align_block_size
-        return sgl_kernel.moe_lora_align_block_size
+        if DIALECT != "sglang-align":
+            return sgl_kernel.moe_lora_align_block_size
+        fn = sgl_kernel.moe_align_block_size
+        try:  # versions before 2026 have no ignore_invalid_expert (the last argument)
+            count = len(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            count = 9
+        return fn if count >= 9 else (lambda *args: fn(*args[:count]))
     raise SystemExit(f"unknown --impl {name!r}")
 
 

@@ -48,7 +48,7 @@ def _fine(num_tokens: int):
                 max_loras=1, token_lora_mapping=np.zeros(num_tokens, dtype=np.int32))
 
 
-@pytest.mark.parametrize("dialect", ["vllm-lora", "sglang-lora", "align"])
+@pytest.mark.parametrize("dialect", ["vllm-lora", "sglang-lora", "align", "sglang-align"])
 def test_cuda_kernels_agree_with_torch_on_the_gpu_and_with_the_oracle(dialect):
     from cuda_impl import cuda, torch_impl
     from difftest.evaluate import evaluate
