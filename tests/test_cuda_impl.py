@@ -65,6 +65,15 @@ def test_cpu_tensors_are_rejected_with_a_value_error():
         cuda.align(ids, 4, 2, out, out[:4], out[:1])
 
 
+def test_sglang_align_rejects_cpu_tensors_and_flags_that_are_not_bools():
+    ids = torch.zeros((2, 2), dtype=torch.int32)
+    out = torch.zeros(8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda.sglang_align(ids, 4, 2, out, out[:4], out[:1], out[:5], True, False)
+    with pytest.raises(TypeError, match="ignore_invalid_expert=1"):
+        cuda.sglang_align(ids, 4, 2, out, out[:4], out[:1], out[:5], True, 1)
+
+
 @needs_nvcc
 def test_build_caches_each_variant_and_reuses_it_without_nvcc(tmp_path, monkeypatch):
     variants = [None, "inactive-blocks-zero"]
