@@ -351,9 +351,9 @@ _NEEDS_TOKENS = frozenset((
 def _compatible(first: str, second: str, dialect: str) -> bool:
     if "broad" in (first, second) or first == second:
         return True
-    if DIALECT_INFO[dialect].sentinel_segment and "many-experts" in (first, second):
-        # EP reaches it only as local ids: the kernel then sees the local count
-        return not {first, second} & {"ep-sentinel", "non-divisible-experts"}
+    if (DIALECT_INFO[dialect].sentinel_segment and "many-experts" in (first, second)
+            and {first, second} & {"ep-sentinel", "non-divisible-experts"}):
+        return False  # EP reaches it only as local ids: the kernel sees the local count
     if "empty-batch" in (first, second):
         return not {first, second} & _NEEDS_TOKENS
     return frozenset((first, second)) not in _CONFLICTS
