@@ -3,8 +3,11 @@
 A :class:`DialectInfo` says, for one calling convention of DESIGN.md, how to
 turn a :class:`~difftest.case.Case` (one rank of it) into the call's inputs,
 which output buffers the call writes (and their shapes), how to build the
-positional arguments, and what the oracle expects. Everything here is NumPy;
-the execution layer turns inputs into tensors on the device under test.
+positional arguments, and what the oracle expects — and every other fact that
+differs between dialects (parameter names, the signature head a user's
+callable is recognised by, the edge classes cases are built around, the
+defensive-only classes and ingredients). Everything here is NumPy; the
+execution layer turns inputs into tensors on the device under test.
 """
 
 from __future__ import annotations
