@@ -561,7 +561,8 @@ def test_fault_zero_grid_launch_leaves_a_launch_error_pending_for_the_next_call(
     correct(topk, 100, 2, _filled(8), _filled(4), _filled(1))
     assert _take_pending_cuda_errors() == []
     faulty(topk, 100, 2, _filled(8), _filled(4), _filled(1))  # returns normally ...
-    assert _take_pending_cuda_errors() == ["invalid configuration argument"]  # ... but left it
+    # ... but left it pending (CUDA 13 reports a zero-block grid as an invalid value)
+    assert _take_pending_cuda_errors() == ["invalid argument"]
     faulty(topk, 4, 2, _filled(8), _filled(4), _filled(1))  # the small path launches fine
     assert _take_pending_cuda_errors() == []
     torch.ones(4, device="cuda").add_(1)  # not sticky: the device stays usable
