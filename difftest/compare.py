@@ -21,6 +21,8 @@ Checks, by name (the ``check`` column of ``mismatches.parquet``):
 ``ep_conservation``      across ranks: every valid route exactly once, under
                          the right global expert
 ``repeat_disagree``      repeated runs of one case agree after canonicalisation
+``wild_write``           nothing written into another case's buffers (CUDA batches)
+``launch_error``         no CUDA error left pending by the call (CUDA)
 ``exception``, ``crash``, ``timeout``  the call did not finish normally
 """
 
@@ -260,10 +262,16 @@ def compare_run(case: Case, expected: Any, run: Any, *, stable: bool, sentinel: 
                 have_rows: np.ndarray | None = None) -> list[Mismatch]:
     """All checks of one call (one rank, one repeat) except the cross-rank ones."""
     rank = run.rank
+    found = [Mismatch("wild_write", f"{breadcrumb(rank) or 'call'}: wrote outside its own "
+                      f"buffers, into {w.where()}: value {w.value} ({w.count} element(s) "
+                      "there changed)", rank, position=w.position, actual=w.value)
+             for w in run.wild_writes]
+    if run.launch_error:
+        return [Mismatch("launch_error", f"{breadcrumb(rank) or 'call'}: {run.error}", rank)
+                ] + found
     if run.error is not None:
         return [Mismatch("exception", f"{breadcrumb(rank) or 'call'}: raised {run.error}",
-                         rank)]
-    found: list[Mismatch] = []
+                         rank)] + found
     if isinstance(expected, RowsExpected):
         found += compare_rows(expected, run.outputs, stable=stable, rank=rank, sentinel=sentinel,
                               order=order, have_rows=have_rows)

@@ -109,7 +109,7 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
         return Evaluation("pass")
     # the detail is the first record of the check the signature is named after
     first = next(m for check in CHECK_PRIORITY for m in found if m.check == check)
-    verdict = "error" if first.check == "exception" else "mismatch"
+    verdict = "error" if first.check in ("exception", "launch_error") else "mismatch"
     return Evaluation(verdict, found, first.message)
 
 

@@ -57,7 +57,39 @@ class RankRun:
     mutated_inputs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     error: str | None = None
     fatal: bool = False  # the device is unusable after this error (sticky CUDA error)
+    # the error is a CUDA error the call left pending (it returned normally): ``launch_error``
+    launch_error: bool = False
+    # the call's writes into other calls' blocks of the batch (:class:`_Attribution`)
+    wild_writes: list[WildWrite] = field(default_factory=list)
     elapsed_s: float = 0.0  # the call; the last call of a case also waits for its copy back
+
+
+@dataclass(frozen=True)
+class WildWrite:
+    """Bytes of another case's block that changed while one case ran (its ``wild_write``).
+
+    ``position`` is an element index relative to the buffer's data (negative: in its
+    leading guard band; ``>= numel``: in its trailing band; ``band`` says which);
+    ``case_id`` is ``None`` for a write that landed outside the batch's staged bytes
+    altogether (in difftest's device copy of them).
+    """
+
+    case_id: str | None
+    rank: int | None
+    buffer: str
+    role: str  # "input" | "output" | "scratch"
+    position: int
+    value: int
+    count: int  # elements of that buffer and its bands that changed
+    band: bool = False
+
+    def where(self) -> str:
+        """``case 1a2b's input topk_ids[3]``, ``... guard band of output expert_ids[-5]``."""
+        if self.case_id is None:
+            return "memory past the staged batch"
+        rank = f" (rank {self.rank})" if self.rank is not None else ""
+        what = f"guard band of {self.role}" if self.band else self.role
+        return f"case {self.case_id}{rank}'s {what} {self.buffer}[{self.position}]"
 
 
 @dataclass(frozen=True)
@@ -210,6 +242,84 @@ def _is_sticky_cuda_error(exc: BaseException) -> bool:
     return any(m in text for m in markers)
 
 
+# cudaError_t codes after which the context is unusable: never cleared (they surface as
+# ``fatal`` at the case's copy back). The rest are a launch's own, cleared once pinned.
+_STICKY_CUDA_ERRORS = frozenset({
+    214,  # ECC uncorrectable
+    700,  # illegal address
+    702,  # launch timeout
+    710,  # device-side assert
+    714,  # hardware stack error
+    715,  # illegal instruction
+    716,  # misaligned address
+    717,  # invalid address space
+    718,  # invalid program counter
+    719,  # launch failure
+    999,  # unknown
+})
+
+
+class _PendingCudaErrors:
+    """The CUDA runtime's "last error" of this thread, read after each call.
+
+    A launch with a bad configuration (a zero-block grid, too many threads)
+    fails at once and leaves its error pending in the runtime; unchecked, it
+    is raised by the next launch that checks (another case's, or our copy
+    back). :meth:`take` reads it with ``cudaPeekAtLastError`` — a host-side
+    read of a thread-local, no synchronisation — and clears it with
+    ``cudaGetLastError`` unless it is sticky. It reads every CUDA runtime
+    mapped into this process (``/proc/self/maps``): torch's shared
+    ``libcudart``, which extensions built against torch share, and any
+    other copy an extension brought. A runtime linked statically into an
+    extension is not seen (its errors stay its own).
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._libs = []
+        for path in _mapped_cuda_runtimes():
+            try:
+                lib = ctypes.CDLL(path)  # already loaded: the same instance as its users'
+                peek, take = lib.cudaPeekAtLastError, lib.cudaGetLastError
+                text = lib.cudaGetErrorString
+            except (OSError, AttributeError):
+                continue
+            peek.restype = take.restype = ctypes.c_int
+            text.restype, text.argtypes = ctypes.c_char_p, [ctypes.c_int]
+            self._libs.append((peek, take, text))
+
+    def take(self) -> str | None:
+        """The text of a pending non-sticky error, which is then cleared; else ``None``."""
+        found = None
+        for peek, take, text in self._libs:
+            code = peek()
+            if code and code not in _STICKY_CUDA_ERRORS:
+                take()
+                found = found or (text(code) or b"cudaError %d" % code).decode(errors="replace")
+        return found
+
+
+def _mapped_cuda_runtimes() -> list[str]:
+    """Paths of the CUDA runtime libraries mapped into this process, in load order."""
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(None, 5)  # address perms offset device inode path
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if "libcudart" in path.rsplit("/", 1)[-1] and path not in paths:
+                    paths.append(path)
+    except OSError:  # not Linux: nothing to read
+        pass
+    return paths
+
+
+@functools.cache
+def _pending_cuda_errors() -> _PendingCudaErrors:
+    return _PendingCudaErrors()
+
+
 def _describe(exc: BaseException) -> str:
     lines = traceback.format_exception_only(type(exc), exc)
     text = "".join(lines).strip()
@@ -226,22 +336,28 @@ class _Call:
 
 
 def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], device: str,
-              repeats: int = 1, *,
-              profile: dict[str, float] | None = None) -> list[list[list[RankRun]]]:
+              repeats: int = 1, *, profile: dict[str, float] | None = None,
+              attribute: bool | None = None) -> list[list[list[RankRun]]]:
     """Every rank of every case, ``repeats`` times: ``runs[case][repeat][rank]``.
 
     The calls run in order; each case is synchronised, and each rank of a
     multi-rank case. After a fatal (sticky) device error nothing more runs:
     the result ends with the case of the fatal call, whose runs are just its
     calls that raised (none of its outputs can be read), so it may hold fewer
-    cases than given.
+    cases than given. On CUDA a launch error a call leaves pending is pinned
+    on that call (``launch_error``) and cleared, so the next call starts clean.
+    ``attribute`` (default: on CUDA, where the batch's buffers share one
+    allocation) checks after each case that no other case's bytes changed,
+    and pins a change on the case that just ran (:class:`_Attribution`).
     ``profile``, when given, gets the seconds of each step added to it
-    (``set-up``, ``transfer``, ``kernel``, ``inspection``).
+    (``set-up``, ``transfer``, ``kernel``, ``inspection``; the attribution check
+    is part of the inspection).
     """
     import torch
 
     cuda = str(device).startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    pending = _pending_cuda_errors() if cuda else None
     clock = [time.perf_counter()]
 
     def tick(step: str) -> None:
@@ -268,6 +384,8 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     tick("set-up")
     storage = _DeviceViews(torch.from_numpy(host).to(device)) if cuda else host
     sync()
+    watch = (_Attribution(cases, per_case, pristine, storage.storage if cuda else host)
+             if (cuda if attribute is None else attribute) and len(cases) > 1 else None)
     tick("transfer")
     runs: list[list[list[RankRun]]] = []
     for index, calls in enumerate(per_case):
@@ -284,11 +402,18 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
             start = time.perf_counter()
             try:
                 fn(*args)
+                left = pending.take() if pending is not None else None
+                if left is not None:  # before a sync, which could raise it as its own
+                    call.run.error = f"launch error left pending by the call: {left}"
+                    call.run.launch_error = True
                 if each:
                     sync()
             except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
-                call.run.error = _describe(exc)
+                call.run.error, call.run.launch_error = _describe(exc), False
                 call.run.fatal = cuda and _is_sticky_cuda_error(exc)
+                left = pending.take() if pending is not None and not call.run.fatal else None
+                if left is not None:
+                    call.run.error += f" (and it left a launch error pending: {left})"
             call.run.elapsed_s = time.perf_counter() - start
             if call.run.fatal:
                 break
@@ -310,6 +435,8 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
             done = [call for call in done if call.run.error is not None]
         tick("transfer")
         if back is not None:
+            if watch is not None:
+                back = watch.after(index, back)
             suspects = _calls_with_stray_changes(done, pristine[lo:hi], back, lo)
             for k, call in enumerate(done):
                 if call.run.error is not None:
@@ -326,6 +453,106 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
         if any(call.run.fatal for call in done):
             break  # the context is unusable: nothing run after this means anything
     return runs
+
+
+class _Attribution:
+    """Pins a write into another case's bytes of the batch on the case that made it.
+
+    On CUDA every buffer of a batch lies in one allocation, so a call's wild
+    write can land in another case's inputs, outputs or guard bands: before
+    that case runs (it would be blamed for the damage, or fail on corrupted
+    inputs) or after it was read back (unseen). After each case — its copy
+    back has synchronised it — the whole batch is compared with what it must
+    hold: the staged bytes for the cases still to run, the bytes read back
+    for those done, the case itself excepted. On CUDA that is one comparison
+    on the device against a device copy kept up to date (a copy of the
+    case's block and one ``torch.equal`` per case); only when it differs are
+    the differing bytes fetched, checked against the host's record, named
+    (:class:`WildWrite` on the first call of the case that ran) and put
+    back, so the cases after it run on intact inputs. A difference that the
+    host's record does not show is a write past the batch that landed in the
+    device copy; it is named too. Not seen: a write outside both, and one
+    between the ranks or repeats of one case (its own failure either way).
+    """
+
+    def __init__(self, cases: Sequence[Case], per_case: list[list[_Call]],
+                 pristine: np.ndarray, current: Any) -> None:
+        self.cases, self.per_case, self.current = cases, per_case, current
+        self.device = not isinstance(current, np.ndarray)
+        # what each byte must hold: staged until its case ran, then what it read back
+        self.expect = pristine.copy()
+        self.reference = current.clone() if self.device else self.expect
+        self.calls = [(call.base, i, call) for i, calls in enumerate(per_case) for call in calls]
+        self.bases = [b for b, _, _ in self.calls]
+
+    def after(self, index: int, back: np.ndarray) -> np.ndarray:
+        """Check the batch after case ``index`` (whose bytes read back are ``back``);
+        returns ``back``, copied when it is a view of the bytes a later call may change."""
+        calls = self.per_case[index]
+        lo, hi = calls[0].base, calls[-1].base + calls[-1].staged.nbytes
+        if not self.device:
+            back = back.copy()  # the CPU's outputs are views of the batch's bytes
+        self.expect[lo:hi] = back
+        if self.device:
+            self.reference[lo:hi].copy_(self.current[lo:hi])
+            if self.current.equal(self.reference):
+                return back
+            where = (self.current != self.reference).nonzero().flatten().cpu().numpy()
+            now = self.current[where].cpu().numpy()
+        else:
+            where = np.flatnonzero(self.current != self.expect)
+            if not where.size:
+                return back
+            now = self.current[where]
+        want = self.expect[where]
+        hit = now != want  # batch bytes that changed; the rest: the device copy did
+        writes: list[WildWrite] = []
+        for case_index, call, mask in self._by_call(where, hit):
+            if len(writes) < 8:
+                writes.append(self._named(case_index, call, where[mask], now[mask]))
+        if not hit.all():
+            writes.append(WildWrite(None, None, "", "", 0, 0, int((~hit).sum())))
+        self._restore(where)
+        calls[0].run.wild_writes += writes
+        return back
+
+    def _restore(self, where: np.ndarray) -> None:
+        if self.device:
+            import torch
+
+            at = torch.from_numpy(where).to(self.current.device)
+            value = torch.from_numpy(self.expect[where]).to(self.current.device)
+            self.current[at] = value
+            self.reference[at] = value
+        else:
+            self.current[where] = self.expect[where]
+
+    def _by_call(self, where: np.ndarray,
+                 hit: np.ndarray) -> list[tuple[int, _Call, np.ndarray]]:
+        """(case index, call, mask of ``where``) for every call whose block was hit."""
+        owner = np.searchsorted(self.bases, where, side="right") - 1
+        return [(self.calls[k][1], self.calls[k][2], hit & (owner == k))
+                for k in np.unique(owner[hit])]
+
+    def _named(self, case_index: int, call: _Call, positions: np.ndarray,
+               values: np.ndarray) -> WildWrite:
+        """The first changed element of ``call``'s block (bytes ``positions`` of the
+        batch now hold ``values``): its buffer, index and value, and how many elements
+        of that buffer and its bands changed."""
+        first = int(positions[0]) - call.base
+        buf = next(b for b in call.staged.buffers if b.start <= first < b.end)
+        size = buf.dtype.itemsize
+        element = (first - buf.data) // size
+        at = call.base + buf.data + element * size
+        word = self.expect[at:at + size].copy()
+        mine = (positions >= at) & (positions < at + size)
+        word[positions[mine] - at] = values[mine]
+        offsets = positions - call.base
+        inside = (offsets >= buf.start) & (offsets < buf.end)
+        count = np.unique((offsets[inside] - buf.data) // size).size
+        return WildWrite(self.cases[case_index].case_id, call.rank, buf.name, buf.role,
+                         int(element), int(word.view(buf.dtype)[0]), int(count),
+                         band=not 0 <= element < buf.numel)
 
 
 def _fatal_at_copy(done: list[_Call], exc: BaseException) -> None:
