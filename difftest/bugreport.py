@@ -38,9 +38,47 @@ def case_inputs(case: Case) -> dict[str, Any]:
     return out
 
 
+def confirmation_lines(failure: Any, case: Case, culprit: Case | None) -> list[str]:
+    """What re-running the failure alone found, for the report (``case``/``culprit``: the
+    reported, possibly shrunk, victim and culprit)."""
+    from .campaign import CONFIRM_ATTEMPTS, CULPRIT_CANDIDATES
+
+    c = getattr(failure, "confirmation", None)
+    if c is None:
+        if failure is not None and failure.evaluation.verdict == "flaky":
+            return ["Counted as flaky without a re-run of its own: the first cases of its "
+                    "signature did not fail alone."]
+        return []
+    if c.reproduced:
+        if c.attempts == 0:
+            return ["A timeout: confirmed by the sandbox on a fresh worker with a longer "
+                    "budget."]
+        return [f"Confirmed alone (a batch of its own, its own allocation, a fresh worker): "
+                f"it failed the same way on re-run {c.attempts} of at most {CONFIRM_ATTEMPTS}."]
+    lines = [f"Flaky: case `{failure.case.case_id}` failed as `{c.original}` in the campaign, "
+             f"but not in {c.attempts} re-run(s) alone (a batch of its own, its own "
+             "allocation, a fresh worker)."]
+    if c.neighbours:
+        lines.append("Ran before it in the same worker, nearest first: " + ", ".join(
+            f"`{n.case.case_id}`" + (" (same batch)" if n.same_batch else "")
+            for n in c.neighbours) + ".")
+    if culprit is not None:
+        lines.append(
+            f"Culprit: case `{culprit.case_id}` leaves the kernel in a state, or writes "
+            f"memory, that breaks case `{case.case_id}`: run right before it, as a batch of "
+            f"the two, it makes it fail as `{c.original}`. `culprit.json` holds the culprit, "
+            "`case.json` the victim; `python repro.py` runs the pair in that order.")
+    else:
+        tried = min(len(c.neighbours), CULPRIT_CANDIDATES)
+        lines.append(f"No culprit: none of the {tried} nearest of them, run right before it, "
+                     "made it fail the same way.")
+    return lines
+
+
 def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
                          evaluation: Evaluation, *, failure: Any = None, shrink: Any = None,
-                         extra: dict | None = None) -> Path:
+                         extra: dict | None = None, culprit: Case | None = None) -> Path:
+    """``DIR/bugs/<signature>/`` for ``case``; with a ``culprit``, the pair (flaky)."""
     import reports
 
     title = title_of(impl.name, case, evaluation)
@@ -56,8 +94,14 @@ def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
         "first_difference": first.as_row() if first else {},
         "mismatches": [m.as_row() for m in evaluation.mismatches],
         "environment": reports.environment(),
-        "repro_py": repro_script(case, impl.name, impl.stable, title, signature),
+        "repro_py": repro_script(case, impl.name, impl.stable, title, signature,
+                                 culprit=culprit),
     }
+    confirmation = confirmation_lines(failure, case, culprit)
+    if confirmation:
+        info["confirmation"] = confirmation
+    if culprit is not None:
+        info["culprit_case"] = culprit.to_dict()
     if shrink is not None:
         info["shrink_log"] = list(shrink.passes_applied) + [
             f"{shrink.calls} candidate runs in {shrink.elapsed_s:.1f} s; "

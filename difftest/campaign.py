@@ -7,6 +7,16 @@ Before generating, the failure database replays every case that failed for
 this implementation in an earlier run (and forgets those that now pass).
 After the budget, each distinct failure signature is shrunk to a minimal case
 and written up as a bug report.
+
+A failing case becomes a bug only once it is confirmed alone
+(:meth:`Campaign.confirm`): the first case of each new signature is re-run
+on its own — fresh staging, its own allocation, a fresh worker — up to
+:data:`CONFIRM_ATTEMPTS` times (a race needs only one of them to fail the
+same way). One that never fails the same way alone is ``flaky``: its own
+signature ``<dialect>--flaky--<check>``, a failure all the same, reported
+with the cases that ran before it in its worker and, when one of the nearest
+of them run right before it reproduces the failure, that culprit: the pair
+is what the report keeps, shrinks and replays.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,6 +45,13 @@ DEFAULT_SHRINK_SECONDS = 30.0
 # twice as many, so a failure in the first cases is seen as soon as it would be unbatched.
 BATCH_CASES = 64
 BATCH_ROUTES = 1 << 16
+# Confirmation (Campaign.confirm): alone re-runs of a new signature's first case, each in
+# a fresh worker; cases of one signature re-run so before it is taken as flaky without
+# more runs; predecessors tried as the culprit of a flaky case; cases kept per worker.
+CONFIRM_ATTEMPTS = 3
+CONFIRM_CASES = 3
+CULPRIT_CANDIDATES = 4
+HISTORY = 16
 
 
 class _Interrupted(BaseException):
@@ -71,6 +89,31 @@ class _BudgetExhausted(BaseException):
     """Ends Hypothesis' generation loop (a BaseException, so it is not a 'failure')."""
 
 
+@dataclass(frozen=True)
+class Neighbour:
+    """A case that ran before another in the same worker."""
+
+    case: Case
+    same_batch: bool  # in the same batch (staged in the same allocation), or before it
+
+
+@dataclass
+class Confirmation:
+    """What re-running a failing case alone found (:meth:`Campaign.confirm`)."""
+
+    signature: str  # what the failure is recorded under: ``original``, or its flaky one
+    original: str  # the signature the case had where it first failed
+    reproduced: bool  # an alone re-run failed with ``original``
+    attempts: int  # alone re-runs made (0: none needed, a timeout is confirmed already)
+    neighbours: tuple[Neighbour, ...] = ()  # nearest first
+    culprit: Case | None = None  # the neighbour that, run right before it, reproduces it
+    seconds: float = 0.0
+
+    @property
+    def flaky(self) -> bool:
+        return not self.reproduced
+
+
 @dataclass
 class Failure:
     """The first case seen with one signature, and how many cases shared it."""
@@ -81,6 +124,7 @@ class Failure:
     count: int = 1
     cases_until_failure: int = 0
     seconds_until_failure: float = 0.0
+    confirmation: Confirmation | None = None
 
 
 @dataclass
@@ -93,6 +137,7 @@ class CampaignResult:
     minimal: dict[str, tuple[Case, Evaluation]] = field(default_factory=dict)
     elapsed_s: float = 0.0
     replayed: int = 0
+    confirm_s: float = 0.0  # spent re-running failures alone and looking for culprits
 
     @property
     def failed(self) -> int:
@@ -180,19 +225,44 @@ class Campaign:
         self.mismatch_rows: list[dict] = []
         self._inflight: list[Case] = []
         self._start = time.monotonic()
+        # confirmation state: recent cases per worker (with their batch number), failures
+        # recorded while a batch was in flight, and what each signature turned out to be
+        self._history: dict[str, deque[tuple[Case, int]]] = {}
+        self._batches = 0
+        self._inflight_batch = 0
+        self._unsettled: list[tuple[Case, Evaluation, tuple[Neighbour, ...], int, float]] = []
+        self._confirmed: set[str] = set()
+        self._tries: dict[str, int] = {}
+        self._flaky_ids: set[str] = set()
 
     # -- one case -------------------------------------------------------------
     def check(self, case: Case) -> Evaluation:
-        """Run and evaluate one case without recording it (used by the shrinker)."""
+        """Run and evaluate one case alone without recording it (used by the shrinker)."""
         outcome = self.runner.run(case)
+        self._ran(case, outcome.worker, self._next_batch())
         return evaluate(case, outcome, stable=self.impl.stable)
 
-    def run_one(self, case: Case, seed: int | None = None) -> Evaluation:
-        return self._finish(case, self.runner.run(case), seed)
+    def check_pair(self, first: Case, second: Case) -> tuple[Evaluation, Evaluation | None]:
+        """Run ``first`` then ``second`` as one batch of their own, without recording them;
+        ``second``'s evaluation is ``None`` when it did not run (``first`` crashed)."""
+        self.runner.submit([first, second])
+        outcomes = self.runner.collect()
+        batch = self._next_batch()
+        evaluations: list[Evaluation | None] = []
+        for case, outcome in zip((first, second), outcomes):
+            self._ran(case, outcome.worker, batch)
+            evaluations.append(evaluate(case, outcome, stable=self.impl.stable))
+        return evaluations[0], (evaluations[1] if len(evaluations) > 1 else None)
 
-    def _finish(self, case: Case, outcome: Any, seed: int | None) -> Evaluation:
+    def run_one(self, case: Case, seed: int | None = None) -> Evaluation:
+        evaluation = self._finish(case, self.runner.run(case), seed, self._next_batch())
+        self._settle()
+        return evaluation
+
+    def _finish(self, case: Case, outcome: Any, seed: int | None, batch: int) -> Evaluation:
         evaluation = evaluate(case, outcome, stable=self.impl.stable)
-        self._record(case, evaluation, outcome, seed)
+        self._record(case, evaluation, outcome, seed, batch)
+        self._ran(case, outcome.worker, batch)
         return evaluation
 
     def dispatch(self, batch: list[Case]) -> list[Evaluation]:
@@ -204,29 +274,40 @@ class Campaign:
         cases after it did not run: they go in front of ``batch``, and the
         collected cases are recorded first, so that the crash is on record
         before the worker restarts. :meth:`drain` runs whatever is in flight.
+        Failures recorded while a batch is in flight are confirmed
+        (:meth:`confirm`) at the next call, while the worker is idle.
         """
-        previous = self._inflight
+        previous, number = self._inflight, self._inflight_batch
         outcomes = self.runner.collect() if previous else []
         rest = previous[len(outcomes):]
+        self._inflight = []
+        self._settle()  # the worker is idle: confirm what was recorded last time
 
         def record() -> list[Evaluation]:
-            return [self._finish(case, outcome, self.seed)
+            return [self._finish(case, outcome, self.seed, number)
                     for case, outcome in zip(previous, outcomes)]
 
-        recorded = record() if rest else None  # a submit after a crash restarts the worker
+        recorded = None
+        if rest:  # a submit after a crash restarts the worker
+            recorded = record()
+            self._settle()
         self._inflight = rest + list(batch)
         if self._inflight:
+            self._inflight_batch = self._next_batch()
             self.runner.submit(self._inflight)
         return recorded if recorded is not None else record()
 
     def drain(self) -> list[Evaluation]:
-        """Collect, evaluate and record every case in flight (see :meth:`dispatch`)."""
+        """Collect, evaluate and record every case in flight (see :meth:`dispatch`), and
+        confirm the failures among them."""
         evaluations: list[Evaluation] = []
         while self._inflight:
             evaluations += self.dispatch([])
+        self._settle()
         return evaluations
 
-    def _record(self, case: Case, evaluation: Evaluation, outcome: Any, seed: int | None) -> None:
+    def _record(self, case: Case, evaluation: Evaluation, outcome: Any, seed: int | None,
+                batch: int) -> None:
         r = self.result
         r.cases += 1
         r.verdicts[evaluation.verdict] = r.verdicts.get(evaluation.verdict, 0) + 1
@@ -248,23 +329,126 @@ class Campaign:
                  "verdict": evaluation.verdict, **m.as_row()} for m in evaluation.mismatches]
         self.log.add_mismatches(rows)
         self.mismatch_rows += rows
+        self._save_case(case)
+        neighbours = tuple(Neighbour(c, b == batch)
+                           for c, b in reversed(self._history.get(outcome.worker, ())))
+        self._unsettled.append((case, evaluation, neighbours, r.cases,
+                                time.monotonic() - self._start))
+
+    def _save_case(self, case: Case) -> None:
         cases_dir = self.out_dir / "cases"
         cases_dir.mkdir(exist_ok=True)
         (cases_dir / f"{case.case_id}.json").write_text(case.to_json())
-        self.database.save(self.impl.name, case)
-        sig = evaluation.signature(case)
-        if sig in r.failures:
-            r.failures[sig].count += 1
+
+    # -- confirmation -----------------------------------------------------------
+    def confirm(self, case: Case, evaluation: Evaluation,
+                neighbours: tuple[Neighbour, ...] = ()) -> Confirmation:
+        """Re-run a failing case alone; when it does not fail the same way, look for
+        the neighbour that makes it fail.
+
+        Alone means a batch of its own (fresh staging, its own allocation), the
+        first time in a fresh worker (:meth:`restart` of the runner; the
+        in-process runner has none), so no earlier case's memory or kernel
+        state can reach it; up to :data:`CONFIRM_ATTEMPTS` times (the later ones
+        in that worker, which has run nothing else), and any one failing with
+        the same signature confirms it (a race fails only sometimes). A timeout is not
+        re-run: the sandbox confirms every timeout on a fresh worker with a
+        longer budget. Otherwise the case is flaky, and each of the nearest
+        :data:`CULPRIT_CANDIDATES` ``neighbours`` (nearest first) is run right
+        before it, the two as a batch of their own: the first after which it
+        fails with its signature is the culprit. Needs the runner idle (no
+        batch in flight); the time it takes is added to ``result.confirm_s``.
+        """
+        if self._inflight:
+            raise RuntimeError("Campaign.confirm needs the runner idle; a batch is in flight")
+        start = time.monotonic()
+        original = evaluation.signature(case)
+        attempts, reproduced = 0, evaluation.verdict == "timeout"
+        while not reproduced and attempts < CONFIRM_ATTEMPTS:
+            attempts += 1
+            reproduced = self._alone(case, fresh=attempts == 1).signature(case) == original
+        signature, culprit = original, None
+        if not reproduced:
+            signature = flaky_evaluation(evaluation).signature(case)
+            for neighbour in neighbours[:CULPRIT_CANDIDATES]:
+                if self._pair_signature(neighbour.case, case) == original:
+                    culprit = neighbour.case
+                    break
+        seconds = time.monotonic() - start
+        self.result.confirm_s += seconds
+        return Confirmation(signature, original, reproduced, attempts, neighbours, culprit,
+                            seconds)
+
+    def _alone(self, case: Case, fresh: bool) -> Evaluation:
+        if fresh:
+            self.runner.restart()
+        return self.check(case)
+
+    def _pair_signature(self, first: Case, second: Case) -> str | None:
+        """The signature of ``second`` run right after ``first`` (``None``: it passed or
+        did not run)."""
+        evaluation = self.check_pair(first, second)[1]
+        return evaluation.signature(second) if evaluation is not None else None
+
+    def _settle(self) -> None:
+        """Enter the failures recorded so far into ``result.failures``, each under the
+        signature its confirmation gives. Only the first cases of a signature are
+        confirmed (up to :data:`CONFIRM_CASES` while none reproduces alone); once one
+        has been, the later ones are counted under it as they are, and after that many
+        flaky ones, under the flaky signature."""
+        while self._unsettled:
+            case, evaluation, neighbours, cases, seconds = self._unsettled.pop(0)
+            sig = evaluation.signature(case)
+            confirmation = None
+            if sig not in self._confirmed:
+                if self._tries.get(sig, 0) < CONFIRM_CASES:
+                    self._tries[sig] = self._tries.get(sig, 0) + 1
+                    confirmation = self.confirm(case, evaluation, neighbours)
+                    if confirmation.reproduced:
+                        self._confirmed.add(sig)
+                    elif confirmation.culprit is not None:  # explained: no more re-runs
+                        self._tries[sig] = CONFIRM_CASES
+                if confirmation is None or confirmation.flaky:
+                    self._enter_flaky(case, evaluation, confirmation, cases, seconds)
+                    continue
+            self.database.save(self.impl.name, case)
+            self._enter(sig, case, evaluation, confirmation, cases, seconds)
+
+    def _enter_flaky(self, case: Case, evaluation: Evaluation,
+                     confirmation: Confirmation | None, cases: int, seconds: float) -> None:
+        flaky = flaky_evaluation(evaluation)
+        sig = flaky.signature(case)
+        self._flaky_ids.add(case.case_id)
+        if confirmation is not None and confirmation.culprit is not None:
+            self._save_case(confirmation.culprit)
+        failure = self.result.failures.get(sig)
+        if failure is not None and confirmation is not None and confirmation.culprit is not None \
+                and (failure.confirmation is None or failure.confirmation.culprit is None):
+            # a victim with a culprit explains more than one without: it becomes the report
+            failure.case, failure.evaluation, failure.confirmation = case, flaky, confirmation
+        self._enter(sig, case, flaky, confirmation, cases, seconds)
+
+    def _enter(self, sig: str, case: Case, evaluation: Evaluation,
+               confirmation: Confirmation | None, cases: int, seconds: float) -> None:
+        failures = self.result.failures
+        if sig in failures:
+            failures[sig].count += 1
         else:
-            r.failures[sig] = Failure(sig, case, evaluation, 1, r.cases,
-                                      time.monotonic() - self._start)
+            failures[sig] = Failure(sig, case, evaluation, 1, cases, seconds, confirmation)
+
+    def _ran(self, case: Case, worker: str, batch: int) -> None:
+        self._history.setdefault(worker, deque(maxlen=HISTORY)).append((case, batch))
+
+    def _next_batch(self) -> int:
+        self._batches += 1
+        return self._batches
 
     # -- the loop -------------------------------------------------------------
     def replay_database(self) -> None:
         for path, case in self.database.load(self.impl.name, self.impl.dialects):
             self.result.replayed += 1
-            if self.run_one(case).verdict == "pass":
-                self.database.forget(path)
+            if self.run_one(case).verdict == "pass" or case.case_id in self._flaky_ids:
+                self.database.forget(path)  # fixed, or a failure it does not show alone
 
     def generate(self, *, dialects: tuple[str, ...], contracts: tuple[str, ...],
                  max_examples: int | None, seconds: float | None,
@@ -336,27 +520,87 @@ class Campaign:
     # -- after the budget -------------------------------------------------------
     def shrink_and_report(self, *, shrink_seconds: float = DEFAULT_SHRINK_SECONDS,
                           extra: Callable[[Failure, Case], dict] | None = None) -> None:
+        """Shrink each failure and write its bug report.
+
+        A confirmed failure shrinks alone, and its minimal case is confirmed
+        alone as the original was (else the report keeps the original), so
+        every report's ``case.json`` fails alone with its signature. A flaky
+        failure with a culprit shrinks as the pair: the victim with the
+        culprit fixed, then the culprit with the victim fixed, each half of
+        ``shrink_seconds``; one without a culprit keeps its case.
+        """
         from .bugreport import write_failure_report
         from .shrink import shrink
 
+        self._settle()
         if extra is None and str(getattr(self.runner, "device", "")).startswith("cuda"):
             from .sanitizer import sanitizer_extra
 
             extra = sanitizer_extra(self.impl)  # crashes get a compute-sanitizer re-run
 
         for sig, failure in sorted(self.result.failures.items()):
+            if failure.evaluation.verdict == "flaky":
+                self._report_pair(sig, failure, shrink_seconds)
+                continue
+
             def same_signature(candidate: Case, sig: str = sig) -> bool:
                 return self.check(candidate).signature(candidate) == sig
 
             shrunk = shrink(failure.case, same_signature, max_seconds=shrink_seconds)
-            minimal = shrunk.case
-            final = self.check(minimal)
-            if final.signature(minimal) != sig:  # a flaky failure: keep the original
+            minimal, final = shrunk.case, self._reproduced_alone(shrunk.case, sig)
+            if final is None:  # the minimal case does not fail alone: keep the original
                 minimal, final = failure.case, failure.evaluation
             self.result.minimal[sig] = (minimal, final)
             self.result.bug_dirs[sig] = write_failure_report(
                 self.out_dir, sig, self.impl, minimal, final, failure=failure, shrink=shrunk,
                 extra=extra(failure, minimal) if extra else None)
+
+    def _reproduced_alone(self, case: Case, sig: str) -> Evaluation | None:
+        """The evaluation of ``case`` re-run alone failing with ``sig`` (as
+        :meth:`confirm` re-runs it), or ``None`` when no attempt does."""
+        for attempt in range(1 if sig.endswith("--timeout--timeout") else CONFIRM_ATTEMPTS):
+            evaluation = self._alone(case, fresh=attempt == 0)
+            if evaluation.signature(case) == sig:
+                return evaluation
+        return None
+
+    def _report_pair(self, sig: str, failure: Failure, shrink_seconds: float) -> None:
+        """The report of a flaky failure: its culprit pair shrunk, when it has one."""
+        from .bugreport import write_failure_report
+        from .shrink import shrink
+
+        confirmation = failure.confirmation
+        culprit = confirmation.culprit if confirmation is not None else None
+        victim, final, shrunk = failure.case, failure.evaluation, None
+        if culprit is not None:
+            original = confirmation.original
+
+            def victim_fails(candidate: Case) -> bool:
+                return self._pair_signature(culprit, candidate) == original
+
+            shrunk = shrink(victim, victim_fails, max_seconds=shrink_seconds / 2)
+
+            def culprit_breaks(candidate: Case) -> bool:
+                return self._pair_signature(candidate, shrunk.case) == original
+
+            by_culprit = shrink(culprit, culprit_breaks, max_seconds=shrink_seconds / 2)
+            pair = self.check_pair(by_culprit.case, shrunk.case)[1]
+            if pair is not None and pair.signature(shrunk.case) == original:
+                victim, culprit, final = shrunk.case, by_culprit.case, flaky_evaluation(pair)
+                shrunk.passes_applied[:] = ([f"victim: {p}" for p in shrunk.passes_applied]
+                                            + [f"culprit: {p}"
+                                               for p in by_culprit.passes_applied])
+                shrunk.calls += by_culprit.calls
+                shrunk.elapsed_s += by_culprit.elapsed_s
+                shrunk.minimal = shrunk.minimal and by_culprit.minimal
+            else:  # the shrunk pair does not reproduce: keep the pair as found
+                shrunk = None
+            self._save_case(victim)
+            self._save_case(culprit)
+        self.result.minimal[sig] = (victim, final)
+        self.result.bug_dirs[sig] = write_failure_report(
+            self.out_dir, sig, self.impl, victim, final, failure=failure, shrink=shrunk,
+            culprit=culprit)
 
     def close(self) -> CampaignResult:
         import reports
@@ -364,10 +608,22 @@ class Campaign:
         self.log.close()
         reports.write_summary(self.out_dir)
         self.result.elapsed_s = time.monotonic() - self._start
+        flaky = {sig: {"case": f.case.case_id, "original": f.confirmation.original,
+                       "culprit": f.confirmation.culprit.case_id
+                       if f.confirmation.culprit is not None else None,
+                       "ran_before": [n.case.case_id for n in f.confirmation.neighbours]}
+                 for sig, f in sorted(self.result.failures.items())
+                 if f.confirmation is not None and f.confirmation.flaky}
         (self.out_dir / "run.json").write_text(json.dumps({
             "impl": self.impl.name, "seed": self.seed, "cases": self.result.cases,
             "verdicts": self.result.verdicts, "replayed": self.result.replayed,
             "signatures": sorted(self.result.failures), "elapsed_s": self.result.elapsed_s,
-            "pid": os.getpid(),
+            "confirm_s": self.result.confirm_s, "flaky": flaky, "pid": os.getpid(),
         }, indent=1))
         return self.result
+
+
+def flaky_evaluation(evaluation: Evaluation) -> Evaluation:
+    """The evaluation of a failure that did not reproduce alone: verdict ``flaky``, the
+    same failed checks (its signature is ``<dialect>--flaky--<primary check>``)."""
+    return Evaluation("flaky", list(evaluation.mismatches), evaluation.detail)

@@ -5,7 +5,9 @@ oracle: it carries every rank's inputs, the argument list and the oracle's
 expected outputs as literals, rebuilds the tensors (outputs sentinel-filled
 inside guard bands, as the campaign does), calls the implementation and
 checks what the campaign checks per call. It exits 1 while the bug is
-present, 0 once it is fixed, 2 when it cannot run.
+present, 0 once it is fixed, 2 when it cannot run. For a flaky failure with
+a culprit it runs the pair: the culprit's calls, then the victim's, in each
+run, and only the victim's checks decide (the culprit's own are shown).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ Implementation: __IMPL__   dialect: __DIALECT__   signature: __SIGNATURE__
     python repro.py --device cpu
 
 Exit 1 while the bug is present, 0 when every check passes, 2 if it cannot run.
-Needs torch and the implementation; the expected outputs are carried below.
+Needs torch and the implementation; the expected outputs are carried below.__PAIR_NOTE__
 """
 import argparse
 import importlib
@@ -82,6 +84,7 @@ DIALECT = __DIALECT_JSON__
 STABLE = __STABLE__
 SENTINEL, GUARD, GUARD_LEN = __SENTINEL__, __GUARD__, __GUARD_LEN__
 CALLS = json.loads(__CALLS_JSON__)
+CULPRIT = json.loads(__CULPRIT_JSON__)  # calls run before CALLS in each run (a pair)
 
 
 def load(name):
@@ -209,8 +212,15 @@ def main():
     except Exception as exc:
         print(f"cannot load {ns.impl}: {exc}", file=sys.stderr)
         return 2
-    problems = []
+    problems, culprit = [], []
     for k in range(repeats):
+        for call in CULPRIT:
+            where = f"run {k + 1}, culprit" + (f", rank {call['rank']}"
+                                                if call["rank"] is not None else "")
+            try:
+                culprit += [f"{where}: {p}" for p in run(fn, call, ns.device, ns.exact_buffers)]
+            except Exception as exc:
+                culprit.append(f"{where}: raised {type(exc).__name__}: {exc}")
         for call in CALLS:
             where = f"run {k + 1}" + (f", rank {call['rank']}" if call["rank"] is not None else "")
             try:
@@ -219,12 +229,18 @@ def main():
                 problems.append(f"{where}: raised {type(exc).__name__}: {exc}")
         if problems:
             break
+    if culprit:
+        print("the culprit's own problems (not what this report is about):")
+        for p in culprit[:10]:
+            print("  " + p)
     if problems:
-        print(f"BUG PRESENT in {ns.impl} ({DIALECT}):")
+        print(f"BUG PRESENT in {ns.impl} ({DIALECT}"
+              + (", after the culprit" if CULPRIT else "") + "):")
         for p in problems[:20]:
             print("  " + p)
         return 1
-    print(f"ok: {ns.impl} passes every check of this case ({repeats} run(s))")
+    print(f"ok: {ns.impl} passes every check of this case ({repeats} run(s)"
+          + (", each after the culprit" if CULPRIT else "") + ")")
     return 0
 
 
@@ -233,8 +249,15 @@ if __name__ == "__main__":
 '''
 
 
-def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature: str) -> str:
+def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature: str,
+                 culprit: Case | None = None) -> str:
+    """The script's text; with ``culprit``, each run calls the culprit's case first."""
     calls = json.dumps(call_records(case), separators=(",", ":"))
+    before = json.dumps(call_records(culprit) if culprit is not None else [],
+                        separators=(",", ":"))
+    note = ("" if culprit is None else "\n\nA pair: every run calls the culprit's case "
+            f"({culprit.case_id}) first, then this\ncase ({case.case_id}), which fails only "
+            "after it.")
     text = _TEMPLATE
     for key, value in {
         "__TITLE__": title.replace('"""', "'''"),
@@ -248,6 +271,8 @@ def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature
         "__GUARD__": str(GUARD),
         "__GUARD_LEN__": str(GUARD_LEN),
         "__CALLS_JSON__": repr(calls),
+        "__CULPRIT_JSON__": repr(before),
+        "__PAIR_NOTE__": note,
     }.items():
         text = text.replace(key, value)
     return text

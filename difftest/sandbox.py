@@ -80,6 +80,9 @@ class InProcessRunner:
         runs = run_case(case, self._callables, self.device, self.repeats)
         return Outcome.of(runs, f"pid{os.getpid()}")
 
+    def restart(self) -> None:
+        """Nothing to restart: in this process, state a call leaves stays for the next."""
+
     def submit(self, cases: list[Case]) -> None:
         self._pending = list(cases)
 
@@ -269,6 +272,12 @@ class SandboxRunner:
         if _fatal(runs):
             self._retire()
         return Outcome.of(runs, worker)
+
+    def restart(self) -> None:
+        """End the worker: the next case runs in a fresh one, which nothing an earlier
+        case left in memory or in the implementation's state can reach (a failure is
+        confirmed alone so; ``restarts`` counts only restarts after a crash or hang)."""
+        self._kill()
 
     def _retire(self) -> None:
         """The worker reported a sticky device error and is exiting: let it go."""

@@ -6,7 +6,9 @@ A bug directory holds
   actual with the first difference highlighted, the edge classes and
   contract, how to reproduce, the environment, compute-sanitizer output;
 * ``case.json`` — the minimal case, replayable with ``difftest replay``;
-* ``repro.py`` — a standalone script (torch + the callable), executable.
+* ``repro.py`` — a standalone script (torch + the callable), executable;
+* ``culprit.json`` — for a flaky failure with a culprit: the case that, run
+  right before ``case.json``, makes it fail (``repro.py`` runs the pair).
 
 Everything here works on plain dicts handed in by the caller; nothing is
 recomputed.
@@ -49,6 +51,8 @@ _OPTIONAL = (
     "sanitizer",
     "shrink_log",
     "cases_until_failure",
+    "confirmation",
+    "culprit_case",
 )
 _MAX_MISMATCH_ROWS = 20
 
@@ -69,7 +73,9 @@ def write_bug_report(
     ``case.json`` as is) and ``repro_py`` (the script's full text, written
     verbatim); it may have ``edge_classes``, ``inputs``, ``first_difference``,
     ``mismatches``, ``expected_actual``, ``environment``, ``sanitizer``,
-    ``shrink_log`` and ``cases_until_failure``.  A missing required key or an
+    ``shrink_log``, ``cases_until_failure``, ``confirmation`` (lines: what re-running
+    the failure alone found) and ``culprit_case`` (a case dict, written to
+    ``culprit.json``).  A missing required key or an
     unknown key raises ``ValueError``.  An existing report of the same
     signature is overwritten.
     """
@@ -86,6 +92,9 @@ def write_bug_report(
     case_json = json.dumps(info["case"], indent=2, default=jsonable) + "\n"
     report = render_report(info)
     replace_text_atomically(bug_dir / "case.json", case_json)
+    if info.get("culprit_case") is not None:
+        culprit = json.dumps(info["culprit_case"], indent=2, default=jsonable) + "\n"
+        replace_text_atomically(bug_dir / "culprit.json", culprit)
     replace_text_atomically(bug_dir / "repro.py", info["repro_py"], executable=True)
     replace_text_atomically(bug_dir / "report.md", report)
     return bug_dir
@@ -97,6 +106,7 @@ def render_report(info: Mapping[str, Any]) -> str:
     sections = [
         f"# {one_line(info['title'])}",
         _what_failed(info),
+        *([_confirmation(info)] if info.get("confirmation") else []),
         _minimal_case(info),
         _expected_vs_actual(info),
         _classes_and_contract(info),
@@ -124,6 +134,9 @@ def _check_info(info: Mapping[str, Any]) -> None:
         raise TypeError(f"info['repro_py'] must be the script's text (str), got {kind}")
     if not isinstance(info["case"], Mapping):
         raise TypeError(f"info['case'] must be a dict, got {type(info['case']).__name__}")
+    culprit = info.get("culprit_case")
+    if culprit is not None and not isinstance(culprit, Mapping):
+        raise TypeError(f"info['culprit_case'] must be a dict, got {type(culprit).__name__}")
 
 
 def _what_failed(info: Mapping[str, Any]) -> str:
@@ -152,6 +165,11 @@ def _what_failed(info: Mapping[str, Any]) -> str:
         note = f" (first {len(shown)} shown)" if len(shown) < len(mismatches) else ""
         lines += ["", f"{len(mismatches)} {noun}{note}:", "", records_table(shown)]
     return "\n".join(lines)
+
+
+def _confirmation(info: Mapping[str, Any]) -> str:
+    lines = [str(line) for line in info["confirmation"]]
+    return "## Confirmation\n\n" + "\n".join(f"- {one_line(line)}" for line in lines)
 
 
 def _minimal_case(info: Mapping[str, Any]) -> str:
@@ -218,23 +236,26 @@ def _classes_and_contract(info: Mapping[str, Any]) -> str:
 
 def _reproduce(info: Mapping[str, Any]) -> str:
     impl = one_line(info["impl"])
-    return "\n".join(
-        [
-            "## Reproduce",
-            "",
-            "Standalone (needs torch and the implementation under test):",
-            "",
-            "```sh",
-            "python repro.py",
-            "```",
-            "",
-            "With difftest:",
-            "",
-            "```sh",
-            f"difftest replay case.json --impl {impl}",
-            "```",
-        ]
-    )
+    pair = info.get("culprit_case") is not None
+    lines = [
+        "## Reproduce",
+        "",
+        "Standalone (needs torch and the implementation under test)"
+        + (": the culprit (`culprit.json`), then the victim (`case.json`)" if pair else "")
+        + ":",
+        "",
+        "```sh",
+        "python repro.py",
+        "```",
+        "",
+        "With difftest" + (" (the victim alone, which passes: the failure needs the culprit "
+                           "before it)" if pair else "") + ":",
+        "",
+        "```sh",
+        f"difftest replay case.json --impl {impl}",
+        "```",
+    ]
+    return "\n".join(lines)
 
 
 def _environment(env: Mapping[str, Any] | None) -> str:

@@ -101,6 +101,13 @@ class _StopsAtCrash:
         self._pending: list[Case] = []
         self._recorded = campaign_cases
 
+    def restart(self):
+        pass
+
+    def run(self, case):  # a failure is confirmed alone
+        self._pending = [case]
+        return self.collect()[0]
+
     def submit(self, cases):
         self.submitted.append([c.topk_ids.shape[0] for c in cases])
         self.recorded_at_submit.append(self._recorded())

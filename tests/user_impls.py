@@ -9,6 +9,8 @@ survives the ones that kill or hang their process.
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import os
 import time
 
 from cuda_impl import torch_impl
@@ -118,3 +120,57 @@ def align_raises_on_expert_map(topk_ids, num_experts, block_size, sorted_token_i
         raise NotImplementedError("expert_map is not supported")
     _OK["align"](topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
                  num_tokens_post_pad, None)
+
+
+_STALE = {"num_experts": 0}  # what the previous call of stale_total_after_more_experts saw
+
+
+def stale_total_after_more_experts(topk_ids, token_lora_mapping, num_experts, block_size,
+                                   max_loras, max_num_tokens_padded, max_num_m_blocks,
+                                   sorted_token_ids, expert_ids, num_tokens_post_pad,
+                                   adapter_enabled, lora_ids, expert_map=None):
+    """Two bugs: a stateful one and a plain one.
+
+    Stateful: it keeps its per-expert counts from one call to the next and clears only
+    this call's ``num_experts`` of them, so right after a call with more experts every
+    written total is one block too many (it passes alone, fails after such a call).
+    Plain: with B = 1 the inactive blocks get 0 instead of -1 (it fails alone too).
+    """
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+    if _STALE["num_experts"] > num_experts:
+        for slot in lora_ids.tolist():
+            if 0 <= slot < max_loras and int(adapter_enabled[slot]) != 0:
+                num_tokens_post_pad[slot] += block_size
+    _STALE["num_experts"] = num_experts
+    if block_size == 1:
+        expert_ids[expert_ids == -1] = 0
+
+
+def _next_call() -> int:
+    """The number of calls so far of every process sharing ``$USER_IMPLS_CALLS`` (a file)."""
+    path = os.environ["USER_IMPLS_CALLS"]
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        n = int(f.read() or 0)
+        f.seek(0)
+        f.truncate()
+        f.write(str(n + 1))
+    return n
+
+
+def wrong_total_every_other_call(topk_ids, token_lora_mapping, num_experts, block_size,
+                                 max_loras, max_num_tokens_padded, max_num_m_blocks,
+                                 sorted_token_ids, expert_ids, num_tokens_post_pad,
+                                 adapter_enabled, lora_ids, expert_map=None):
+    """Race-like: every second call (counted across processes) adds one block to every
+    written total, whatever the case; a re-run alone fails half the time."""
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+    if _next_call() % 2 == 1:
+        for slot in lora_ids.tolist():
+            if 0 <= slot < max_loras and int(adapter_enabled[slot]) != 0:
+                num_tokens_post_pad[slot] += block_size
