@@ -307,7 +307,7 @@ class Campaign:
         return evaluations
 
     def _record(self, case: Case, evaluation: Evaluation, outcome: Any, seed: int | None,
-                batch: int) -> None:
+                batch: int = 0) -> None:
         r = self.result
         r.cases += 1
         r.verdicts[evaluation.verdict] = r.verdicts.get(evaluation.verdict, 0) + 1

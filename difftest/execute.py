@@ -497,8 +497,8 @@ class _Attribution:
             self.reference[lo:hi].copy_(self.current[lo:hi])
             if self.current.equal(self.reference):
                 return back
-            where = (self.current != self.reference).nonzero().flatten().cpu().numpy()
-            now = self.current[where].cpu().numpy()
+            at = (self.current != self.reference).nonzero().flatten()
+            where, now = at.cpu().numpy(), self.current[at].cpu().numpy()
         else:
             where = np.flatnonzero(self.current != self.expect)
             if not where.size:

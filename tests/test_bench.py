@@ -19,6 +19,7 @@ pytest.importorskip("torch")
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 SMOKE = {
+    "attribution": ["--sizes", "decode", "--rounds", "1"],
     "throughput": ["--sizes", "decode,mid", "--count", "8", "--draws", "5"],
     "floor": ["--sizes", "decode", "--count", "8", "--iters", "5"],
     "throughput_parallel": ["--sizes", "decode", "--procs", "1", "--seconds", "1"],
