@@ -500,9 +500,9 @@ class _Attribution:
             at = (self.current != self.reference).nonzero().flatten()
             where, now = at.cpu().numpy(), self.current[at].cpu().numpy()
         else:
-            where = np.flatnonzero(self.current != self.expect)
-            if not where.size:
+            if np.array_equal(self.current, self.expect):
                 return back
+            where = np.flatnonzero(self.current != self.expect)
             now = self.current[where]
         want = self.expect[where]
         hit = now != want  # batch bytes that changed; the rest: the device copy did

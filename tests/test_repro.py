@@ -41,3 +41,27 @@ def test_an_overrun_is_a_guard_band_by_default_and_outside_the_allocation_with_e
     assert "run 1: raised RuntimeError" in exact.stdout and "guard band" not in exact.stdout
     fixed = _run(script, "--exact-buffers", "--impl", "torch")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+
+
+def test_a_pair_repro_runs_the_culprit_first_and_fails_only_after_it(tmp_path):
+    # user_impls.stale_total_after_more_experts: wrong totals right after a call with
+    # more experts; B = 2 keeps its other bug (B = 1) out of the way
+    def case(E):
+        return Case("vllm-lora", "production", np.zeros((1, 1), dtype=np.int32), E, 2,
+                    max_loras=1, token_lora_mapping=np.zeros(1, dtype=np.int32))
+
+    impl = "py:user_impls:stale_total_after_more_experts"
+    victim, culprit = case(1), case(2)
+    pair, alone = tmp_path / "pair.py", tmp_path / "alone.py"
+    pair.write_text(repro_script(victim, impl, False, "t", "s", culprit=culprit))
+    alone.write_text(repro_script(victim, impl, False, "t", "s"))
+    done = _run(pair)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "BUG PRESENT in py:user_impls:stale_total_after_more_experts (vllm-lora, after " \
+           "the culprit):" in done.stdout
+    assert "run 1: slot 0: num_tokens_post_pad expected 2, actual 4" in done.stdout
+    assert f"({culprit.case_id}) first" in pair.read_text()
+    done = _run(alone)
+    assert done.returncode == 0, done.stdout + done.stderr
+    fixed = _run(pair, "--impl", "torch")
+    assert fixed.returncode == 0 and "each after the culprit" in fixed.stdout, fixed.stdout
