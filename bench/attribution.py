@@ -25,8 +25,16 @@ import statistics
 import time
 
 import numpy as np
-from _common import (SIZE_CLASSES, base_parser, campaign_batch, check_device, default_impl,
-                     make_case, print_table, write_csv)
+from _common import (
+    SIZE_CLASSES,
+    base_parser,
+    campaign_batch,
+    check_device,
+    default_impl,
+    make_case,
+    print_table,
+    write_csv,
+)
 
 COUNTS = {"decode": 512, "mid": 64}
 QUICK_COUNTS = {"decode": 64, "mid": 8}

@@ -406,8 +406,6 @@ class Campaign:
                     confirmation = self.confirm(case, evaluation, neighbours)
                     if confirmation.reproduced:
                         self._confirmed.add(sig)
-                    elif confirmation.culprit is not None:  # explained: no more re-runs
-                        self._tries[sig] = CONFIRM_CASES
                 if confirmation is None or confirmation.flaky:
                     self._enter_flaky(case, evaluation, confirmation, cases, seconds)
                     continue

@@ -426,8 +426,16 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
                     sync()  # the kernels' time apart from the copy's
                 tick("kernel")
                 back = storage.storage[lo:hi].cpu().numpy() if cuda else host[lo:hi]
-            except Exception as exc:  # noqa: BLE001 - a sticky error surfacing at the copy
-                _fatal_at_copy(done, exc)
+            except Exception as exc:  # noqa: BLE001 - an error surfacing at the copy
+                if _is_sticky_cuda_error(exc):
+                    _fatal_at_copy(done, exc)
+                else:  # one the peek could not see, raised (and so cleared) by torch
+                    _pinned_call(done).run.error = _launch_error_text(exc)
+                    _pinned_call(done).run.launch_error = True
+                    try:
+                        back = storage.storage[lo:hi].cpu().numpy()
+                    except Exception as again:  # noqa: BLE001 - the context is gone after all
+                        _fatal_at_copy(done, again)
             done[-1].run.elapsed_s += time.perf_counter() - start
         else:
             tick("kernel")
@@ -555,13 +563,21 @@ class _Attribution:
                          band=not 0 <= element < buf.numel)
 
 
-def _fatal_at_copy(done: list[_Call], exc: BaseException) -> None:
-    """Put a sticky device error raised by a case's copy back on its call.
+def _pinned_call(done: list[_Call]) -> _Call:
+    """The call an error raised after a case's calls belongs to: unsynchronised calls
+    are one call repeated, its first run; after synchronised calls (ranks) the last."""
+    return done[0] if len({c.rank for c in done}) == 1 else done[-1]
 
-    Unsynchronised calls are one call repeated: the error is that call's, put
-    on its first run. After synchronised calls (ranks) it is the last call's.
-    """
-    call = done[0] if len({c.rank for c in done}) == 1 else done[-1]
+
+def _launch_error_text(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return "launch error left pending by the call: " + first.removeprefix("CUDA error: ")
+
+
+def _fatal_at_copy(done: list[_Call], exc: BaseException) -> None:
+    """Put a sticky device error raised by a case's copy back on its call
+    (:func:`_pinned_call`)."""
+    call = _pinned_call(done)
     call.run.error, call.run.fatal = _describe(exc), True
     if len(done) > 1 and call is done[0]:
         call.run.error += f" (raised by the copy back after the {len(done)} runs of the call)"
