@@ -384,7 +384,8 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     tick("set-up")
     storage = _DeviceViews(torch.from_numpy(host).to(device)) if cuda else host
     sync()
-    watch = (_Attribution(cases, per_case, pristine, storage.storage if cuda else host)
+    watch = (_Attribution(cases, per_case, pristine,
+                          storage.storage if cuda else torch.from_numpy(host), views=not cuda)
              if (cuda if attribute is None else attribute) and len(cases) > 1 else None)
     tick("transfer")
     runs: list[list[list[RankRun]]] = []
@@ -481,59 +482,48 @@ class _Attribution:
     host's record does not show is a write past the batch that landed in the
     device copy; it is named too. Not seen: a write outside both, and one
     between the ranks or repeats of one case (its own failure either way).
+    On the CPU (off by default there: each buffer is its own tensor, torch
+    refuses a write past it) the same check runs on the host array.
     """
 
     def __init__(self, cases: Sequence[Case], per_case: list[list[_Call]],
-                 pristine: np.ndarray, current: Any) -> None:
+                 pristine: np.ndarray, current: Any, views: bool) -> None:
         self.cases, self.per_case, self.current = cases, per_case, current
-        self.device = not isinstance(current, np.ndarray)
+        self.views = views  # the outputs are views of ``current`` (the CPU's host array)
         # what each byte must hold: staged until its case ran, then what it read back
         self.expect = pristine.copy()
-        self.reference = current.clone() if self.device else self.expect
+        self.reference = current.clone()
         self.calls = [(call.base, i, call) for i, calls in enumerate(per_case) for call in calls]
         self.bases = [b for b, _, _ in self.calls]
 
     def after(self, index: int, back: np.ndarray) -> np.ndarray:
         """Check the batch after case ``index`` (whose bytes read back are ``back``);
         returns ``back``, copied when it is a view of the bytes a later call may change."""
+        import torch
+
         calls = self.per_case[index]
         lo, hi = calls[0].base, calls[-1].base + calls[-1].staged.nbytes
-        if not self.device:
-            back = back.copy()  # the CPU's outputs are views of the batch's bytes
+        if self.views:
+            back = back.copy()
         self.expect[lo:hi] = back
-        if self.device:
-            self.reference[lo:hi].copy_(self.current[lo:hi])
-            if self.current.equal(self.reference):
-                return back
-            at = (self.current != self.reference).nonzero().flatten()
-            where, now = at.cpu().numpy(), self.current[at].cpu().numpy()
-        else:
-            if np.array_equal(self.current, self.expect):
-                return back
-            where = np.flatnonzero(self.current != self.expect)
-            now = self.current[where]
-        want = self.expect[where]
-        hit = now != want  # batch bytes that changed; the rest: the device copy did
+        self.reference[lo:hi].copy_(self.current[lo:hi])
+        if (np.array_equal(self.current.numpy(), self.reference.numpy()) if self.views
+                else self.current.equal(self.reference)):  # NumPy's is the faster on the CPU
+            return back
+        at = (self.current != self.reference).nonzero().flatten()
+        where, now = at.cpu().numpy(), self.current[at].cpu().numpy()
+        hit = now != self.expect[where]  # batch bytes that changed; the rest: the copy did
         writes: list[WildWrite] = []
         for case_index, call, mask in self._by_call(where, hit):
             if len(writes) < 8:
                 writes.append(self._named(case_index, call, where[mask], now[mask]))
         if not hit.all():
             writes.append(WildWrite(None, None, "", "", 0, 0, int((~hit).sum())))
-        self._restore(where)
+        value = torch.from_numpy(self.expect[where]).to(self.current.device)
+        self.current[at] = value  # put back: the cases after it run on what was staged
+        self.reference[at] = value
         calls[0].run.wild_writes += writes
         return back
-
-    def _restore(self, where: np.ndarray) -> None:
-        if self.device:
-            import torch
-
-            at = torch.from_numpy(where).to(self.current.device)
-            value = torch.from_numpy(self.expect[where]).to(self.current.device)
-            self.current[at] = value
-            self.reference[at] = value
-        else:
-            self.current[where] = self.expect[where]
 
     def _by_call(self, where: np.ndarray,
                  hit: np.ndarray) -> list[tuple[int, _Call, np.ndarray]]:
