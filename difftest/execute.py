@@ -271,7 +271,8 @@ class _PendingCudaErrors:
     mapped into this process (``/proc/self/maps``): torch's shared
     ``libcudart``, which extensions built against torch share, and any
     other copy an extension brought. A runtime linked statically into an
-    extension is not seen (its errors stay its own).
+    extension is not seen (its errors stay its own), nor one whose error
+    stands even right after it was cleared (one the driver cannot run).
     """
 
     def __init__(self) -> None:
@@ -287,7 +288,9 @@ class _PendingCudaErrors:
                 continue
             peek.restype = take.restype = ctypes.c_int
             text.restype, text.argtypes = ctypes.c_char_p, [ctypes.c_int]
-            self._libs.append((peek, take, text))
+            take()
+            if peek() == 0:  # else a standing error (a runtime this driver cannot run)
+                self._libs.append((peek, take, text))
 
     def take(self) -> str | None:
         """The text of a pending non-sticky error, which is then cleared; else ``None``."""

@@ -186,3 +186,15 @@ def test_a_write_into_another_cases_block_is_the_writers_failure_not_its_victims
     unchecked = run_batch(cases, {"align": writes_far}, "cpu")
     blamed = [evaluate(c, Outcome(r), stable=False).verdict for c, r in zip(cases, unchecked)]
     assert blamed == ["pass", "mismatch", "pass", "mismatch", "pass"]
+
+
+def test_a_restart_gives_the_next_case_a_fresh_worker_and_is_not_counted_as_a_crash():
+    impl = registry.resolve("torch", "vllm-lora")
+    case = _lora(2, 2, 2)
+    with SandboxRunner(impl, "cpu", timeout_s=60) as runner:
+        first = runner.run(case).worker
+        assert runner.run(case).worker == first  # warm
+        runner.restart()
+        fresh = runner.run(case)
+        assert fresh.worker != first and evaluate(case, fresh, stable=False).verdict == "pass"
+        assert runner.restarts == 0

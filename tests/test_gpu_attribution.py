@@ -7,6 +7,7 @@ against the shared CUDA runtime (the one torch and its extensions use).
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 from pathlib import Path
 
@@ -29,12 +30,16 @@ def faulty(tmp_path_factory):
     if nvcc is None:
         pytest.skip("nvcc not found")
     target = tmp_path_factory.mktemp("faulty") / "faulty_kernels.so"
-    toolkit = Path(nvcc).resolve().parent.parent
-    rpath = ",".join(f"-rpath,{toolkit / d}" for d in ("lib64", "lib"))
-    subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-cudart", "shared",
-                    f"-arch={_build.default_arch()}", "-std=c++17", "-O2", "-Xlinker", rpath,
-                    str(SOURCE), "-o", str(target)], check=True, capture_output=True,
-                   timeout=600)
+    # where the toolkit's libcudart may be, should it not be the one torch loaded already
+    homes = {Path(nvcc).resolve().parent.parent, Path("/usr/local/cuda").resolve()}
+    homes |= {Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)}
+    libs = [home / d for home in sorted(homes) for d in ("lib64", "lib") if (home / d).is_dir()]
+    rpath = ["-Xlinker", ",".join(f"-rpath,{lib}" for lib in libs)] if libs else []
+    built = subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-cudart", "shared",
+                            f"-arch={_build.default_arch()}", "-std=c++17", "-O2", *rpath,
+                            str(SOURCE), "-o", str(target)], capture_output=True, text=True,
+                           timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
     torch.cuda.init()
     lib = ctypes.CDLL(str(target))
     lib.store_at.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int32,
