@@ -137,6 +137,10 @@ def run(fn, call, device, exact=False):
     args = [tensors[a["tensor"]] if "tensor" in a else a["value"] for a in call["arguments"]]
     fn(*args)
     if device.startswith("cuda"):
+        try:  # a launch error the call left pending is raised by torch's next launch check
+            torch.empty(1, device=device).fill_(0)
+        except RuntimeError as exc:
+            return [f"CUDA error left pending by the call: {exc}".splitlines()[0]]
         torch.cuda.synchronize()
     problems = []
     got = {}
