@@ -45,6 +45,9 @@ from .dialects import DIALECT_INFO, SENTINEL, CallPlan, TensorArg  # SENTINEL: o
 GUARD = -1163005939  # 0xBAADF00D as int32: guard band around every buffer
 GUARD_LEN = 64  # elements of guard band at least, before and after every buffer
 ALIGN = 256  # bytes: every buffer's band, and its data, starts on this boundary
+# bytes of guard value before and after a batch's blocks (where attribution is on): a write
+# far past a case's buffers lands there when no other case's block is in the way
+ZONE_BYTES = 4 << 20
 
 
 @dataclass
@@ -70,8 +73,9 @@ class WildWrite:
 
     ``position`` is an element index relative to the buffer's data (negative: in its
     leading guard band; ``>= numel``: in its trailing band; ``band`` says which);
-    ``case_id`` is ``None`` for a write that landed outside the batch's staged bytes
-    altogether (in difftest's device copy of them).
+    ``case_id`` is ``None`` for a write that landed outside every case's block (in the
+    zones around them, or in difftest's device copy of the batch); ``count`` then is
+    the number of bytes that changed there.
     """
 
     case_id: str | None
@@ -86,7 +90,7 @@ class WildWrite:
     def where(self) -> str:
         """``case 1a2b's input topk_ids[3]``, ``... guard band of output expert_ids[-5]``."""
         if self.case_id is None:
-            return "memory past the staged batch"
+            return "memory outside the staged batch"
         rank = f" (rank {self.rank})" if self.rank is not None else ""
         what = f"guard band of {self.role}" if self.band else self.role
         return f"case {self.case_id}{rank}'s {what} {self.buffer}[{self.position}]"
@@ -178,8 +182,10 @@ class Staged:
                 tensor = torch.from_numpy(whole.view(buf.dtype))[GUARD_LEN:GUARD_LEN + buf.numel]
                 out[buf.name] = tensor.view(buf.shape)
             else:
-                out[buf.name] = storage[buf.dtype].as_strided(
-                    buf.shape, buf.strides, (base + buf.data) // buf.dtype.itemsize)
+                view = storage[buf.dtype]  # its offset: the batch within its allocation
+                out[buf.name] = view.as_strided(
+                    buf.shape, buf.strides,
+                    view.storage_offset() + (base + buf.data) // buf.dtype.itemsize)
         return out
 
     def outputs(self, host: np.ndarray, base: int, run: RankRun) -> None:
@@ -241,6 +247,8 @@ def _is_sticky_cuda_error(exc: BaseException) -> bool:
                "misaligned address", "device-side assert", "AcceleratorError")
     return any(m in text for m in markers)
 
+
+_GUARD_BYTES = np.array([GUARD], dtype=np.int32).view(np.uint8)  # little-endian, as staged
 
 # cudaError_t codes after which the context is unusable: never cleared (they surface as
 # ``fatal`` at the case's copy back). The rest are a launch's own, cleared once pinned.
@@ -378,18 +386,30 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
             for rank, one in zip(case.ranks(), staged):
                 per_case[-1].append(_Call(repeat, rank, one, base, RankRun(rank)))
                 base += one.nbytes
-    host = np.empty(base, np.uint8)
+    attribute = cuda if attribute is None else attribute
+    zone = ZONE_BYTES if attribute else 0
+    # the blocks, between two zones of guard value where attribution is on (on the CPU
+    # the zones are host memory, on CUDA device memory: the host holds the blocks alone)
+    whole = np.empty(base + (0 if cuda else 2 * zone), np.uint8)
+    host = whole if cuda else whole[zone:zone + base]
     for calls in per_case:
         for call in calls:
             host[call.base:call.base + call.staged.nbytes] = call.staged.block
     # on the CPU the calls write into ``host`` itself: keep the staged bytes apart
     pristine = host if cuda else host.copy()
     tick("set-up")
-    storage = _DeviceViews(torch.from_numpy(host).to(device)) if cuda else host
+    if cuda:
+        full = torch.empty(base + 2 * zone, dtype=torch.uint8, device=device)
+        full[zone:zone + base].copy_(torch.from_numpy(host))
+        storage = _DeviceViews(full[zone:zone + base])
+    else:
+        full, storage = torch.from_numpy(whole), host
+    if zone:
+        full[:zone].view(torch.int32).fill_(GUARD)
+        full[zone + base:].view(torch.int32).fill_(GUARD)
     sync()
-    watch = (_Attribution(cases, per_case, pristine,
-                          storage.storage if cuda else torch.from_numpy(host), views=not cuda)
-             if (cuda if attribute is None else attribute) and len(cases) > 1 else None)
+    watch = (_Attribution(cases, per_case, pristine, full, zone, views=not cuda)
+             if attribute else None)
     tick("transfer")
     runs: list[list[list[RankRun]]] = []
     for index, calls in enumerate(per_case):
@@ -473,27 +493,32 @@ class _Attribution:
     On CUDA every buffer of a batch lies in one allocation, so a call's wild
     write can land in another case's inputs, outputs or guard bands: before
     that case runs (it would be blamed for the damage, or fail on corrupted
-    inputs) or after it was read back (unseen). After each case — its copy
-    back has synchronised it — the whole batch is compared with what it must
-    hold: the staged bytes for the cases still to run, the bytes read back
-    for those done, the case itself excepted. On CUDA that is one comparison
-    on the device against a device copy kept up to date (a copy of the
-    case's block and one ``torch.equal`` per case); only when it differs are
-    the differing bytes fetched, checked against the host's record, named
-    (:class:`WildWrite` on the first call of the case that ran) and put
-    back, so the cases after it run on intact inputs. A difference that the
-    host's record does not show is a write past the batch that landed in the
-    device copy; it is named too. Not seen: a write outside both, and one
-    between the ranks or repeats of one case (its own failure either way).
-    On the CPU (off by default there: each buffer is its own tensor, torch
-    refuses a write past it) the same check runs on the host array.
+    inputs) or after it was read back (unseen). The blocks lie between two
+    zones of :data:`ZONE_BYTES` of guard value, so a write far past them is
+    seen too, and a case alone (a batch of one, as a failure is confirmed)
+    shows the write it made into a neighbour in its batch. After each case
+    — its copy back has synchronised it — the whole allocation is compared
+    with what it must hold: the zones, the staged bytes for the cases still
+    to run, the bytes read back for those done, the case itself excepted.
+    That is one comparison on the device against a device copy kept up to
+    date (a copy of the case's block and one ``torch.equal`` per case); only
+    when it differs are the differing bytes fetched, checked against the
+    host's record, named (:class:`WildWrite` on the first call of the case
+    that ran) and put back, so the cases after it run on intact inputs. A
+    difference the host's record does not show is a write that landed in the
+    device copy itself, past the allocation; it is named too. Not seen: a
+    write beyond both, and one between the ranks or repeats of one case (its
+    own failure either way). On the CPU (off by default there: each buffer
+    is its own tensor, torch refuses a write past it) the same check runs on
+    the host array.
     """
 
     def __init__(self, cases: Sequence[Case], per_case: list[list[_Call]],
-                 pristine: np.ndarray, current: Any, views: bool) -> None:
-        self.cases, self.per_case, self.current = cases, per_case, current
+                 pristine: np.ndarray, current: Any, zone: int, views: bool) -> None:
+        self.cases, self.per_case, self.current, self.zone = cases, per_case, current, zone
         self.views = views  # the outputs are views of ``current`` (the CPU's host array)
-        # what each byte must hold: staged until its case ran, then what it read back
+        # what each byte of the blocks must hold: staged until its case ran, then what it
+        # read back (the zones hold the guard value)
         self.expect = pristine.copy()
         self.reference = current.clone()
         self.calls = [(call.base, i, call) for i, calls in enumerate(per_case) for call in calls]
@@ -509,20 +534,26 @@ class _Attribution:
         if self.views:
             back = back.copy()
         self.expect[lo:hi] = back
-        self.reference[lo:hi].copy_(self.current[lo:hi])
+        z = self.zone
+        self.reference[z + lo:z + hi].copy_(self.current[z + lo:z + hi])
         if (np.array_equal(self.current.numpy(), self.reference.numpy()) if self.views
                 else self.current.equal(self.reference)):  # NumPy's is the faster on the CPU
             return back
         at = (self.current != self.reference).nonzero().flatten()
         where, now = at.cpu().numpy(), self.current[at].cpu().numpy()
-        hit = now != self.expect[where]  # batch bytes that changed; the rest: the copy did
+        inner = where - z
+        in_blocks = (inner >= 0) & (inner < self.expect.size)
+        want = _GUARD_BYTES[where % 4]  # the zones' bytes (both start on a 4-byte boundary)
+        want[in_blocks] = self.expect[inner[in_blocks]]
+        hit = now != want  # bytes that changed; the rest: the device copy itself did
         writes: list[WildWrite] = []
-        for case_index, call, mask in self._by_call(where, hit):
+        for case_index, call, mask in self._by_call(inner, hit & in_blocks):
             if len(writes) < 8:
-                writes.append(self._named(case_index, call, where[mask], now[mask]))
-        if not hit.all():
-            writes.append(WildWrite(None, None, "", "", 0, 0, int((~hit).sum())))
-        value = torch.from_numpy(self.expect[where]).to(self.current.device)
+                writes.append(self._named(case_index, call, inner[mask], now[mask]))
+        outside = int((~(hit & in_blocks)).sum())
+        if outside:  # in a zone, or past the allocation into the device copy
+            writes.append(WildWrite(None, None, "", "", 0, 0, outside))
+        value = torch.from_numpy(want).to(self.current.device)
         self.current[at] = value  # put back: the cases after it run on what was staged
         self.reference[at] = value
         calls[0].run.wild_writes += writes

@@ -198,3 +198,20 @@ def test_a_restart_gives_the_next_case_a_fresh_worker_and_is_not_counted_as_a_cr
         fresh = runner.run(case)
         assert fresh.worker != first and evaluate(case, fresh, stable=False).verdict == "pass"
         assert runner.restarts == 0
+
+
+def test_a_case_alone_shows_its_far_write_in_the_zone_around_its_block():
+    # alone (as a failure is confirmed) the writer's far stores miss every other case's
+    # block and land in the guard zones around the batch: still its wild_write
+    import _wild
+
+    def store(tensor, offset):
+        ctypes.memmove(tensor.data_ptr() + offset, (ctypes.c_int32 * 1)(2), 4)
+
+    writer = _wild.CASES[2]
+    [runs] = run_batch([writer], {"align": _wild.writer(store)}, "cpu", attribute=True)
+    [wild] = runs[0][0].wild_writes
+    assert (wild.case_id, wild.count) == (None, 8)  # bytes: two stores of 2 over GUARD
+    verdict = evaluate(writer, Outcome(runs), stable=False)
+    assert verdict.signature(writer) == "align--mismatch--wild_write"
+    assert "into memory outside the staged batch" in verdict.detail

@@ -77,6 +77,31 @@ def test_a_write_far_into_other_cases_blames_its_writer_and_no_other_case(faulty
     assert f"into case {cases[1].case_id}'s output expert_ids[1]: value 2" in verdicts[2].detail
 
 
+def test_a_campaign_reports_the_writer_confirmed_alone_and_no_victim(faulty, tmp_path):
+    import _wild
+
+    from difftest.campaign import Campaign
+    from difftest.registry import Implementation
+    from difftest.sandbox import InProcessRunner
+
+    def store(tensor, offset):
+        faulty.store_at(tensor.data_ptr(), offset // 4, 2, _stream())
+
+    impl = Implementation("py:test:writes_far", "py", ("align",), ("cuda",), False, "test",
+                          target="test:writes_far")
+    runner = InProcessRunner(impl, "cuda", repeats=1,
+                             callables={"align": _wild.writer(store)})
+    campaign = Campaign(impl, runner, tmp_path, seed=0)
+    campaign.dispatch(list(_wild.CASES))
+    campaign.drain()
+    campaign.log.close()
+    assert campaign.result.verdicts == {"pass": 4, "mismatch": 1}
+    [(sig, failure)] = campaign.result.failures.items()
+    assert sig == "align--mismatch--wild_write" and failure.case == _wild.CASES[2]
+    # alone, its stores land in the zones around its block: the same failure
+    assert failure.confirmation.reproduced and failure.confirmation.attempts == 1
+
+
 def test_a_launch_error_left_pending_is_pinned_on_its_call_and_the_next_case_passes(faulty):
     from cuda_impl import torch_impl
     from difftest.evaluate import evaluate
