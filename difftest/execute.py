@@ -535,10 +535,15 @@ class _Attribution:
             back = back.copy()
         self.expect[lo:hi] = back
         z = self.zone
-        self.reference[z + lo:z + hi].copy_(self.current[z + lo:z + hi])
-        if (np.array_equal(self.current.numpy(), self.reference.numpy()) if self.views
-                else self.current.equal(self.reference)):  # NumPy's is the faster on the CPU
-            return back
+        if self.views:  # on the CPU NumPy's copy and comparison are the faster ones
+            current, reference = self.current.numpy(), self.reference.numpy()
+            reference[z + lo:z + hi] = current[z + lo:z + hi]
+            if np.array_equal(current, reference):
+                return back
+        else:
+            self.reference[z + lo:z + hi].copy_(self.current[z + lo:z + hi])
+            if self.current.equal(self.reference):
+                return back
         at = (self.current != self.reference).nonzero().flatten()
         where, now = at.cpu().numpy(), self.current[at].cpu().numpy()
         inner = where - z
