@@ -401,12 +401,14 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     if cuda:
         full = torch.empty(base + 2 * zone, dtype=torch.uint8, device=device)
         full[zone:zone + base].copy_(torch.from_numpy(host))
+        if zone:
+            full[:zone].view(torch.int32).fill_(GUARD)
+            full[zone + base:].view(torch.int32).fill_(GUARD)
         storage = _DeviceViews(full[zone:zone + base])
-    else:
+    else:  # NumPy for the CPU's bulk copies and fills (torch's contend for threads there)
+        whole[:zone].view(np.int32)[:] = GUARD
+        whole[zone + base:].view(np.int32)[:] = GUARD
         full, storage = torch.from_numpy(whole), host
-    if zone:
-        full[:zone].view(torch.int32).fill_(GUARD)
-        full[zone + base:].view(torch.int32).fill_(GUARD)
     sync()
     watch = (_Attribution(cases, per_case, pristine, full, zone, views=not cuda)
              if attribute else None)
@@ -520,7 +522,12 @@ class _Attribution:
         # what each byte of the blocks must hold: staged until its case ran, then what it
         # read back (the zones hold the guard value)
         self.expect = pristine.copy()
-        self.reference = current.clone()
+        if views:  # NumPy's copy is the faster on the CPU
+            import torch
+
+            self.reference = torch.from_numpy(current.numpy().copy())
+        else:
+            self.reference = current.clone()
         self.calls = [(call.base, i, call) for i, calls in enumerate(per_case) for call in calls]
         self.bases = [b for b, _, _ in self.calls]
 
