@@ -263,8 +263,8 @@ def compare_run(case: Case, expected: Any, run: Any, *, stable: bool, sentinel: 
     """All checks of one call (one rank, one repeat) except the cross-rank ones."""
     rank = run.rank
     found = [Mismatch("wild_write", f"{breadcrumb(rank) or 'call'}: wrote outside its own "
-                      f"buffers, into {w.where()}: value {w.value} ({w.count} element(s) "
-                      "there changed)", rank, position=w.position, actual=w.value)
+                      f"buffers, into {w.where()}: value {w.value} ({w.changed()})", rank,
+                      position=w.position, actual=w.value)
              for w in run.wild_writes]
     if run.launch_error:
         return [Mismatch("launch_error", f"{breadcrumb(rank) or 'call'}: {run.error}", rank)

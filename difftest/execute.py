@@ -87,6 +87,10 @@ class WildWrite:
     count: int  # elements of that buffer and its bands that changed
     band: bool = False
 
+    def changed(self) -> str:
+        unit = "byte(s)" if self.case_id is None else "element(s)"
+        return f"{self.count} {unit} there changed"
+
     def where(self) -> str:
         """``case 1a2b's input topk_ids[3]``, ``... guard band of output expert_ids[-5]``."""
         if self.case_id is None:

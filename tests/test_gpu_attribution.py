@@ -1,16 +1,16 @@
 """On the GPU: a wild write is its writer's failure, a pending launch error its caller's.
 
-The faulty launches come from ``tests/cuda/faulty_kernels.cu``, built here with nvcc
-against the shared CUDA runtime (the one torch and its extensions use).
+The faulty launches come from ``tests/cuda/faulty_kernels.cu``, built here as the
+project's library is (``cuda_impl._build``: the CUDA runtime shared, the one torch and its
+extensions use), and from the ``zero-grid-launch`` fault of our CUDA kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -22,32 +22,27 @@ SOURCE = Path(__file__).resolve().parent / "cuda" / "faulty_kernels.cu"
 
 
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory):
+def faulty():
     from cuda_impl import _build
     from difftest import execute
 
-    nvcc = _build.find_nvcc()
-    if nvcc is None:
+    if _build.find_nvcc() is None:
         pytest.skip("nvcc not found")
-    target = tmp_path_factory.mktemp("faulty") / "faulty_kernels.so"
-    # where the toolkit's libcudart may be, should it not be the one torch loaded already
-    homes = {Path(nvcc).resolve().parent.parent, Path("/usr/local/cuda").resolve()}
-    homes |= {Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)}
-    libs = [home / d for home in sorted(homes) for d in ("lib64", "lib") if (home / d).is_dir()]
-    rpath = ["-Xlinker", ",".join(f"-rpath,{lib}" for lib in libs)] if libs else []
-    built = subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-cudart", "shared",
-                            f"-arch={_build.default_arch()}", "-std=c++17", "-O2", *rpath,
-                            str(SOURCE), "-o", str(target)], capture_output=True, text=True,
-                           timeout=600)
-    assert built.returncode == 0, built.stdout + built.stderr
     torch.cuda.init()
-    lib = ctypes.CDLL(str(target))
+    # built as the project's library is: the CUDA runtime shared, found through torch's
+    # copy (same soname) or the toolkit's (rpath)
+    lib = ctypes.CDLL(str(_build.build_library(SOURCE)))
     lib.store_at.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int32,
                              ctypes.c_void_p]
     lib.launch_empty_grid.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     # the runtimes mapped so far are read once per process: read them again with this one
     execute._pending_cuda_errors.cache_clear()
     return lib
+
+
+# how CUDA words a zero-block grid: "invalid argument" (CUDA 13, as on the H200), "invalid
+# configuration argument" (earlier)
+ZERO_GRID = ("invalid argument", "invalid configuration argument")
 
 
 def _stream() -> int:
@@ -126,10 +121,30 @@ def test_a_launch_error_left_pending_is_pinned_on_its_call_and_the_next_case_pas
     assert [v.verdict for v in verdicts] == ["pass", "error", "pass", "pass"]
     assert verdicts[1].checks_failed == ["launch_error"]
     pinned = [run[0] for run in runs[1]]
-    assert [(r.error, r.launch_error, r.fatal) for r in pinned] == [
-        ("launch error left pending by the call: invalid configuration argument", True,
-         False)] * 2
-    assert verdicts[1].detail == (
-        "call: launch error left pending by the call: invalid configuration argument")
+    assert [(r.launch_error, r.fatal) for r in pinned] == [(True, False)] * 2
+    texts = {r.error.removeprefix("launch error left pending by the call: ") for r in pinned}
+    assert len(texts) == 1 and texts <= set(ZERO_GRID), texts
+    assert verdicts[1].detail == f"call: launch error left pending by the call: {texts.pop()}"
     torch.cuda.synchronize()  # nothing is left pending for whatever runs next
     assert torch.zeros(4, device="cuda").add_(1).sum().item() == 4
+
+
+def test_the_zero_grid_launch_fault_is_a_launch_error_of_its_case_in_a_batch():
+    # cuda:zero-grid-launch launches its large path with zero blocks when T = 0, E > 64
+    from _wild import align
+
+    from cuda_impl import cuda
+    from difftest.case import Case
+    from difftest.evaluate import evaluate
+    from difftest.execute import run_batch
+    from difftest.sandbox import Outcome
+
+    empty = Case("align", "defensive", np.zeros((0, 2), dtype=np.int32), 100, 2)
+    cases = [align(0), empty, align(1), empty.replace(num_experts=4)]
+    fns = cuda.implementation("zero-grid-launch")
+    runs = run_batch(cases, fns, "cuda", repeats=2)
+    verdicts = [evaluate(c, Outcome(r), stable=cuda.STABLE) for c, r in zip(cases, runs)]
+    assert [v.verdict for v in verdicts] == ["pass", "error", "pass", "pass"]
+    assert verdicts[1].checks_failed == ["launch_error"]
+    assert verdicts[1].detail in {f"call: launch error left pending by the call: {text}"
+                                  for text in ZERO_GRID}
