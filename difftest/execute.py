@@ -282,16 +282,32 @@ class _PendingCudaErrors:
     ``cudaGetLastError`` unless it is sticky. It reads every CUDA runtime
     mapped into this process (``/proc/self/maps``): torch's shared
     ``libcudart``, which extensions built against torch share, and any
-    other copy an extension brought. A runtime linked statically into an
-    extension is not seen (its errors stay its own), nor one whose error
-    stands even right after it was cleared (one the driver cannot run).
+    other copy an extension brought; looked for at the first read and again
+    every :attr:`RESCAN_S` seconds (a scan costs milliseconds). A runtime
+    linked statically into an extension is not seen (its errors stay its
+    own), nor one whose error stands even right after it was cleared (one the
+    driver cannot run).
     """
 
+    RESCAN_S = 10.0  # the mapped runtimes are looked for again at most this often
+
     def __init__(self) -> None:
+        self._libs: list[tuple[Any, Any, Any]] = []
+        self._seen: set[str] = set()
+        self._next_scan = 0.0
+
+    def _scan(self) -> str | None:
+        """Bind the runtimes mapped since the last scan (a library an implementation
+        loads on its first call brings its own); returns an error one of them holds
+        pending, cleared."""
         import ctypes
 
-        self._libs = []
+        self._next_scan = time.monotonic() + self.RESCAN_S
+        found = None
         for path in _mapped_cuda_runtimes():
+            if path in self._seen:
+                continue
+            self._seen.add(path)
             try:
                 lib = ctypes.CDLL(path)  # already loaded: the same instance as its users'
                 peek, take = lib.cudaPeekAtLastError, lib.cudaGetLastError
@@ -300,13 +316,21 @@ class _PendingCudaErrors:
                 continue
             peek.restype = take.restype = ctypes.c_int
             text.restype, text.argtypes = ctypes.c_char_p, [ctypes.c_int]
+            code = peek()
+            if code in _STICKY_CUDA_ERRORS:
+                self._libs.append((peek, take, text))  # left for the copy back to raise
+                continue
             take()
-            if peek() == 0:  # else a standing error (a runtime this driver cannot run)
-                self._libs.append((peek, take, text))
+            if peek() != 0:  # a standing error: a runtime this driver cannot run
+                continue
+            self._libs.append((peek, take, text))
+            if code:
+                found = found or (text(code) or b"cudaError %d" % code).decode(errors="replace")
+        return found
 
     def take(self) -> str | None:
         """The text of a pending non-sticky error, which is then cleared; else ``None``."""
-        found = None
+        found = self._scan() if time.monotonic() >= self._next_scan else None
         for peek, take, text in self._libs:
             code = peek()
             if code and code not in _STICKY_CUDA_ERRORS:
