@@ -226,8 +226,9 @@ class _Call:
 
 
 def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], device: str,
-              repeats: int = 1, *,
-              profile: dict[str, float] | None = None) -> list[list[list[RankRun]]]:
+              repeats: int = 1, *, profile: dict[str, float] | None = None,
+              on_case: Callable[[list[list[RankRun]]], None] | None = None
+              ) -> list[list[list[RankRun]]]:
     """Every rank of every case, ``repeats`` times: ``runs[case][repeat][rank]``.
 
     The calls run in order; each case is synchronised, and each rank of a
@@ -236,7 +237,9 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     calls that raised (none of its outputs can be read), so it may hold fewer
     cases than given.
     ``profile``, when given, gets the seconds of each step added to it
-    (``set-up``, ``transfer``, ``kernel``, ``inspection``).
+    (``set-up``, ``transfer``, ``kernel``, ``inspection``). ``on_case``, when
+    given, gets each case's runs as soon as they are read back, before the
+    next case starts (a sandbox worker streams them to its runner).
     """
     import torch
 
@@ -323,6 +326,8 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
         for call in done:
             by_repeat.setdefault(call.repeat, []).append(call.run)
         runs.append(list(by_repeat.values()))
+        if on_case is not None:
+            on_case(runs[-1])
         if any(call.run.fatal for call in done):
             break  # the context is unusable: nothing run after this means anything
     return runs

@@ -3,24 +3,32 @@
 The bugs this project hunts do not fail politely: an illegal memory access
 poisons the CUDA context, a bad index segfaults, an off-by-one hangs. So the
 runner (the parent) never runs an implementation and never initialises CUDA;
-a worker process (``spawn``ed, so it owns its CUDA context) loads the
-implementation once and then runs case after case. A worker that dies gives
-its case the verdict ``crash`` (signal or exit code, and the tail of its
-stderr); one that does not answer within ``timeout_s`` is killed and gives
-``timeout``. Either way the next case gets a fresh worker, and nothing
-already recorded is lost. A sticky CUDA error (illegal address) also ends the
-worker, after it has reported the case as a ``crash``.
+a worker process loads the implementation once and then runs case after
+case. A worker that dies gives the case it was running the verdict ``crash``
+(signal or exit code, and the tail of its stderr); one that does not answer
+within ``timeout_s`` is killed and gives ``timeout``, confirmed once on a
+fresh worker with :data:`CONFIRM_FACTOR` times the budget. A sticky CUDA
+error (illegal address) also ends the worker, after it has reported the case
+as a ``crash``.
+
+A crash costs the lost case, not a start-up: next to the worker in use the
+runner keeps a *spare*, started as soon as the worker is up and loaded in the
+background, and re-armed each time it takes over. On CUDA a worker is a fresh
+interpreter (its own CUDA context, created while it is the spare); elsewhere
+workers are forked from a *zygote*, one spawned interpreter that has loaded
+the implementation and never runs a case, so a spare costs a ``fork``.
+``restarts`` counts the workers lost (crash, hang, sticky error) and replaced;
+``cold_starts`` the replacements that found no live spare and had to be
+started on the spot.
 
 Campaigns send cases in batches (:meth:`SandboxRunner.submit`, then
 :meth:`~SandboxRunner.collect`): one message and one staged copy to the
 device for the batch, and the runner compares the previous batch while the
-worker runs the next. A sticky device error stops a batch at the case that
-caused it (every case is synchronised): the worker reports the cases up to
-that one and exits, and :meth:`~SandboxRunner.collect` returns just those, so
-the crash is recorded before any restart; the caller submits the rest again.
-A batch whose worker dies or hangs without reporting gives no verdicts: its
-cases are run again one by one, each in the isolation described above, so
-the crash or hang is pinned on the case that caused it.
+worker runs the next. The worker streams each case's runs back as soon as the
+case is done (a thread of the runner reads them, so the worker never waits
+for the runner), so when it dies or hangs the case it was running is known:
+:meth:`~SandboxRunner.collect` returns the outcomes up to and including that
+one, and the caller submits the rest again, which the spare runs at once.
 
 :class:`InProcessRunner` has the same interface without the isolation, for
 tests and for implementations known to be well behaved.
@@ -29,14 +37,18 @@ tests and for implementations known to be well behaved.
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, Callable
 
 from .case import Case
 from .errors import ImplementationError
@@ -45,6 +57,7 @@ from .registry import Implementation
 DEFAULT_TIMEOUT_S = 10.0
 CONFIRM_FACTOR = 4.0  # a timeout is re-run once with this many times the budget
 LOAD_TIMEOUT_S = 900.0  # the first load may JIT-build CUDA kernels
+REAP_TIMEOUT_S = 5.0  # a worker that closed its socket has this long to exit
 STDERR_TAIL = 2000
 
 
@@ -102,50 +115,165 @@ class InProcessRunner:
         self.close()
 
 
-def _worker_main() -> None:
-    """Entry of a worker process (started by :meth:`SandboxRunner._start`).
+# -- the worker side ------------------------------------------------------------
+def _worker_main(fd: int) -> None:
+    """Entry of a spawned interpreter (a worker or a zygote, :meth:`SandboxRunner._spawn`).
 
-    The protocol runs over the stdin/stdout pipes the parent made; file
-    descriptor 1 is then pointed at the stderr file so that anything the
+    ``fd`` is its end of a socket pair with the runner, which carries the
+    protocol; stdout and stderr go to a file, so that anything the
     implementation prints cannot corrupt it.
     """
-    from multiprocessing.connection import Connection
-
     # Ctrl-C reaches the whole process group: the runner handles it (and ends this
     # worker); a worker dying of it would be recorded as a crash of its case.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    proto_out = os.dup(1)
-    os.dup2(2, 1)
-    inbox, outbox = Connection(os.dup(0), writable=False), Connection(proto_out, readable=False)
-    impl, device, cuda_device = inbox.recv()
+    conn = Connection(fd)
+    role, impl, device, cuda_device = conn.recv()
     if cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_device)
     try:
         callables = impl.load()
-        if device.startswith("cuda"):
-            import torch
+        import torch  # every batch needs it: loaded once here, before any fork
 
+        from . import execute  # noqa: F401
+
+        if device.startswith("cuda"):
             torch.cuda.init()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
         detail = str(exc) if isinstance(exc, ImplementationError) else traceback.format_exc()
-        outbox.send(("load_error", detail))
+        conn.send(("load_error", detail))
         return
-    outbox.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid()))
+    if role == "zygote":
+        warm = _warm_up(impl, callables, device)
+        _zygote_loop(conn, fd, callables, device, warm)
+    else:
+        _serve(conn, callables, device)
+
+
+def _serve(conn: Connection, callables: dict[str, Any], device: str) -> None:
+    """Run batches until told to stop, sending each case's runs as soon as it is done."""
     from .execute import run_batch
 
     while True:
         try:
-            msg = inbox.recv()
+            msg = conn.recv()
         except EOFError:
             return
         if msg is None:
             return
         cases, repeats = msg
-        runs = run_batch(cases, callables, device, repeats)
-        outbox.send(("ok", runs))
-        if _fatal(runs[-1] if runs else []):
+        runs = run_batch(cases, callables, device, repeats,
+                         on_case=lambda one: conn.send(("case", one)))
+        if runs and _fatal(runs[-1]):
             # the CUDA context is poisoned: nothing this process runs next means anything
             os._exit(3)
+
+
+def _warm_up(impl: Implementation, callables: dict[str, Any], device: str) -> list[Case]:
+    """Call the implementation once on the smallest case of each of its dialects, here in
+    the zygote, so that every forked worker starts with the lazy set-up of the first
+    call (torch's and the implementation's) done, and freeze what there is for the
+    garbage collector (fewer copied pages per fork). A forked probe makes the calls
+    first: a kernel that crashes or hangs even there stays cold, and the zygote alive.
+    Returns the cases it ran (none when the probe did not come back).
+    """
+    import gc
+
+    from .dialects import smallest_case
+    from .execute import run_batch
+
+    cases = [smallest_case(dialect) for dialect in impl.dialects]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the probe
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        try:
+            run_batch(cases, callables, device)
+        finally:
+            os._exit(0)
+    if _reap(pid) != 0:
+        return []
+    run_batch(cases, callables, device)
+    gc.freeze()
+    return cases
+
+
+def _zygote_loop(conn: Connection, fd: int, callables: dict[str, Any], device: str,
+                 warm: list[Case]) -> None:
+    """Fork a worker per ``("fork", stderr_path)``; reap one per ``("reap", pid)``.
+
+    A forked worker gets a new socket pair: its end stays in the child, the
+    other goes to the runner over ``fd`` (``SCM_RIGHTS``), so the runner talks
+    to the worker directly. Before it says ``ready`` it runs the ``warm`` cases
+    once more (a spare does that while the worker in use runs: the pages its
+    first call touches are its own by the time it takes over). The zygote
+    itself never runs a case.
+    """
+    from multiprocessing.reduction import sendfds
+
+    from .execute import run_batch
+
+    control = socket.socket(fileno=os.dup(fd))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        if msg[0] == "reap":
+            conn.send(("reaped", _reap(msg[1])))
+            continue
+        ours, theirs = socket.socketpair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                conn.close()
+                control.close()
+                ours.close()
+                err = os.open(msg[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                os.dup2(err, 1)
+                os.dup2(err, 2)
+                os.close(err)
+                child = Connection(theirs.detach())
+                if warm:
+                    run_batch(warm, callables, device)
+                child.send(("ready", os.getpid()))
+                _serve(child, callables, device)
+            except BaseException:  # noqa: BLE001 - a forked child must not return
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+        conn.send(("forked", pid))
+        sendfds(control, [ours.fileno()])
+        ours.close()
+
+
+def _reap(pid: int) -> int | None:
+    """The exit code of the zygote's child ``pid`` (negative: the signal), waiting for it
+    at most :data:`REAP_TIMEOUT_S` before killing it."""
+    deadline = time.monotonic() + REAP_TIMEOUT_S
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.002)
 
 
 def _fatal(runs: list[list[Any]]) -> bool:
@@ -153,8 +281,193 @@ def _fatal(runs: list[list[Any]]) -> bool:
     return any(r.fatal for repeat in runs for r in repeat)
 
 
+# -- the runner side ----------------------------------------------------------------
+class _Worker:
+    """One worker as the runner sees it: its socket, a thread reading it, its stderr file.
+
+    The thread puts every message on ``inbox`` as ``(arrival time, message)``,
+    and ``None`` once the socket is closed (the worker died or exited).
+    """
+
+    def __init__(self, pid: int, conn: Connection, stderr_path: str, *,
+                 proc: subprocess.Popen | None = None, zygote: _Zygote | None = None) -> None:
+        self.pid, self.conn, self.stderr_path = pid, conn, stderr_path
+        self.proc, self.zygote = proc, zygote
+        self.ready = False
+        self._reaped = False  # a forked worker's exit status was collected by its zygote
+        self.inbox: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"difftest-worker-{pid}")
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                self.inbox.put(None)
+                return
+            self.inbox.put((time.perf_counter(), msg))
+
+    def alive(self) -> bool:
+        return self._reader.is_alive() and (self.proc is None or self.proc.poll() is None)
+
+    def wait_ready(self, impl: str, timeout_s: float) -> None:
+        """Wait for the worker's ``ready``; :class:`ImplementationError` when it cannot load."""
+        if self.ready:
+            return
+        try:
+            got = self.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            got = _NO_ANSWER
+        _check_loaded(impl, _GONE if got is None else got if got is _NO_ANSWER else got[1],
+                      timeout_s, lambda: f"{self.exit_text()}); stderr: {self.tail()}")
+        self.ready = True
+
+    def send(self, obj: Any) -> bool:
+        """Send ``obj``; ``False`` when the worker is gone."""
+        try:
+            self.conn.send(obj)
+            return True
+        except OSError:
+            return False
+
+    def exit_text(self) -> str:
+        """How the worker ended (it has closed its socket; waits for it to exit)."""
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(REAP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                code = None
+        else:
+            code = self.zygote.reap(self.pid)
+            self._reaped = True
+        return _exit_text(code)
+
+    def tail(self) -> str:
+        return _tail(self.stderr_path)
+
+    def clear_stderr(self) -> None:
+        open(self.stderr_path, "wb").close()
+
+    def kill(self, grace_s: float = 0.0) -> None:
+        """End the process (after ``grace_s`` to exit by itself), reap it, drop its file."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            if grace_s:
+                self._reader.join(grace_s)
+            if not self._reaped:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.zygote.reap(self.pid)
+                self._reaped = True
+        self._reader.join(REAP_TIMEOUT_S)
+        self.conn.close()
+        try:
+            os.unlink(self.stderr_path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.send(None)
+        self.kill(grace_s=2.0)
+
+
+class _Zygote:
+    """A spawned interpreter with the implementation loaded that forks workers on request."""
+
+    def __init__(self, proc: subprocess.Popen, conn: Connection, stderr_path: str) -> None:
+        self.proc, self.conn, self.stderr_path = proc, conn, stderr_path
+        self._asked: list[str] = []  # stderr paths of the forks requested, not answered
+        self._forked: list[_Worker] = []  # answered, not taken
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, impl: str) -> None:
+        got = _NO_ANSWER
+        if self.conn.poll(LOAD_TIMEOUT_S):
+            try:
+                got = self.conn.recv()
+            except EOFError:
+                got = _GONE
+
+        def ended() -> str:
+            try:
+                code = self.proc.wait(REAP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                code = None
+            return f"{_exit_text(code)}); stderr: {_tail(self.stderr_path)}"
+
+        _check_loaded(impl, got, LOAD_TIMEOUT_S, ended)
+
+    def request(self, stderr_path: str) -> None:
+        """Ask for a worker; :meth:`take` gets it (the fork happens meanwhile)."""
+        self.conn.send(("fork", stderr_path))
+        self._asked.append(stderr_path)
+
+    def take(self) -> _Worker:
+        """The worker of the oldest :meth:`request` not taken yet."""
+        while not self._forked:
+            self._read_answer()
+        return self._forked.pop(0)
+
+    def reap(self, pid: int) -> int | None:
+        try:
+            self.conn.send(("reap", pid))
+            while True:
+                kind, value = self._read_answer()
+                if kind == "reaped":
+                    return value
+        except (OSError, EOFError, ImplementationError):
+            return None
+
+    def _read_answer(self) -> tuple[str, Any]:
+        """The next answer; a forked worker's goes to ``_forked`` with its socket."""
+        from multiprocessing.reduction import recvfds
+
+        kind, value = self._answer()
+        if kind == "forked":
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as control:
+                fd = recvfds(control, 1)[0]
+            self._forked.append(_Worker(value, Connection(fd), self._asked.pop(0), zygote=self))
+        return kind, value
+
+    def _answer(self) -> Any:
+        if not self.conn.poll(2 * REAP_TIMEOUT_S + 30):
+            raise ImplementationError("the sandbox's zygote process does not answer")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+            self.proc.wait(2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.conn.close()
+        try:
+            os.unlink(self.stderr_path)
+        except OSError:
+            pass
+
+
 class SandboxRunner:
-    """Runs cases in a warm worker process, restarting it after a crash or hang."""
+    """Runs cases in a warm worker process, with a warm spare to take over after a crash.
+
+    ``restarts``: workers lost to a crash, a hang or a sticky device error
+    (each one replaced). ``cold_starts``: replacements started because no live
+    spare was ready (the first worker is not one).
+    """
 
     def __init__(self, impl: Implementation, device: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  repeats: int | None = None, cuda_device: int | None = None,
@@ -163,183 +476,219 @@ class SandboxRunner:
         self.confirm_timeouts = confirm_timeouts
         self.repeats = repeats if repeats is not None else impl.repeats(device)
         self.cuda_device = cuda_device
-        self._proc: Any = None
-        self._conn: Any = None
-        self._pending: tuple[list[Case], bool] = ([], False)
-        self._stderr = tempfile.NamedTemporaryFile(prefix="difftest-worker-", suffix=".err",
-                                                   delete=False)
-        self._stderr.close()
+        # a CUDA context does not survive a fork: CUDA workers are fresh interpreters
+        self._forks = not str(device).startswith("cuda") and hasattr(os, "fork")
+        self._zygote: _Zygote | None = None
+        self._worker: _Worker | None = None
+        self._spare: _Worker | None = None
+        self._fork_requested = False  # the spare is a fork the zygote has been asked for
+        self._pending: tuple[list[Case], _Worker | None, float] = ([], None, 0.0)
         self.restarts = 0
-        self.fallbacks = 0  # batches re-run case by case after an unreported crash or a hang
+        self.cold_starts = 0
 
     # -- worker lifecycle ---------------------------------------------------
-    def _start(self) -> None:
+    @property
+    def worker_pid(self) -> int | None:
+        """The pid of the worker that runs the next case, ``None`` when there is none yet."""
+        worker = self._worker
+        return worker.pid if worker is not None and worker.alive() else None
+
+    def warm_up(self) -> None:
+        """Start the worker and its spare where needed and wait until both are loaded."""
+        self._current()
+        self._arm()
+        self._spare = self._take_spare()
+        self._spare.wait_ready(self.impl.name, LOAD_TIMEOUT_S)
+
+    def _spawn(self, role: str, stderr_path: str) -> tuple[subprocess.Popen, Connection]:
         # A fresh interpreter, not multiprocessing's spawn: that would re-run the
         # user's __main__ module, and a pytest or script caller has no main guard.
+        ours, theirs = socket.socketpair()
         boot = (f"import sys; sys.path[:0] = {sys.path!r}; "
-                "from difftest.sandbox import _worker_main; _worker_main()")
-        err = open(self._stderr.name, "ab")
-        proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err)
-        err.close()
-        parent = _Duplex(proc)
-        parent.send((self.impl, self.device, self.cuda_device))
-        if not parent.poll(LOAD_TIMEOUT_S):
-            proc.kill()
-            raise ImplementationError(f"--impl {self.impl.name}: worker did not load it within "
-                                      f"{LOAD_TIMEOUT_S:.0f} s")
+                f"from difftest.sandbox import _worker_main; _worker_main({theirs.fileno()})")
+        with open(stderr_path, "ab") as err:
+            proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.DEVNULL,
+                                    stdout=err, stderr=err, pass_fds=[theirs.fileno()])
+        theirs.close()
+        conn = Connection(ours.detach())
+        conn.send((role, self.impl, self.device, self.cuda_device))
+        return proc, conn
+
+    def _start_zygote(self) -> _Zygote:
+        path = _stderr_file()
+        zygote = _Zygote(*self._spawn("zygote", path), path)
         try:
-            kind, payload = parent.recv()
-        except EOFError:
-            proc.wait(5)
-            raise ImplementationError(
-                f"--impl {self.impl.name}: worker died while loading it "
-                f"({_exit_text(proc.returncode)}); stderr: {self._tail()}") from None
-        if kind == "load_error":
-            proc.wait(5)
-            raise ImplementationError(f"--impl {self.impl.name}: cannot load it: {payload}")
-        self._proc, self._conn = proc, parent
+            zygote.wait_ready(self.impl.name)
+        except ImplementationError:
+            zygote.close()
+            raise
+        return zygote
 
-    def _kill(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait(5)
-        if self._conn is not None:
-            self._conn.close()
-        self._proc = self._conn = None
+    def _new_worker(self) -> _Worker:
+        """A started worker (loading, or forked and ready)."""
+        if not self._forks:
+            path = _stderr_file()
+            proc, conn = self._spawn("worker", path)
+            return _Worker(proc.pid, conn, path, proc=proc)
+        self._request_fork()
+        return self._take_spare()
 
-    def _tail(self) -> str:
-        try:
-            with open(self._stderr.name, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - STDERR_TAIL))
-                return f.read().decode(errors="replace").strip()
-        except OSError:
-            return ""
+    def _request_fork(self) -> None:
+        if self._zygote is not None and not self._zygote.alive():
+            self._zygote.close()
+            self._zygote = None
+        if self._zygote is None:
+            self._zygote = self._start_zygote()
+        self._zygote.request(_stderr_file())
+        self._fork_requested = True
 
-    def _clear_stderr(self) -> None:
-        open(self._stderr.name, "wb").close()
+    def _take_spare(self) -> _Worker | None:
+        """The spare, or the worker of the fork requested for it (``None``: none, or lost)."""
+        spare, self._spare = self._spare, None
+        if self._fork_requested:
+            self._fork_requested = False
+            try:
+                spare = self._zygote.take()
+            except (OSError, EOFError, ImplementationError):
+                return None  # the zygote is gone: the next fork starts a new one
+        return spare
+
+    def _current(self) -> _Worker:
+        """The worker for the next case: the one in use, else the spare, else a new one."""
+        worker = self._worker
+        if worker is not None and not worker.alive():
+            worker.kill()
+            worker = self._worker = None
+        if worker is None:
+            spare = self._take_spare()
+            if spare is not None and spare.alive():
+                worker = spare
+            else:
+                if spare is not None:
+                    spare.kill()
+                if self._zygote is not None or spare is not None:
+                    self.cold_starts += 1
+                worker = self._new_worker()
+            try:
+                worker.wait_ready(self.impl.name, LOAD_TIMEOUT_S)
+            except ImplementationError:
+                worker.kill()
+                raise
+            self._worker = worker
+        return worker
+
+    def _arm(self) -> None:
+        """Start a spare if there is none (a fork is only requested); replace one that died."""
+        if self._spare is not None and not self._spare.alive():
+            self._spare.kill()
+            self._spare = None
+        if self._spare is None and not self._fork_requested:
+            if self._forks:
+                self._request_fork()
+            else:
+                self._spare = self._new_worker()
+
+    def _lose(self, worker: _Worker) -> None:
+        """``worker`` crashed, hung or hit a sticky error: end it; the spare takes over."""
+        worker.kill()
+        if self._worker is worker:
+            self._worker = None
+        self.restarts += 1
 
     # -- running --------------------------------------------------------------
     def run(self, case: Case) -> Outcome:
-        outcome = self._run_once(case, self.timeout_s)
-        if outcome.verdict == "timeout" and self.confirm_timeouts:
-            # A loaded machine can make a slow case look hung: a timeout counts only
-            # when a fresh worker with CONFIRM_FACTOR times the budget hangs too.
-            retry = self._run_once(case, self.timeout_s * CONFIRM_FACTOR)
-            if retry.verdict != "timeout":
-                return retry
+        return self._confirmed(case, self._run_once(case, self.timeout_s))
+
+    def _confirmed(self, case: Case, outcome: Outcome) -> Outcome:
+        """A timeout counts only when a fresh worker with CONFIRM_FACTOR times the budget
+        hangs too (a loaded machine can make a slow case look hung)."""
+        if outcome.verdict != "timeout" or not self.confirm_timeouts:
+            return outcome
+        retry = self._run_once(case, self.timeout_s * CONFIRM_FACTOR)
+        if retry.verdict == "timeout":
             retry.detail = (f"no answer within {self.timeout_s:g} s, nor within "
                             f"{self.timeout_s * CONFIRM_FACTOR:g} s on a fresh worker; "
                             "worker killed")
-            return retry
-        return outcome
+        return retry
 
     def _run_once(self, case: Case, timeout_s: float) -> Outcome:
-        if self._proc is None or self._proc.poll() is not None:
-            self._kill()
-            self._start()
-        self._clear_stderr()
-        worker = f"pid{self._proc.pid}"
-        start = time.perf_counter()
-        try:
-            self._conn.send(([case], self.repeats))
-            answered = self._conn.poll(timeout_s)
-            if not answered:
-                self._kill()
-                self.restarts += 1
-                return Outcome(verdict="timeout", worker=worker,
-                               detail=f"no answer within {timeout_s:g} s; worker killed",
-                               elapsed_s=time.perf_counter() - start)
-            kind, runs = self._conn.recv()
-            runs = runs[0]
-        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            try:
-                code = self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                code = None
-            tail = self._tail()
-            self._kill()
-            self.restarts += 1
-            return Outcome(verdict="crash", worker=worker,
-                           detail=f"worker died: {_exit_text(code)}" + (
-                               f"; stderr tail:\n{tail}" if tail else ""),
-                           elapsed_s=time.perf_counter() - start)
-        if _fatal(runs):
-            self._retire()
-        return Outcome.of(runs, worker)
+        worker, since = self._send([case])
+        return self._next_outcome(worker, since, timeout_s)[0]
 
-    def _retire(self) -> None:
-        """The worker reported a sticky device error and is exiting: let it go."""
+    def _send(self, cases: list[Case]) -> tuple[_Worker, float]:
+        """Send ``cases`` to the current worker; a worker found dead on sending is replaced."""
+        while True:
+            worker = self._current()
+            worker.clear_stderr()
+            since = time.perf_counter()
+            if worker.send((cases, self.repeats)):
+                self._arm()  # while the worker runs the cases
+                return worker, since
+            self._lose(worker)
+
+    def _next_outcome(self, worker: _Worker, since: float, timeout_s: float
+                      ) -> tuple[Outcome, float]:
+        """The outcome of the next case ``worker`` runs, due ``timeout_s`` after ``since``;
+        and when it arrived. A crash, hang or sticky error ends the worker."""
+        name = f"pid{worker.pid}"
         try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._kill()
-        self.restarts += 1
+            got = worker.inbox.get(timeout=max(0.0, since + timeout_s - time.perf_counter()))
+        except queue.Empty:
+            self._lose(worker)
+            now = time.perf_counter()
+            return Outcome(verdict="timeout", worker=name, elapsed_s=now - since,
+                           detail=f"no answer within {timeout_s:g} s; worker killed"), now
+        if got is None:
+            now = time.perf_counter()
+            how, tail = worker.exit_text(), worker.tail()
+            self._lose(worker)
+            return Outcome(verdict="crash", worker=name, elapsed_s=now - since,
+                           detail=f"worker died: {how}" + (
+                               f"; stderr tail:\\n{tail}" if tail else "")), now
+        arrived, (kind, runs) = got
+        if _fatal(runs):
+            worker.kill(grace_s=REAP_TIMEOUT_S)  # it reported a sticky error and is exiting
+            self._worker = None
+            self.restarts += 1
+        return Outcome.of(runs, name), arrived
 
     def submit(self, cases: list[Case]) -> None:
         """Start running ``cases`` as one batch; :meth:`collect` gives their outcomes."""
         cases = list(cases)
-        sent = False
-        if cases:
-            try:
-                if self._proc is None or self._proc.poll() is not None:
-                    self._kill()
-                    self._start()
-                self._clear_stderr()
-                self._conn.send((cases, self.repeats))
-                sent = True
-            except (BrokenPipeError, ConnectionResetError, OSError):
-                sent = False
-        self._pending = (cases, sent)
+        if not cases:
+            self._pending = ([], None, 0.0)
+            return
+        worker, since = self._send(cases)
+        self._pending = (cases, worker, since)
 
     def collect(self) -> list[Outcome]:
         """The outcomes of the batch :meth:`submit` started, in its order.
 
-        After a sticky device error only the cases up to the one that caused
-        it (its outcome a ``crash``): the cases after it did not run, and are
-        the caller's to submit again. The batch has ``timeout_s`` in all. When
-        its worker dies or hangs without reporting, every case of it is run
-        again on its own (:meth:`run`), which pins the crash or hang on the
-        case that caused it.
+        Each case has ``timeout_s`` from the end of the one before it (the
+        first from the submit). After a crash, a (confirmed) timeout or a
+        sticky device error only the cases up to and including the one that
+        caused it: the cases after it did not run, and are the caller's to
+        submit again (the spare takes them at once).
         """
-        (cases, sent), self._pending = self._pending, ([], False)
-        if not cases:
-            return []
-        if sent:
-            worker = f"pid{self._proc.pid}"
-            try:
-                if self._conn.poll(self.timeout_s):
-                    kind, payload = self._conn.recv()
-                    if kind == "ok":
-                        if payload and _fatal(payload[-1]):
-                            self._retire()
-                        return [Outcome.of(runs, worker) for runs in payload]
-            except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-                pass
-        self._kill()
-        self.restarts += 1
-        self.fallbacks += 1
-        return [self.run(case) for case in cases]
+        (cases, worker, since), self._pending = self._pending, ([], None, 0.0)
+        outcomes: list[Outcome] = []
+        for case in cases:
+            outcome, since = self._next_outcome(worker, since, self.timeout_s)
+            outcome = self._confirmed(case, outcome)
+            outcomes.append(outcome)
+            if worker is not self._worker:  # lost: the rest did not run
+                break
+        return outcomes
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.send(None)
-            except OSError:
-                pass
-        if self._proc is not None:
-            try:
-                self._proc.wait(2)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill()
-        try:
-            os.unlink(self._stderr.name)
-        except OSError:
-            pass
+        """End every process: the worker, the spare and the zygote."""
+        for worker in (self._worker, self._take_spare()):
+            if worker is not None:
+                worker.close()
+        self._worker = self._spare = None
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
 
     def __enter__(self) -> SandboxRunner:
         return self
@@ -348,29 +697,39 @@ class SandboxRunner:
         self.close()
 
 
-class _Duplex:
-    """send/recv/poll over a child's stdin/stdout pipes."""
+_NO_ANSWER, _GONE = "no answer", "gone"  # instead of a worker's first message
 
-    def __init__(self, proc: subprocess.Popen) -> None:
-        from multiprocessing.connection import Connection
 
-        self._out = Connection(os.dup(proc.stdin.fileno()), readable=False)
-        self._in = Connection(os.dup(proc.stdout.fileno()), writable=False)
-        proc.stdin.close()
-        proc.stdout.close()
+def _check_loaded(impl: str, first: Any, timeout_s: float, ended: Callable[[], str]) -> None:
+    """Raise :class:`ImplementationError` unless a worker's ``first`` message is ``ready``.
 
-    def send(self, obj: Any) -> None:
-        self._out.send(obj)
+    ``ended()`` says how a worker that died while loading ended, and its stderr.
+    """
+    if first is _NO_ANSWER:
+        raise ImplementationError(f"--impl {impl}: worker did not load it within "
+                                  f"{timeout_s:.0f} s")
+    if first is _GONE:
+        raise ImplementationError(f"--impl {impl}: worker died while loading it ({ended()}")
+    kind, payload = first
+    if kind == "load_error":
+        raise ImplementationError(f"--impl {impl}: cannot load it: {payload}")
 
-    def recv(self) -> Any:
-        return self._in.recv()
 
-    def poll(self, timeout: float) -> bool:
-        return self._in.poll(timeout)
+def _tail(path: str) -> str:
+    """The last :data:`STDERR_TAIL` bytes of a worker's stderr file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - STDERR_TAIL))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
 
-    def close(self) -> None:
-        self._out.close()
-        self._in.close()
+
+def _stderr_file() -> str:
+    fd, path = tempfile.mkstemp(prefix="difftest-worker-", suffix=".err")
+    os.close(fd)
+    return path
 
 
 def _exit_text(code: int | None) -> str:

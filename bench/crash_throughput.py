@@ -1,0 +1,158 @@
+"""Cases per second of a kernel that crashes on a share of its cases.
+
+A kernel under development crashes a lot, and every crash kills its sandbox
+worker. This measures what a crash costs a campaign: decode-sized production
+``vllm-lora`` cases (``_common.make_case``: K=8 of E=64, B=16, L=8) go
+through a warm ``SandboxRunner`` and ``Campaign.dispatch``, batched and
+pipelined as ``Campaign.generate`` runs them, for a kernel that is correct
+except that it crashes on every case of 31 tokens. The bench
+plants those: a share (``--rates``, default 20 %, 5 % and 0 %) of the cases
+has T=31, the rest T=32. On the CPU the crash is a segfault (a NULL read
+through ``ctypes``); on CUDA an illegal address (a one-line kernel that reads
+address 16, compiled at run time by torch's jiterator).
+
+Every case's verdict is checked (a planted case must be a ``crash``, every
+other one a ``pass``); a wrong one ends the bench with exit 1. The table
+gives cases/s for each rate, its share of the 0 % rate, and the worker
+restarts (one per crash) and cold starts (a replacement started when no
+warm spare was ready). Worker start-up before the first case is not timed.
+
+    python3 bench/crash_throughput.py                  # CPU, the torch implementation
+    python3 bench/crash_throughput.py --device cuda    # the CUDA implementation
+
+Prints one table and writes ``bench/results/crash_throughput.csv``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import (base_parser, campaign_batch, check_device, ensure_worker, fmt_rate,
+                     make_case, print_table, write_csv)
+
+TOKENS, CRASH_TOKENS = 32, 31  # a planted crash is a case of CRASH_TOKENS tokens
+IMPL = "py:crash_throughput:crashes_on_31_tokens"
+
+
+def crashes_on_31_tokens(topk_ids, token_lora_mapping, num_experts, block_size,
+                                max_loras, max_num_tokens_padded, max_num_m_blocks,
+                                sorted_token_ids, expert_ids, num_tokens_post_pad,
+                                adapter_enabled, lora_ids, expert_map=None):
+    """The correct implementation of the device, except that T = 31 kills the process."""
+    if topk_ids.shape[0] == CRASH_TOKENS:
+        if topk_ids.is_cuda:
+            _illegal_read(topk_ids)
+        else:
+            ctypes.string_at(0)
+    _correct(topk_ids.device)["vllm-lora"](
+        topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+        max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+        num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+
+
+_CORRECT: dict[str, dict] = {}
+
+
+def _correct(device) -> dict:
+    kind = "cuda" if device.type == "cuda" else "torch"
+    if kind not in _CORRECT:
+        if kind == "cuda":
+            from cuda_impl import cuda
+
+            _CORRECT[kind] = cuda.implementation()
+        else:
+            from cuda_impl import torch_impl
+
+            _CORRECT[kind] = torch_impl.implementation()
+    return _CORRECT[kind]
+
+
+def _illegal_read(tensor) -> None:
+    """A sticky ``cudaErrorIllegalAddress``: an elementwise kernel that loads address 16."""
+    import torch
+
+    read = torch.cuda.jiterator._create_jit_fn(
+        "template <typename T> T illegal_read(T x) { return x + *((volatile T*)16); }")
+    read(tensor.float())
+    torch.cuda.synchronize()
+
+
+def measure(impl, device: str, rate: float, count: int, seed: int) -> dict:
+    """``count`` cases, a share ``rate`` of them planted crashes, through a warm runner."""
+    from difftest.campaign import Campaign
+    from difftest.sandbox import SandboxRunner
+
+    rng = np.random.default_rng(seed)
+    crash = rng.random(count) < rate
+    cases = [make_case(rng, CRASH_TOKENS if c else TOKENS, seed=i) for i, c in enumerate(crash)]
+    warm = [make_case(rng, TOKENS) for _ in range(campaign_batch(TOKENS))]
+    batch = campaign_batch(TOKENS)
+    with SandboxRunner(impl, device, timeout_s=120.0) as runner, \
+            tempfile.TemporaryDirectory(prefix="bench-crash-") as tmp:
+        ensure_worker(runner, "vllm-lora")
+        campaign = Campaign(impl, runner, Path(tmp), seed=seed)
+        campaign.dispatch(warm)  # untimed: allocator and page warm-up
+        campaign.drain()
+        runner.warm_up()  # the spare is loaded too
+        restarts, cold = runner.restarts, runner.cold_starts
+        evaluations = []
+        start = time.perf_counter()
+        for first in range(0, count, batch):
+            evaluations += campaign.dispatch(cases[first:first + batch])
+        evaluations += campaign.drain()
+        wall = time.perf_counter() - start
+        restarts, cold = runner.restarts - restarts, runner.cold_starts - cold
+        campaign.log.close()
+    verdicts = [e.verdict for e in evaluations]
+    expected = ["crash" if c else "pass" for c in crash]
+    if verdicts != expected:
+        wrong = next(i for i, (v, e) in enumerate(zip(verdicts, expected)) if v != e)
+        raise SystemExit(f"rate {rate:.0%}: case {wrong} got {verdicts[wrong]!r}, "
+                         f"expected {expected[wrong]!r}")
+    return {"rate": rate, "cases": count, "crashes": int(crash.sum()), "seconds": wall,
+            "cases_per_s": count / wall, "restarts": restarts, "cold_starts": cold}
+
+
+def main() -> None:
+    from difftest import registry
+
+    parser = base_parser(__doc__)
+    parser.add_argument("--rates", default="20,5,0",
+                        help="crash rates in percent, comma-separated (default 20,5,0)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="cases per rate (default 600; 120 with --quick)")
+    parser.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args()
+    check_device(ns.device)
+    try:
+        rates = sorted({float(r) / 100 for r in ns.rates.split(",") if r.strip()}, reverse=True)
+    except ValueError:
+        parser.error(f"--rates {ns.rates!r}: expected percentages like 20,5,0")
+    if not rates or not all(0 <= r <= 1 for r in rates):
+        parser.error(f"--rates {ns.rates!r}: each rate must be between 0 and 100")
+    count = ns.count or (120 if ns.quick else 600)
+    impl = registry.resolve(IMPL, "vllm-lora")
+    results = [measure(impl, ns.device, rate, count, ns.seed + i) for i, rate in enumerate(rates)]
+    clean = next((r["cases_per_s"] for r in results if r["rate"] == 0), None)
+    rows, csv_rows = [], []
+    for r in results:
+        share = f"{r['cases_per_s'] / clean:.0%}" if clean else "-"
+        rows.append([f"{r['rate']:.0%}", r["cases"], r["crashes"], f"{r['seconds']:.2f}",
+                     fmt_rate(r["cases_per_s"]), share, r["restarts"], r["cold_starts"]])
+        csv_rows.append({**r, "share_of_clean": r["cases_per_s"] / clean if clean else None,
+                         "device": ns.device})
+    path = write_csv("crash_throughput", csv_rows)
+    print_table(f"cases/s of a kernel that crashes on a share of its cases, on {ns.device}",
+                ["crash rate", "cases", "crashes", "seconds", "cases/s", "of 0 %",
+                 "restarts", "cold starts"], rows,
+                [f"T={TOKENS} production vllm-lora cases (planted crashes T={CRASH_TOKENS}), "
+                 f"batches of {campaign_batch(TOKENS)} through Campaign.dispatch; "
+                 f"csv: {path}"])
+
+
+if __name__ == "__main__":
+    main()
