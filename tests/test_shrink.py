@@ -303,3 +303,16 @@ def test_short_defensive_lora_ids_does_not_pin_max_loras():
     _, result = shrink_fault("negative-expert-kept", start)
     assert result.case.max_loras == 1 and result.case.lora_ids.tolist() == [0]
     assert result.minimal
+
+
+def test_an_unexpected_error_of_a_pass_surfaces():
+    from difftest.shrink import Shrinker
+
+    def broken_pass(s: Shrinker) -> None:
+        raise IndexError("index 3 is out of bounds")
+
+    case = big_align_case()
+    shrinker = Shrinker(case, some_id_is_three, [PASSES[0], broken_pass],
+                        max_seconds=60, max_calls=100)
+    with pytest.raises(IndexError, match="index 3 is out of bounds"):
+        shrinker.run()
