@@ -25,7 +25,7 @@ only when all of these hold, cheapest test first:
    shrinking terminates whatever the passes propose;
 2. it was never tried before (results are cached by ``case_id``, the content
    hash, so a candidate two passes propose costs one run);
-3. the oracle accepts it for every rank (a ``ValueError``/``TypeError``
+3. the oracle accepts it for every rank (an :class:`oracle.OracleError`
    from the reference marks an ill-formed candidate, e.g. a ``P`` too small);
 4. the *contract guard*: it belongs to the same contract as the original
    (:func:`difftest.classify.contract_of`).  Without it a production failure
@@ -44,16 +44,31 @@ rejected is tried once more with ``P`` pinned at the current size
 guard band only when rows are long, and pinning lets tokens and experts go.
 :func:`lower_padding` lowers the pinned ``P`` afterwards.
 
-Passes prefer big steps: deletions go the delta-debugging way (everything,
-then halves, then quarters, ... then single elements) and an integer is
-tried at its floor first, then bisected, so that the value one below the
-result has always been tried (``B -> 1``, ``B -> 8``, ..., ``B -> B - 1``).  The passes run in
-order — deletions first (tokens, requests, topk columns, whole adapter
-slots, entries of a hand-made ``lora_ids``), since removing data is what lets the
-dimensions drop; then the
-dimensions (EP ranks, experts, slots, block size, padding); values last,
-because there are many of them and they are cheapest to judge on a small
-case.  Rounds repeat until one full round accepts nothing.
+Passes prefer big steps, and try the smallest values early, as Hypothesis
+shrinks towards the simplest value: deletions go the delta-debugging way
+(everything, then halves, then keeping just the first 0, 1, 2, 3 elements,
+then quarters, ... then single elements), and an integer is tried at its
+floor and the next three values first, then bisected, so that the value one
+below the result has always been tried (``B -> 1, 2, 3, 4``, ``B -> 10``,
+..., ``B -> B - 1``).  A crash at ``T = 2`` is so found in a handful of runs
+whatever ``T`` it started from, where single deletions (``T -> T - 1``)
+would never get there.  The passes run in order (:data:`PASSES`, in
+``_passes.py``) — deletions first (tokens, requests, topk columns, whole
+adapter slots, entries of a hand-made ``lora_ids``), since removing data is
+what lets the dimensions drop; then a trade across the kernels' path switch
+(:func:`~difftest.shrink._passes.trade_routes_for_experts`: a large-path
+failure held at a thousand routes goes to one token with ``E`` past the
+small-path limit); then the dimensions (EP ranks, experts, slots, block
+size, padding); values last, because there are many of them and they are
+cheapest to judge on a small case.  Rounds repeat until one full round
+accepts nothing.
+
+A pass raises nothing on purpose: what it raises is a bug of the pass, and
+propagates (so does an exception of ``still_fails``).  The only errors
+caught are those a candidate raises when it is not a valid case — a
+:class:`~difftest.errors.CaseError` from its construction or an
+:class:`oracle.OracleError` from the reference (``_surgery.INVALID``) —
+where the candidate is built; such a candidate is never run.
 
 That end state is what *1-minimal* means here: no single step of any pass —
 deleting any one token, request, column or slot, lowering any one size by

@@ -104,6 +104,50 @@ def drop_lora_ids(s: Shrinker) -> None:
     s.delete_chunks(lambda c: c.lora_ids.size, without, "lora_ids entries")
 
 
+def trade_routes_for_experts(s: Shrinker) -> None:
+    """Past the small path by its routes, take it by its experts: a few tokens, ``E = 65``.
+
+    Our kernels leave the small path past :data:`~difftest.classify.SMALL_PATH_MAX_ROUTES`
+    routes or :data:`~difftest.classify.SMALL_PATH_MAX_EXPERTS` experts. A failure
+    of the large path that deletions brought down to about a thousand routes
+    can stop there (fewer routes would take the small path); the same path
+    is reached with one route and one expert past the limit. So keep windows
+    of 1, 2, 4, ... tokens, in order, with every kernel ``E`` raised just
+    past the limit (ids past ``E`` stay past it). The reverse trade, experts
+    for routes, is never simpler: routes come first in the order.
+    """
+    from ..classify import SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_ROUTES, kernel_num_experts
+
+    case = s.current
+    if (case.dialect == "ep-remap" or case.num_routes < SMALL_PATH_MAX_ROUTES
+            or max(kernel_num_experts(case)) > SMALL_PATH_MAX_EXPERTS):
+        return
+    past = SMALL_PATH_MAX_EXPERTS + 1
+    local = case.ep is not None and case.ep.dispatch == "local_ids"
+    num_experts = past * case.ep.ep_size if local else past  # every rank's E past it too
+    width = 1
+    while width * case.topk < case.num_routes:
+        for start in range(0, case.num_tokens, width):
+            keep = np.zeros(case.num_tokens, dtype=bool)
+            keep[start:start + width] = True
+            changes = keep_tokens(case, keep)
+            ids = changes["topk_ids"].astype(np.int64)
+            changes["topk_ids"] = np.where(ids >= case.num_experts,
+                                           ids - case.num_experts + num_experts,
+                                           ids).astype(case.topk_ids.dtype)
+            changes.update(expert_changes(case, num_experts))
+            if case.expert_map is not None and case.ep is None:
+                changes["expert_map"] = np.concatenate(
+                    [case.expert_map, np.full(num_experts - case.num_experts, -1)]
+                ).astype(np.int32)
+            kept = int(keep.sum())
+            if s.consider(s.build(**changes),
+                          f"T {case.num_tokens} -> {kept} (tokens {start}..{start + kept - 1}), "
+                          f"E {case.num_experts} -> {num_experts}"):
+                return
+        width *= 2
+
+
 def lower_ep(s: Shrinker) -> None:
     """EP: fewer ranks (alone, then with ``G`` lowered alongside), fewer ranks run, no EP at
     one rank, linear placement, ``expert_map`` dispatch."""
@@ -363,6 +407,7 @@ PASSES: list[Callable[[Shrinker], None]] = [
     lower_topk,
     drop_slots,
     drop_lora_ids,
+    trade_routes_for_experts,
     lower_ep,
     renumber_experts,
     lower_experts,

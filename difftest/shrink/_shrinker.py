@@ -33,6 +33,10 @@ class ShrinkResult:
     minimal: bool = False
 
 
+SMALL_FIRST = 4
+"""How many of the smallest values a dimension tries before halving (``T = 0, 1, 2, 3``)."""
+
+
 class _BudgetExhausted(Exception):
     """Raised inside a pass when ``max_seconds`` or ``max_calls`` is spent."""
 
@@ -163,35 +167,53 @@ class Shrinker:
 
     def delete_chunks(self, count: Callable[[Case], int],
                       without: Callable[[Case, int, int], Case | None], label: str) -> None:
-        """Delta debugging: delete ``[i, i + size)`` for sizes all, half, quarter, ..., 1.
+        """Delta debugging, with the smallest counts tried early.
 
+        Delete ``[i, i + size)`` for sizes all, half, quarter, ..., 1; right
+        after the halves, keep just the first ``0, 1, ..., SMALL_FIRST - 1``
+        elements (the first that still fails ends that stage), so that a
+        failure that needs a few elements of any kind (``T % 3 == 2``) gets
+        there in a handful of runs, not one deletion at a time; the halves
+        come first because which half still fails says which elements matter.
         ``without(case, start, stop)`` is the case without those elements
         (``None`` if not allowed); ``label`` names the count in the log.
         """
+        def consider_without(start: int, stop: int) -> bool:
+            n = count(self.current)
+            candidate = without(self.current, start, stop)
+            step = f"{label} {n} -> {n - (stop - start)}"
+            if candidate is not None and label != "T":
+                step += _also_changed(self.current, candidate, skip=label)
+            return self.consider(candidate, step)
+
+        level = 0
         size = count(self.current)
         while size >= 1:
             i = 0
             while i < count(self.current):
-                n = count(self.current)
-                stop = min(i + size, n)
-                candidate = without(self.current, i, stop)
-                step = f"{label} {n} -> {n - (stop - i)}"
-                if candidate is not None and label != "T":
-                    step += _also_changed(self.current, candidate, skip=label)
-                if not self.consider(candidate, step):
+                if not consider_without(i, min(i + size, count(self.current))):
                     i += size
+            level += 1
+            if level == 2:  # after all, then halves: the smallest counts
+                for keep in range(SMALL_FIRST):
+                    n = count(self.current)
+                    if keep >= n or consider_without(keep, n):
+                        break
             size //= 2
 
     def descend(self, value: int, floor: int, attempt: Callable[[int], bool]) -> None:
-        """Lower an integer towards ``floor``: the floor first, then bisect down to ``value - 1``.
+        """Lower an integer towards ``floor``: the smallest values first
+        (``floor, floor + 1, ...``, :data:`SMALL_FIRST` of them), then bisect
+        down to ``value - 1``.
 
         ``attempt(v)`` proposes the current case with the integer set to
         ``v``.  The search ends next to a rejected value, so one step down
         from the result has always been tried.
         """
-        if value <= floor or attempt(floor):
-            return
-        rejected, held = floor, value
+        for small in range(floor, min(floor + SMALL_FIRST, value)):
+            if attempt(small):
+                return
+        rejected, held = floor + SMALL_FIRST - 1, value
         while held - rejected > 1:
             middle = (rejected + held) // 2
             if attempt(middle):
