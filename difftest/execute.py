@@ -244,6 +244,13 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     import torch
 
     cuda = str(device).startswith("cuda")
+    if not cuda and len(cases) > 1:
+        # One block for the batch saves copies to a device; the CPU has none to save, so
+        # each case is staged when its turn comes: a worker that dies at one case has
+        # staged no other (the cases after it are run again elsewhere).
+        return [runs for case in cases
+                for runs in run_batch([case], callables, device, repeats, profile=profile,
+                                      on_case=on_case)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     clock = [time.perf_counter()]
 

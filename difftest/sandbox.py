@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import queue
+import resource
 import signal
 import socket
 import subprocess
@@ -59,6 +60,9 @@ CONFIRM_FACTOR = 4.0  # a timeout is re-run once with this many times the budget
 LOAD_TIMEOUT_S = 900.0  # the first load may JIT-build CUDA kernels
 REAP_TIMEOUT_S = 5.0  # a worker that closed its socket has this long to exit
 STDERR_TAIL = 2000
+SOCKET_BUFFER = 4 << 20  # bytes each side of a worker's socket may have in flight
+FORKED_SPARES = 2  # a fork costs milliseconds: two, for crashes that come close together
+SPAWNED_SPARES = 1  # each one holds its own CUDA context
 
 
 @dataclass
@@ -126,6 +130,8 @@ def _worker_main(fd: int) -> None:
     # Ctrl-C reaches the whole process group: the runner handles it (and ends this
     # worker); a worker dying of it would be recorded as a crash of its case.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a crash is the verdict, not a core file: dumping one per crash costs seconds
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     conn = Connection(fd)
     role, impl, device, cuda_device = conn.recv()
     if cuda_device is not None:
@@ -227,7 +233,7 @@ def _zygote_loop(conn: Connection, fd: int, callables: dict[str, Any], device: s
         if msg[0] == "reap":
             conn.send(("reaped", _reap(msg[1])))
             continue
-        ours, theirs = socket.socketpair()
+        ours, theirs = _socket_pair()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -480,8 +486,11 @@ class SandboxRunner:
         self._forks = not str(device).startswith("cuda") and hasattr(os, "fork")
         self._zygote: _Zygote | None = None
         self._worker: _Worker | None = None
-        self._spare: _Worker | None = None
-        self._fork_requested = False  # the spare is a fork the zygote has been asked for
+        # warm spares, oldest first; forked ones are cheap, a CUDA one holds a context
+        self._spares: list[_Worker] = []
+        self._spare_count = FORKED_SPARES if self._forks else SPAWNED_SPARES
+        self._forks_asked = 0  # forks requested from the zygote, not yet among the spares
+        self._started = False  # the first worker is up: any later new one is a cold start
         self._pending: tuple[list[Case], _Worker | None, float] = ([], None, 0.0)
         self.restarts = 0
         self.cold_starts = 0
@@ -494,16 +503,18 @@ class SandboxRunner:
         return worker.pid if worker is not None and worker.alive() else None
 
     def warm_up(self) -> None:
-        """Start the worker and its spare where needed and wait until both are loaded."""
+        """Start the worker and its spares where needed and wait until all are loaded."""
         self._current()
         self._arm()
-        self._spare = self._take_spare()
-        self._spare.wait_ready(self.impl.name, LOAD_TIMEOUT_S)
+        while self._forks_asked:
+            self._receive_fork()
+        for spare in self._spares:
+            spare.wait_ready(self.impl.name, LOAD_TIMEOUT_S)
 
     def _spawn(self, role: str, stderr_path: str) -> tuple[subprocess.Popen, Connection]:
         # A fresh interpreter, not multiprocessing's spawn: that would re-run the
         # user's __main__ module, and a pytest or script caller has no main guard.
-        ours, theirs = socket.socketpair()
+        ours, theirs = _socket_pair()
         boot = (f"import sys; sys.path[:0] = {sys.path!r}; "
                 f"from difftest.sandbox import _worker_main; _worker_main({theirs.fileno()})")
         with open(stderr_path, "ab") as err:
@@ -524,8 +535,8 @@ class SandboxRunner:
             raise
         return zygote
 
-    def _new_worker(self) -> _Worker:
-        """A started worker (loading, or forked and ready)."""
+    def _new_worker(self) -> _Worker | None:
+        """A started worker (loading, or forked and ready); ``None``: the zygote was lost."""
         if not self._forks:
             path = _stderr_file()
             proc, conn = self._spawn("worker", path)
@@ -536,57 +547,60 @@ class SandboxRunner:
     def _request_fork(self) -> None:
         if self._zygote is not None and not self._zygote.alive():
             self._zygote.close()
-            self._zygote = None
+            self._zygote, self._forks_asked = None, 0
         if self._zygote is None:
             self._zygote = self._start_zygote()
         self._zygote.request(_stderr_file())
-        self._fork_requested = True
+        self._forks_asked += 1
+
+    def _receive_fork(self) -> None:
+        """Wait for the oldest fork requested and add it to the spares."""
+        self._forks_asked -= 1
+        try:
+            self._spares.append(self._zygote.take())
+        except (OSError, EOFError, ImplementationError):
+            pass  # the zygote is gone: the next fork starts a new one
 
     def _take_spare(self) -> _Worker | None:
-        """The spare, or the worker of the fork requested for it (``None``: none, or lost)."""
-        spare, self._spare = self._spare, None
-        if self._fork_requested:
-            self._fork_requested = False
-            try:
-                spare = self._zygote.take()
-            except (OSError, EOFError, ImplementationError):
-                return None  # the zygote is gone: the next fork starts a new one
-        return spare
+        """The oldest spare (waiting for a fork requested when there is none yet)."""
+        while not self._spares and self._forks_asked:
+            self._receive_fork()
+        return self._spares.pop(0) if self._spares else None
 
     def _current(self) -> _Worker:
-        """The worker for the next case: the one in use, else the spare, else a new one."""
+        """The worker for the next case: the one in use, else a live spare, else a new one."""
         worker = self._worker
         if worker is not None and not worker.alive():
             worker.kill()
             worker = self._worker = None
-        if worker is None:
+        while worker is None:
             spare = self._take_spare()
             if spare is not None and spare.alive():
                 worker = spare
-            else:
-                if spare is not None:
-                    spare.kill()
-                if self._zygote is not None or spare is not None:
-                    self.cold_starts += 1
-                worker = self._new_worker()
-            try:
-                worker.wait_ready(self.impl.name, LOAD_TIMEOUT_S)
-            except ImplementationError:
-                worker.kill()
-                raise
-            self._worker = worker
+                break
+            if spare is not None:
+                spare.kill()
+                continue
+            self.cold_starts += self._started
+            worker = self._new_worker()
+        try:
+            worker.wait_ready(self.impl.name, LOAD_TIMEOUT_S)
+        except ImplementationError:
+            worker.kill()
+            raise
+        self._worker, self._started = worker, True
         return worker
 
     def _arm(self) -> None:
-        """Start a spare if there is none (a fork is only requested); replace one that died."""
-        if self._spare is not None and not self._spare.alive():
-            self._spare.kill()
-            self._spare = None
-        if self._spare is None and not self._fork_requested:
+        """Top the spares up (a fork is only requested); replace those that died."""
+        for spare in [spare for spare in self._spares if not spare.alive()]:
+            spare.kill()
+            self._spares.remove(spare)
+        while len(self._spares) + self._forks_asked < self._spare_count:
             if self._forks:
                 self._request_fork()
             else:
-                self._spare = self._new_worker()
+                self._spares.append(self._new_worker())
 
     def _lose(self, worker: _Worker) -> None:
         """``worker`` crashed, hung or hit a sticky error: end it; the spare takes over."""
@@ -616,15 +630,31 @@ class SandboxRunner:
         return self._next_outcome(worker, since, timeout_s)[0]
 
     def _send(self, cases: list[Case]) -> tuple[_Worker, float]:
-        """Send ``cases`` to the current worker; a worker found dead on sending is replaced."""
+        """Send ``cases`` to the current worker; a worker found dead on sending is replaced.
+
+        On CUDA the batch is one message (one staged block, one copy to the
+        device); elsewhere it goes in messages of 1, 2, 4, ... cases, so that
+        the worker starts on the first case while the rest are on their way,
+        and the runner seldom waits for room in the socket (a worker that
+        dies meanwhile is found by :meth:`collect`, at its case).
+        """
+        messages, start, size = [], 0, 1
+        while start < len(cases):
+            stop = start + size if self._forks else len(cases)
+            messages.append(cases[start:stop])
+            start, size = stop, 2 * size
         while True:
             worker = self._current()
             worker.clear_stderr()
             since = time.perf_counter()
-            if worker.send((cases, self.repeats)):
-                self._arm()  # while the worker runs the cases
-                return worker, since
+            if worker.send((messages[0], self.repeats)):
+                break
             self._lose(worker)
+        self._arm()  # while the worker runs the cases
+        for message in messages[1:]:
+            if not worker.send((message, self.repeats)):
+                break
+        return worker, since
 
     def _next_outcome(self, worker: _Worker, since: float, timeout_s: float
                       ) -> tuple[Outcome, float]:
@@ -681,11 +711,13 @@ class SandboxRunner:
         return outcomes
 
     def close(self) -> None:
-        """End every process: the worker, the spare and the zygote."""
-        for worker in (self._worker, self._take_spare()):
+        """End every process: the worker, the spares and the zygote."""
+        while self._forks_asked:
+            self._receive_fork()
+        for worker in [self._worker, *self._spares]:
             if worker is not None:
                 worker.close()
-        self._worker = self._spare = None
+        self._worker, self._spares = None, []
         if self._zygote is not None:
             self._zygote.close()
             self._zygote = None
@@ -695,6 +727,15 @@ class SandboxRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair with room for a batch in flight, so that neither side waits
+    for the other to read (the kernel caps the size at its ``wmem_max``)."""
+    pair = socket.socketpair()
+    for end in pair:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    return pair
 
 
 _NO_ANSWER, _GONE = "no answer", "gone"  # instead of a worker's first message

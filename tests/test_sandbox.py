@@ -37,7 +37,7 @@ def test_segfault_is_a_crash_and_the_warm_spare_takes_the_next_case(forks):
         assert _verdict(runner, impl, _vllm_case(3)).verdict == "pass"
         first_pid = runner.worker_pid
         runner.warm_up()
-        spare_pid = runner._spare.pid
+        spare_pid = runner._spares[0].pid
         crashed = _verdict(runner, impl, _vllm_case(0))
         assert crashed.verdict == "crash"
         assert "SIGSEGV" in crashed.detail
@@ -45,7 +45,8 @@ def test_segfault_is_a_crash_and_the_warm_spare_takes_the_next_case(forks):
         assert after.verdict == "pass"
         assert runner.worker_pid == spare_pid != first_pid
         assert (runner.restarts, runner.cold_starts) == (1, 0)
-        assert runner._spare is not None or runner._fork_requested  # re-armed
+        runner.warm_up()
+        assert len(runner._spares) == runner._spare_count  # re-armed
 
 
 def _gone(pid: int) -> bool:
@@ -60,7 +61,9 @@ def test_close_ends_the_worker_the_spare_and_the_zygote():
     impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
     with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
         runner.warm_up()
-        pids = [runner.worker_pid, runner._spare.pid, runner._zygote.proc.pid]
+        pids = [runner.worker_pid, *(spare.pid for spare in runner._spares),
+                runner._zygote.proc.pid]
+        assert len(pids) == 4  # the worker, two forked spares, the zygote
         assert not any(_gone(pid) for pid in pids)
     assert all(_gone(pid) for pid in pids)
 
@@ -69,14 +72,16 @@ def test_a_spare_that_died_is_replaced_before_it_is_needed():
     impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
     with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
         runner.warm_up()
-        dead = runner._spare.pid
-        os.kill(dead, signal.SIGKILL)
+        dead = [spare.pid for spare in runner._spares]
+        for pid in dead:
+            os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while runner._spare.alive() and time.monotonic() < deadline:
+        while any(s.alive() for s in runner._spares) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert _verdict(runner, impl, _vllm_case(3)).verdict == "pass"
         runner.warm_up()
-        assert runner._spare.pid != dead and runner._spare.alive()
+        assert len(runner._spares) == 2
+        assert all(s.pid not in dead and s.alive() for s in runner._spares)
         assert _verdict(runner, impl, _vllm_case(0)).verdict == "crash"
         assert _verdict(runner, impl, _vllm_case(2)).verdict == "pass"
         assert (runner.restarts, runner.cold_starts) == (1, 0)
