@@ -12,23 +12,29 @@ error (illegal address) also ends the worker, after it has reported the case
 as a ``crash``.
 
 A crash costs the lost case, not a start-up: next to the worker in use the
-runner keeps a *spare*, started as soon as the worker is up and loaded in the
-background, and re-armed each time it takes over. On CUDA a worker is a fresh
-interpreter (its own CUDA context, created while it is the spare); elsewhere
-workers are forked from a *zygote*, one spawned interpreter that has loaded
-the implementation and never runs a case, so a spare costs a ``fork``.
-``restarts`` counts the workers lost (crash, hang, sticky error) and replaced;
-``cold_starts`` the replacements that found no live spare and had to be
-started on the spot.
+runner keeps warm *spares*, started as soon as the worker is up, loaded in
+the background and topped up each time one takes over (a spare that died is
+replaced). On CUDA a worker is a fresh interpreter (its own CUDA context,
+created while it is the spare; one spare). Elsewhere workers are forked from
+a *zygote*, one spawned interpreter that has loaded the implementation and
+called it once on the smallest case of each dialect (after a forked probe
+showed that call returns), and never runs a case; a spare then costs a
+``fork`` and two are kept. ``restarts`` counts the workers lost (crash, hang,
+sticky error) and replaced; ``cold_starts`` the replacements that found no
+live spare and were started on the spot. Workers never write core files.
 
 Campaigns send cases in batches (:meth:`SandboxRunner.submit`, then
-:meth:`~SandboxRunner.collect`): one message and one staged copy to the
-device for the batch, and the runner compares the previous batch while the
-worker runs the next. The worker streams each case's runs back as soon as the
+:meth:`~SandboxRunner.collect`), and the runner compares the previous batch
+while the worker runs the next. On CUDA a batch is one message and one staged
+copy to the device; on the CPU it goes in messages of 1, 2, 4, ... cases,
+and each case is staged when its turn comes, so a fresh worker starts on the
+first case at once. The worker streams each case's runs back as soon as the
 case is done (a thread of the runner reads them, so the worker never waits
 for the runner), so when it dies or hangs the case it was running is known:
 :meth:`~SandboxRunner.collect` returns the outcomes up to and including that
-one, and the caller submits the rest again, which the spare runs at once.
+one (a hang confirmed first), and the caller submits the rest again, which a
+spare runs at once. Each case has ``timeout_s`` from the end of the one
+before it.
 
 :class:`InProcessRunner` has the same interface without the isolation, for
 tests and for implementations known to be well behaved.
