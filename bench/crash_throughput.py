@@ -2,23 +2,23 @@
 
 A kernel under development crashes a lot, and every crash kills its sandbox
 worker. This measures what a crash costs a campaign: decode-sized production
-``vllm-lora`` cases (``_common.make_case``: K=8 of E=64, B=16, L=8) go
+``vllm-lora`` cases (``_common.make_case``: T=32, K=8 of E=64, B=16, L=8) go
 through a warm ``SandboxRunner`` and ``Campaign.dispatch``, batched and
-pipelined as ``Campaign.generate`` runs them, for a kernel that is correct
-except that it crashes on every case of 31 tokens. The bench
-plants those: a share (``--rates``, default 20 %, 5 % and 0 %) of the cases
-has T=31, the rest T=32. On the CPU the crash is a segfault (a NULL read
-through ``ctypes``); on CUDA an illegal address (a one-line kernel that reads
-address 16, compiled at run time by torch's jiterator).
+pipelined as ``Campaign.generate`` runs them, and a share of them (``--rates``,
+default 20 %, 5 % and 0 %) is planted crashes. On the CPU the implementation is
+the torch one except that it segfaults (a NULL read through ``ctypes``) on a
+case of 31 tokens, and a planted case has 31. On CUDA it is
+``cuda:no-slot-upper-guard``, and a planted case lists slot ``2**28`` in
+``lora_ids``: the kernel writes that row, an illegal address.
 
 Every case's verdict is checked (a planted case must be a ``crash``, every
 other one a ``pass``); a wrong one ends the bench with exit 1. The table
-gives cases/s for each rate, its share of the 0 % rate, and the worker
-restarts (one per crash) and cold starts (a replacement started when no
-warm spare was ready). Worker start-up before the first case is not timed.
+gives cases/s for each rate, its share of the 0 % rate, the worker restarts
+(one per crash) and the cold starts (a replacement started when no warm spare
+was ready). Worker start-up before the first case is not timed.
 
-    python3 bench/crash_throughput.py                  # CPU, the torch implementation
-    python3 bench/crash_throughput.py --device cuda    # the CUDA implementation
+    python3 bench/crash_throughput.py                  # CPU
+    python3 bench/crash_throughput.py --device cuda    # H200
 
 Prints one table and writes ``bench/results/crash_throughput.csv``.
 """
@@ -34,51 +34,35 @@ import numpy as np
 from _common import (base_parser, campaign_batch, check_device, ensure_worker, fmt_rate,
                      make_case, print_table, write_csv)
 
-TOKENS, CRASH_TOKENS = 32, 31  # a planted crash is a case of CRASH_TOKENS tokens
-IMPL = "py:crash_throughput:crashes_on_31_tokens"
+TOKENS, CRASH_TOKENS = 32, 31  # on the CPU a planted crash is a case of CRASH_TOKENS tokens
+WILD_SLOT = 1 << 28  # on CUDA, a lora_ids entry that far past L
+IMPL = {"cpu": "py:crash_throughput:crashes_on_31_tokens", "cuda": "cuda:no-slot-upper-guard"}
 
 
-def crashes_on_31_tokens(topk_ids, token_lora_mapping, num_experts, block_size,
-                                max_loras, max_num_tokens_padded, max_num_m_blocks,
-                                sorted_token_ids, expert_ids, num_tokens_post_pad,
-                                adapter_enabled, lora_ids, expert_map=None):
-    """The correct implementation of the device, except that T = 31 kills the process."""
+def crashes_on_31_tokens(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                         max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                         num_tokens_post_pad, adapter_enabled, lora_ids, expert_map=None):
+    """The correct torch implementation, except that T = 31 kills the process (SIGSEGV)."""
+    from cuda_impl import torch_impl
+
     if topk_ids.shape[0] == CRASH_TOKENS:
-        if topk_ids.is_cuda:
-            _illegal_read(topk_ids)
-        else:
-            ctypes.string_at(0)
-    _correct(topk_ids.device)["vllm-lora"](
+        ctypes.string_at(0)
+    torch_impl.implementation()["vllm-lora"](
         topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
         max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
         num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
 
 
-_CORRECT: dict[str, dict] = {}
+def planted_crash(rng: np.random.Generator, device: str, seed: int):
+    """A case the implementation of ``device`` crashes on."""
+    import oracle
 
-
-def _correct(device) -> dict:
-    kind = "cuda" if device.type == "cuda" else "torch"
-    if kind not in _CORRECT:
-        if kind == "cuda":
-            from cuda_impl import cuda
-
-            _CORRECT[kind] = cuda.implementation()
-        else:
-            from cuda_impl import torch_impl
-
-            _CORRECT[kind] = torch_impl.implementation()
-    return _CORRECT[kind]
-
-
-def _illegal_read(tensor) -> None:
-    """A sticky ``cudaErrorIllegalAddress``: an elementwise kernel that loads address 16."""
-    import torch
-
-    read = torch.cuda.jiterator._create_jit_fn(
-        "template <typename T> T illegal_read(T x) { return x + *((volatile T*)16); }")
-    read(tensor.float())
-    torch.cuda.synchronize()
+    if device == "cpu":
+        return make_case(rng, CRASH_TOKENS, seed=seed)
+    case = make_case(rng, TOKENS, seed=seed)  # the faulty kernel writes row WILD_SLOT
+    lora_ids = oracle.active_lora_ids(case.token_lora_mapping, case.max_loras)
+    lora_ids[-1] = WILD_SLOT
+    return case.replace(contract="defensive", lora_ids=lora_ids)
 
 
 def measure(impl, device: str, rate: float, count: int, seed: int) -> dict:
@@ -88,7 +72,8 @@ def measure(impl, device: str, rate: float, count: int, seed: int) -> dict:
 
     rng = np.random.default_rng(seed)
     crash = rng.random(count) < rate
-    cases = [make_case(rng, CRASH_TOKENS if c else TOKENS, seed=i) for i, c in enumerate(crash)]
+    cases = [planted_crash(rng, device, i) if c else make_case(rng, TOKENS, seed=i)
+             for i, c in enumerate(crash)]
     warm = [make_case(rng, TOKENS) for _ in range(campaign_batch(TOKENS))]
     batch = campaign_batch(TOKENS)
     with SandboxRunner(impl, device, timeout_s=120.0) as runner, \
@@ -135,7 +120,7 @@ def main() -> None:
     if not rates or not all(0 <= r <= 1 for r in rates):
         parser.error(f"--rates {ns.rates!r}: each rate must be between 0 and 100")
     count = ns.count or (120 if ns.quick else 600)
-    impl = registry.resolve(IMPL, "vllm-lora")
+    impl = registry.resolve(IMPL[ns.device], "vllm-lora")
     results = [measure(impl, ns.device, rate, count, ns.seed + i) for i, rate in enumerate(rates)]
     clean = next((r["cases_per_s"] for r in results if r["rate"] == 0), None)
     rows, csv_rows = [], []
@@ -149,9 +134,10 @@ def main() -> None:
     print_table(f"cases/s of a kernel that crashes on a share of its cases, on {ns.device}",
                 ["crash rate", "cases", "crashes", "seconds", "cases/s", "of 0 %",
                  "restarts", "cold starts"], rows,
-                [f"T={TOKENS} production vllm-lora cases (planted crashes T={CRASH_TOKENS}), "
-                 f"batches of {campaign_batch(TOKENS)} through Campaign.dispatch; "
-                 f"csv: {path}"])
+                [f"T={TOKENS} production vllm-lora cases, impl={IMPL[ns.device]} (planted "
+                 + (f"crashes T={CRASH_TOKENS}" if ns.device == "cpu" else
+                    f"crashes lora_ids[L] = {WILD_SLOT}") + "), "
+                 f"batches of {campaign_batch(TOKENS)} through Campaign.dispatch; csv: {path}"])
 
 
 if __name__ == "__main__":
