@@ -167,3 +167,17 @@ def test_a_batch_that_hangs_pins_the_timeout_on_its_case():
                     for c, o in zip(cases, runner.collect())]
         assert verdicts == ["pass", "timeout"]
         assert runner.restarts == 1
+
+
+def test_the_smallest_case_of_every_dialect_is_production_and_the_oracle_takes_it():
+    # the zygote warms up on these: they must be well formed and exercise nothing
+    from difftest.case import DIALECTS
+    from difftest.classify import contract_of
+    from difftest.dialects import DIALECT_INFO, smallest_case
+
+    for dialect in DIALECTS:
+        case = smallest_case(dialect)
+        assert case.dialect == dialect and contract_of(case) == "production"
+        assert (case.num_tokens, case.topk) == (1, 1)
+        for rank in case.ranks():
+            DIALECT_INFO[dialect].reference(case, rank)
