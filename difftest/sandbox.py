@@ -55,7 +55,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .case import Case
 from .errors import ImplementationError
@@ -162,10 +162,8 @@ def _worker_main(fd: int) -> None:
         _serve(conn, callables, device)
 
 
-def _serve(conn: Connection, callables: dict[str, Any], device: str) -> None:
-    """Run batches until told to stop, sending each case's runs as soon as it is done."""
-    from .execute import run_batch
-
+def _messages(conn: Connection) -> Iterator[Any]:
+    """The messages on ``conn`` until it closes or says stop (``None``)."""
     while True:
         try:
             msg = conn.recv()
@@ -173,7 +171,14 @@ def _serve(conn: Connection, callables: dict[str, Any], device: str) -> None:
             return
         if msg is None:
             return
-        cases, repeats = msg
+        yield msg
+
+
+def _serve(conn: Connection, callables: dict[str, Any], device: str) -> None:
+    """Run batches until told to stop, sending each case's runs as soon as it is done."""
+    from .execute import run_batch
+
+    for cases, repeats in _messages(conn):
         runs = run_batch(cases, callables, device, repeats,
                          on_case=lambda one: conn.send(("case", one)))
         if runs and _fatal(runs[-1]):
@@ -229,13 +234,7 @@ def _zygote_loop(conn: Connection, fd: int, callables: dict[str, Any], device: s
     from .execute import run_batch
 
     control = socket.socket(fileno=os.dup(fd))
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        if msg is None:
-            return
+    for msg in _messages(conn):
         if msg[0] == "reap":
             conn.send(("reaped", (msg[1], _reap(msg[1]))))
             continue
