@@ -93,32 +93,17 @@ def make_case(rng: np.random.Generator, num_tokens: int, *, topk: int = TOPK,
     return case.replace(contract=contract_of(case), edge_classes=edge_classes_of(case))
 
 
-def warmup_case(dialect: str):
-    """The smallest well-formed case of ``dialect`` (starts a worker, loads the impl)."""
-    from difftest.case import Case, EPGroup
-
-    ids = np.zeros((1, 1), dtype=np.int32)
-    if dialect == "align":
-        return Case("align", "production", ids, 1, 1)
-    if dialect == "vllm-lora":
-        return Case("vllm-lora", "production", ids, 1, 1, max_loras=1,
-                    token_lora_mapping=np.zeros(1, np.int32))
-    if dialect == "sglang-lora":
-        return Case("sglang-lora", "production", ids, 1, 1, max_loras=1,
-                    seg_indptr=np.array([0, 1], np.int32), req_to_lora=np.zeros(1, np.int32))
-    return Case("ep-remap", "production", ids, 2, 1, ep=EPGroup(2, 2))
-
-
 def ensure_worker(runner: Any, dialect: str) -> float:
     """Make sure ``runner``'s sandbox worker is up (start-up kept out of timings).
 
     Returns the seconds spent (0.0 when a worker was already running).
     """
-    proc = getattr(runner, "_proc", None)
-    if proc is not None and proc.poll() is None:
+    if getattr(runner, "worker_pid", None) is not None:
         return 0.0
+    from difftest.dialects import smallest_case
+
     start = time.perf_counter()
-    runner.run(warmup_case(dialect))
+    runner.run(smallest_case(dialect))
     return time.perf_counter() - start
 
 
@@ -178,7 +163,7 @@ def end_to_end(impl: Any, device: str, num_tokens: int, count: int, seed: int,
         runner.close()
     return {"mean_s": wall / count, "cases_per_s": count / wall, "verdicts": verdicts,
             "worker_startup_s": startup, "count": count, "batch": batch,
-            "fallbacks": getattr(runner, "fallbacks", 0)}
+            "restarts": getattr(runner, "restarts", 0)}
 
 
 # -- timing ---------------------------------------------------------------------------

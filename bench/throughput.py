@@ -190,7 +190,7 @@ def main() -> None:
             {**base, "row": "end-to-end batched", "ms_per_case": e2e["mean_s"] * 1e3,
              "cases_per_s": e2e["cases_per_s"], "verdicts": e2e["verdicts"],
              "worker_startup_s": e2e["worker_startup_s"], "batch": e2e["batch"],
-             "fallbacks": e2e["fallbacks"]},
+             "restarts": e2e["restarts"]},
             {**base, "row": "end-to-end unbatched", "ms_per_case": e2e1["mean_s"] * 1e3,
              "cases_per_s": e2e1["cases_per_s"], "verdicts": e2e1["verdicts"],
              "count": e2e1["count"], "batch": 1},

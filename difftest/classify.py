@@ -88,6 +88,7 @@ __all__ = [
     "contract_of",
     "defensive_reasons",
     "edge_classes_of",
+    "kernel_num_experts",
 ]
 
 #: Our CUDA kernels take a shared-memory path up to this many routes ...
@@ -117,7 +118,7 @@ def edge_classes_of(case: Case) -> tuple[str, ...]:
     valid_ids = flat if all_valid else flat[(flat >= 0) & (flat < num_experts)]
     counts = np.bincount(valid_ids, minlength=num_experts)  # routes per expert
     experts_used = int(np.count_nonzero(counts))
-    kernel_experts = _kernel_num_experts(case)
+    kernel_experts = kernel_num_experts(case)
     found: list[str] = []
 
     if case.num_tokens == 0:
@@ -405,7 +406,7 @@ def _rank_num_experts(case: Case) -> tuple[int, ...]:
     return tuple(counts[r] for r in ep.ranks)
 
 
-def _kernel_num_experts(case: Case) -> tuple[int, ...]:
+def kernel_num_experts(case: Case) -> tuple[int, ...]:
     """The ``num_experts`` each rank's kernel receives: ``E``, or ``E + 1`` buckets for
     a dialect whose ``-1`` routes form a segment of their own (sglang-align)."""
     extra = int(DIALECT_INFO[case.dialect].sentinel_segment)

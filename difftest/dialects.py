@@ -21,6 +21,7 @@ import oracle
 import oracle.ep
 
 from .case import Case, rank_inputs
+from .errors import CaseError
 
 SENTINEL = -559038737  # 0xDEADBEEF as int32: every output is pre-filled with it ("never written")
 
@@ -396,3 +397,22 @@ DIALECT_INFO: dict[str, DialectInfo] = {
             sentinel_segment=True),
     )
 }
+
+
+def smallest_case(dialect: str) -> Case:
+    """The smallest well-formed production case of ``dialect``: one token, one route to
+    expert 0, ``B = 1`` (warms up a worker without exercising anything)."""
+    from .case import EPGroup
+
+    ids = np.zeros((1, 1), dtype=np.int32)
+    if dialect in ("align", "sglang-align"):
+        return Case(dialect, "production", ids, 1, 1)
+    if dialect == "vllm-lora":
+        return Case("vllm-lora", "production", ids, 1, 1, max_loras=1,
+                    token_lora_mapping=np.zeros(1, np.int32))
+    if dialect == "sglang-lora":
+        return Case("sglang-lora", "production", ids, 1, 1, max_loras=1,
+                    seg_indptr=np.array([0, 1], np.int32), req_to_lora=np.zeros(1, np.int32))
+    if dialect == "ep-remap":
+        return Case("ep-remap", "production", ids, 2, 1, ep=EPGroup(2, 2))
+    raise CaseError(f"dialect={dialect!r}: must be one of {tuple(DIALECT_INFO)}")

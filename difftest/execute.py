@@ -376,7 +376,9 @@ class _Call:
 
 def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], device: str,
               repeats: int = 1, *, profile: dict[str, float] | None = None,
-              attribute: bool | None = None) -> list[list[list[RankRun]]]:
+              attribute: bool | None = None,
+              on_case: Callable[[list[list[RankRun]]], None] | None = None
+              ) -> list[list[list[RankRun]]]:
     """Every rank of every case, ``repeats`` times: ``runs[case][repeat][rank]``.
 
     The calls run in order; each case is synchronised, and each rank of a
@@ -390,11 +392,21 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     and pins a change on the case that just ran (:class:`_Attribution`).
     ``profile``, when given, gets the seconds of each step added to it
     (``set-up``, ``transfer``, ``kernel``, ``inspection``; the attribution check
-    is part of the inspection).
+    is part of the inspection). ``on_case``, when given, gets each case's runs
+    as soon as they are read back, before the next case starts (a sandbox
+    worker streams them to its runner).
     """
     import torch
 
     cuda = str(device).startswith("cuda")
+    if not cuda and len(cases) > 1 and not attribute:
+        # One block for the batch saves copies to a device; the CPU has none to save, so
+        # each case is staged when its turn comes: a worker that dies at one case has
+        # staged no other (the cases after it are run again elsewhere). Attribution,
+        # asked for on the CPU, needs the batch in one block, as on CUDA.
+        return [runs for case in cases
+                for runs in run_batch([case], callables, device, repeats, profile=profile,
+                                      on_case=on_case)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     pending = _pending_cuda_errors() if cuda else None
     clock = [time.perf_counter()]
@@ -512,6 +524,8 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
         for call in done:
             by_repeat.setdefault(call.repeat, []).append(call.run)
         runs.append(list(by_repeat.values()))
+        if on_case is not None:
+            on_case(runs[-1])
         if any(call.run.fatal for call in done):
             break  # the context is unusable: nothing run after this means anything
     return runs

@@ -3,24 +3,38 @@
 The bugs this project hunts do not fail politely: an illegal memory access
 poisons the CUDA context, a bad index segfaults, an off-by-one hangs. So the
 runner (the parent) never runs an implementation and never initialises CUDA;
-a worker process (``spawn``ed, so it owns its CUDA context) loads the
-implementation once and then runs case after case. A worker that dies gives
-its case the verdict ``crash`` (signal or exit code, and the tail of its
-stderr); one that does not answer within ``timeout_s`` is killed and gives
-``timeout``. Either way the next case gets a fresh worker, and nothing
-already recorded is lost. A sticky CUDA error (illegal address) also ends the
-worker, after it has reported the case as a ``crash``.
+a worker process loads the implementation once and then runs case after
+case. A worker that dies gives the case it was running the verdict ``crash``
+(signal or exit code, and the tail of its stderr); one that does not answer
+within ``timeout_s`` is killed and gives ``timeout``, confirmed once on a
+fresh worker with :data:`CONFIRM_FACTOR` times the budget. A sticky CUDA
+error (illegal address) also ends the worker, after it has reported the case
+as a ``crash``.
+
+A crash costs the lost case, not a start-up: next to the worker in use the
+runner keeps warm *spares*, started as soon as the worker is up, loaded in
+the background and topped up each time one takes over (a spare that died is
+replaced). On CUDA a worker is a fresh interpreter (its own CUDA context,
+created while it is the spare; one spare). Elsewhere workers are forked from
+a *zygote*, one spawned interpreter that has loaded the implementation and
+called it once on the smallest case of each dialect (after a forked probe
+showed that call returns), and never runs a case; a spare then costs a
+``fork`` and two are kept. ``restarts`` counts the workers lost (crash, hang,
+sticky error) and replaced; ``cold_starts`` the replacements that found no
+live spare and were started on the spot. Workers never write core files.
 
 Campaigns send cases in batches (:meth:`SandboxRunner.submit`, then
-:meth:`~SandboxRunner.collect`): one message and one staged copy to the
-device for the batch, and the runner compares the previous batch while the
-worker runs the next. A sticky device error stops a batch at the case that
-caused it (every case is synchronised): the worker reports the cases up to
-that one and exits, and :meth:`~SandboxRunner.collect` returns just those, so
-the crash is recorded before any restart; the caller submits the rest again.
-A batch whose worker dies or hangs without reporting gives no verdicts: its
-cases are run again one by one, each in the isolation described above, so
-the crash or hang is pinned on the case that caused it.
+:meth:`~SandboxRunner.collect`), and the runner compares the previous batch
+while the worker runs the next. On CUDA a batch is one message and one staged
+copy to the device; on the CPU it goes in messages of 1, 2, 4, ... cases,
+and each case is staged when its turn comes, so a fresh worker starts on the
+first case at once. The worker streams each case's runs back as soon as the
+case is done (a thread of the runner reads them, so the worker never waits
+for the runner), so when it dies or hangs the case it was running is known:
+:meth:`~SandboxRunner.collect` returns the outcomes up to and including that
+one (a hang confirmed first), and the caller submits the rest again, which a
+spare runs at once. Each case has ``timeout_s`` from the end of the one
+before it.
 
 :class:`InProcessRunner` has the same interface without the isolation, for
 tests and for implementations known to be well behaved.
@@ -29,14 +43,19 @@ tests and for implementations known to be well behaved.
 from __future__ import annotations
 
 import os
+import queue
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Iterator
 
 from .case import Case
 from .errors import ImplementationError
@@ -45,7 +64,11 @@ from .registry import Implementation
 DEFAULT_TIMEOUT_S = 10.0
 CONFIRM_FACTOR = 4.0  # a timeout is re-run once with this many times the budget
 LOAD_TIMEOUT_S = 900.0  # the first load may JIT-build CUDA kernels
+REAP_TIMEOUT_S = 5.0  # a worker that closed its socket has this long to exit
 STDERR_TAIL = 2000
+SOCKET_BUFFER = 4 << 20  # bytes each side of a worker's socket may have in flight
+FORKED_SPARES = 2  # a fork costs milliseconds: two, for crashes that come close together
+SPAWNED_SPARES = 1  # each one holds its own CUDA context
 
 
 @dataclass
@@ -105,50 +128,187 @@ class InProcessRunner:
         self.close()
 
 
-def _worker_main() -> None:
-    """Entry of a worker process (started by :meth:`SandboxRunner._start`).
+# -- the worker side ------------------------------------------------------------
+def _worker_main(fd: int) -> None:
+    """Entry of a spawned interpreter (a worker or a zygote, :meth:`SandboxRunner._spawn`).
 
-    The protocol runs over the stdin/stdout pipes the parent made; file
-    descriptor 1 is then pointed at the stderr file so that anything the
+    ``fd`` is its end of a socket pair with the runner, which carries the
+    protocol; stdout and stderr go to a file, so that anything the
     implementation prints cannot corrupt it.
     """
-    from multiprocessing.connection import Connection
-
     # Ctrl-C reaches the whole process group: the runner handles it (and ends this
     # worker); a worker dying of it would be recorded as a crash of its case.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    proto_out = os.dup(1)
-    os.dup2(2, 1)
-    inbox, outbox = Connection(os.dup(0), writable=False), Connection(proto_out, readable=False)
-    impl, device, cuda_device = inbox.recv()
+    # a crash is the verdict, not a core file: dumping one per crash costs seconds
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    conn = Connection(fd)
+    role, impl, device, cuda_device = conn.recv()
     if cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_device)
     try:
         callables = impl.load()
-        if device.startswith("cuda"):
-            import torch
+        import torch  # every batch needs it: loaded once here, before any fork
 
+        from . import execute  # noqa: F401
+
+        if device.startswith("cuda"):
             torch.cuda.init()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent verbatim
         detail = str(exc) if isinstance(exc, ImplementationError) else traceback.format_exc()
-        outbox.send(("load_error", detail))
+        conn.send(("load_error", detail))
         return
-    outbox.send(("ready", os.getpid()))
-    from .execute import run_batch
+    conn.send(("ready", os.getpid()))
+    if role == "zygote":
+        warm = _warm_up(impl, callables, device)
+        _zygote_loop(conn, fd, callables, device, warm)
+    else:
+        _serve(conn, callables, device)
 
+
+def _messages(conn: Connection) -> Iterator[Any]:
+    """The messages on ``conn`` until it closes or says stop (``None``)."""
     while True:
         try:
-            msg = inbox.recv()
+            msg = conn.recv()
         except EOFError:
             return
         if msg is None:
             return
-        cases, repeats = msg
-        runs = run_batch(cases, callables, device, repeats)
-        outbox.send(("ok", runs))
-        if _fatal(runs[-1] if runs else []):
+        yield msg
+
+
+def _serve(conn: Connection, callables: dict[str, Any], device: str) -> None:
+    """Run batches until told to stop, sending each case's runs as soon as it is done."""
+    from .execute import run_batch
+
+    for cases, repeats in _messages(conn):
+        runs = run_batch(cases, callables, device, repeats,
+                         on_case=lambda one: conn.send(("case", one)))
+        if runs and _fatal(runs[-1]):
             # the CUDA context is poisoned: nothing this process runs next means anything
             os._exit(3)
+
+
+def _warm_up(impl: Implementation, callables: dict[str, Any], device: str) -> list[Case]:
+    """Call the implementation once on the smallest case of each of its dialects, here in
+    the zygote, so that every forked worker starts with the lazy set-up of the first
+    call (torch's and the implementation's) done, and freeze what there is for the
+    garbage collector (fewer copied pages per fork). A forked probe makes the calls
+    first: a kernel that crashes or hangs even there stays cold, and the zygote alive.
+    Returns the cases it ran (none when the probe did not come back).
+    """
+    import gc
+
+    from .dialects import smallest_case
+    from .execute import run_batch
+
+    cases = [smallest_case(dialect) for dialect in impl.dialects]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the probe
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        try:
+            run_batch(cases, callables, device)
+        finally:
+            os._exit(0)
+    if _reap(pid) != 0:
+        return []
+    run_batch(cases, callables, device)
+    gc.freeze()
+    return cases
+
+
+def _zygote_loop(conn: Connection, fd: int, callables: dict[str, Any], device: str,
+                 warm: list[Case]) -> None:
+    """Fork a worker per ``("fork", stderr_path)``; reap one per ``("reap", pid)``.
+
+    A forked worker gets a new socket pair: its end stays in the child, the
+    other goes to the runner over ``fd`` (``SCM_RIGHTS``), so the runner talks
+    to the worker directly. Before it says ``ready`` it runs the ``warm`` cases
+    once more (a spare does that while the worker in use runs: the pages its
+    first call touches are its own by the time it takes over). The zygote
+    itself never runs a case.
+    """
+    from multiprocessing.reduction import sendfds
+
+    from .execute import run_batch
+
+    control = socket.socket(fileno=os.dup(fd))
+    for msg in _messages(conn):
+        if msg[0] == "reap":
+            conn.send(("reaped", (msg[1], _reap(msg[1]))))
+            continue
+        ours, theirs = _socket_pair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                conn.close()
+                control.close()
+                ours.close()
+                err = os.open(msg[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                os.dup2(err, 1)
+                os.dup2(err, 2)
+                os.close(err)
+                child = Connection(theirs.detach())
+                if warm:
+                    run_batch(warm, callables, device)
+                child.send(("ready", os.getpid()))
+                _serve(child, callables, device)
+            except BaseException:  # noqa: BLE001 - a forked child must not return
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+        conn.send(("forked", pid))
+        sendfds(control, [ours.fileno()])
+        ours.close()
+
+
+def _reap(pid: int) -> int | None:
+    """The exit code of the zygote's child ``pid`` (negative: the signal), waiting for it
+    at most :data:`REAP_TIMEOUT_S` before killing it."""
+    deadline = time.monotonic() + REAP_TIMEOUT_S
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.002)
+
+
+def _zombie_exit_code(pid: int) -> int | None:
+    """The exit code (negative: the signal) of a process that has died and not been
+    reaped yet, from ``/proc/<pid>/stat`` (Linux); ``None`` when that cannot be told.
+
+    A forked worker is the zygote's child, and asking the zygote costs a round
+    trip on the path of every crash; its zombie already shows the status.
+    """
+    deadline = time.monotonic() + 0.05  # the socket closes just before the zombie shows
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        if fields[0] == "Z" and len(fields) >= 50:
+            return os.waitstatus_to_exitcode(int(fields[49]))  # field 52: exit_code
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.001)
 
 
 def _fatal(runs: list[list[Any]]) -> bool:
@@ -156,8 +316,200 @@ def _fatal(runs: list[list[Any]]) -> bool:
     return any(r.fatal for repeat in runs for r in repeat)
 
 
+# -- the runner side ----------------------------------------------------------------
+class _Worker:
+    """One worker as the runner sees it: its socket, a thread reading it, its stderr file.
+
+    The thread puts every message on ``inbox`` as ``(arrival time, message)``,
+    and ``None`` once the socket is closed (the worker died or exited).
+    """
+
+    def __init__(self, pid: int, conn: Connection, stderr_path: str, *,
+                 proc: subprocess.Popen | None = None, zygote: _Zygote | None = None) -> None:
+        self.pid, self.conn, self.stderr_path = pid, conn, stderr_path
+        self.proc, self.zygote = proc, zygote
+        self.ready = False
+        self._reaped = False  # a forked worker's exit status was collected by its zygote
+        self.inbox: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name=f"difftest-worker-{pid}")
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                self.inbox.put(None)
+                return
+            self.inbox.put((time.perf_counter(), msg))
+
+    def alive(self) -> bool:
+        return self._reader.is_alive() and (self.proc is None or self.proc.poll() is None)
+
+    def wait_ready(self, impl: str, timeout_s: float) -> None:
+        """Wait for the worker's ``ready``; :class:`ImplementationError` when it cannot load."""
+        if self.ready:
+            return
+        try:
+            got = self.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            got = _NO_ANSWER
+        _check_loaded(impl, _GONE if got is None else got if got is _NO_ANSWER else got[1],
+                      timeout_s, lambda: f"{self.exit_text()}); stderr: {self.tail()}")
+        self.ready = True
+
+    def send(self, obj: Any) -> bool:
+        """Send ``obj``; ``False`` when the worker is gone."""
+        try:
+            self.conn.send(obj)
+            return True
+        except OSError:
+            return False
+
+    def exit_text(self) -> str:
+        """How the worker ended (it has closed its socket; waits for it to exit)."""
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(REAP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                code = None
+        else:
+            code = _zombie_exit_code(self.pid)
+            if code is None:
+                code = self.zygote.reap(self.pid)
+            else:  # known already: the zygote reaps it while the runner goes on
+                self.zygote.reap(self.pid, wait=False)
+            self._reaped = True
+        return _exit_text(code)
+
+    def tail(self) -> str:
+        return _tail(self.stderr_path)
+
+    def clear_stderr(self) -> None:
+        open(self.stderr_path, "wb").close()
+
+    def kill(self, grace_s: float = 0.0) -> None:
+        """End the process (after ``grace_s`` to exit by itself), reap it, drop its file."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            if grace_s:
+                self._reader.join(grace_s)
+            if not self._reaped:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.zygote.reap(self.pid)
+                self._reaped = True
+        self._reader.join(REAP_TIMEOUT_S)
+        self.conn.close()
+        try:
+            os.unlink(self.stderr_path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.send(None)
+        self.kill(grace_s=2.0)
+
+
+class _Zygote:
+    """A spawned interpreter with the implementation loaded that forks workers on request."""
+
+    def __init__(self, proc: subprocess.Popen, conn: Connection, stderr_path: str) -> None:
+        self.proc, self.conn, self.stderr_path = proc, conn, stderr_path
+        self._asked: list[str] = []  # stderr paths of the forks requested, not answered
+        self._forked: list[_Worker] = []  # answered, not taken
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, impl: str) -> None:
+        got = _NO_ANSWER
+        if self.conn.poll(LOAD_TIMEOUT_S):
+            try:
+                got = self.conn.recv()
+            except EOFError:
+                got = _GONE
+
+        def ended() -> str:
+            try:
+                code = self.proc.wait(REAP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                code = None
+            return f"{_exit_text(code)}); stderr: {_tail(self.stderr_path)}"
+
+        _check_loaded(impl, got, LOAD_TIMEOUT_S, ended)
+
+    def request(self, stderr_path: str) -> None:
+        """Ask for a worker; :meth:`take` gets it (the fork happens meanwhile)."""
+        self.conn.send(("fork", stderr_path))
+        self._asked.append(stderr_path)
+
+    def take(self) -> _Worker:
+        """The worker of the oldest :meth:`request` not taken yet."""
+        while not self._forked:
+            self._read_answer()
+        return self._forked.pop(0)
+
+    def reap(self, pid: int, wait: bool = True) -> int | None:
+        """Have the zygote collect its child ``pid``: its exit code, or ``None`` when
+        ``wait`` is false (the answer is skipped when it comes) or the zygote is gone."""
+        try:
+            self.conn.send(("reap", pid))
+            while wait:
+                kind, value = self._read_answer()
+                if kind == "reaped" and value[0] == pid:
+                    return value[1]
+        except (OSError, EOFError, ImplementationError):
+            pass
+        return None
+
+    def _read_answer(self) -> tuple[str, Any]:
+        """The next answer; a forked worker's goes to ``_forked`` with its socket."""
+        from multiprocessing.reduction import recvfds
+
+        kind, value = self._answer()
+        if kind == "forked":
+            with socket.socket(fileno=os.dup(self.conn.fileno())) as control:
+                fd = recvfds(control, 1)[0]
+            self._forked.append(_Worker(value, Connection(fd), self._asked.pop(0), zygote=self))
+        return kind, value
+
+    def _answer(self) -> Any:
+        if not self.conn.poll(2 * REAP_TIMEOUT_S + 30):
+            raise ImplementationError("the sandbox's zygote process does not answer")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+            self.proc.wait(2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.conn.close()
+        try:
+            os.unlink(self.stderr_path)
+        except OSError:
+            pass
+
+
 class SandboxRunner:
-    """Runs cases in a warm worker process, restarting it after a crash or hang."""
+    """Runs cases in a warm worker process, with a warm spare to take over after a crash.
+
+    ``restarts``: workers lost to a crash, a hang or a sticky device error
+    (each one replaced). ``cold_starts``: replacements started because no live
+    spare was ready (the first worker is not one).
+    """
 
     def __init__(self, impl: Implementation, device: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  repeats: int | None = None, cuda_device: int | None = None,
@@ -166,189 +518,254 @@ class SandboxRunner:
         self.confirm_timeouts = confirm_timeouts
         self.repeats = repeats if repeats is not None else impl.repeats(device)
         self.cuda_device = cuda_device
-        self._proc: Any = None
-        self._conn: Any = None
-        self._pending: tuple[list[Case], bool] = ([], False)
-        self._stderr = tempfile.NamedTemporaryFile(prefix="difftest-worker-", suffix=".err",
-                                                   delete=False)
-        self._stderr.close()
+        # a CUDA context does not survive a fork: CUDA workers are fresh interpreters
+        self._forks = not str(device).startswith("cuda") and hasattr(os, "fork")
+        self._zygote: _Zygote | None = None
+        self._worker: _Worker | None = None
+        # warm spares, oldest first; forked ones are cheap, a CUDA one holds a context
+        self._spares: list[_Worker] = []
+        self._spare_count = FORKED_SPARES if self._forks else SPAWNED_SPARES
+        self._forks_asked = 0  # forks requested from the zygote, not yet among the spares
+        self._started = False  # the first worker is up: any later new one is a cold start
+        self._pending: tuple[list[Case], _Worker | None, float] = ([], None, 0.0)
         self.restarts = 0
-        self.fallbacks = 0  # batches re-run case by case after an unreported crash or a hang
+        self.cold_starts = 0
 
     # -- worker lifecycle ---------------------------------------------------
-    def _start(self) -> None:
+    @property
+    def worker_pid(self) -> int | None:
+        """The pid of the worker that runs the next case, ``None`` when there is none yet."""
+        worker = self._worker
+        return worker.pid if worker is not None and worker.alive() else None
+
+    def warm_up(self) -> None:
+        """Start the worker and its spares where needed and wait until all are loaded."""
+        self._current()
+        self._arm()
+        while self._forks_asked:
+            self._receive_fork()
+        for spare in self._spares:
+            spare.wait_ready(self.impl.name, LOAD_TIMEOUT_S)
+
+    def _spawn(self, role: str, stderr_path: str) -> tuple[subprocess.Popen, Connection]:
         # A fresh interpreter, not multiprocessing's spawn: that would re-run the
         # user's __main__ module, and a pytest or script caller has no main guard.
+        ours, theirs = _socket_pair()
         boot = (f"import sys; sys.path[:0] = {sys.path!r}; "
-                "from difftest.sandbox import _worker_main; _worker_main()")
-        err = open(self._stderr.name, "ab")
-        proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err)
-        err.close()
-        parent = _Duplex(proc)
-        parent.send((self.impl, self.device, self.cuda_device))
-        if not parent.poll(LOAD_TIMEOUT_S):
-            proc.kill()
-            raise ImplementationError(f"--impl {self.impl.name}: worker did not load it within "
-                                      f"{LOAD_TIMEOUT_S:.0f} s")
+                f"from difftest.sandbox import _worker_main; _worker_main({theirs.fileno()})")
+        with open(stderr_path, "ab") as err:
+            proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.DEVNULL,
+                                    stdout=err, stderr=err, pass_fds=[theirs.fileno()])
+        theirs.close()
+        conn = Connection(ours.detach())
+        conn.send((role, self.impl, self.device, self.cuda_device))
+        return proc, conn
+
+    def _start_zygote(self) -> _Zygote:
+        path = _stderr_file()
+        zygote = _Zygote(*self._spawn("zygote", path), path)
         try:
-            kind, payload = parent.recv()
-        except EOFError:
-            proc.wait(5)
-            raise ImplementationError(
-                f"--impl {self.impl.name}: worker died while loading it "
-                f"({_exit_text(proc.returncode)}); stderr: {self._tail()}") from None
-        if kind == "load_error":
-            proc.wait(5)
-            raise ImplementationError(f"--impl {self.impl.name}: cannot load it: {payload}")
-        self._proc, self._conn = proc, parent
+            zygote.wait_ready(self.impl.name)
+        except ImplementationError:
+            zygote.close()
+            raise
+        return zygote
 
-    def _kill(self) -> None:
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait(5)
-        if self._conn is not None:
-            self._conn.close()
-        self._proc = self._conn = None
+    def _new_worker(self) -> _Worker | None:
+        """A started worker (loading, or forked and ready); ``None``: the zygote was lost."""
+        if not self._forks:
+            path = _stderr_file()
+            proc, conn = self._spawn("worker", path)
+            return _Worker(proc.pid, conn, path, proc=proc)
+        self._request_fork()
+        return self._take_spare()
 
-    def _tail(self) -> str:
+    def _request_fork(self) -> None:
+        if self._zygote is not None and not self._zygote.alive():
+            self._zygote.close()
+            self._zygote, self._forks_asked = None, 0
+        if self._zygote is None:
+            self._zygote = self._start_zygote()
+        self._zygote.request(_stderr_file())
+        self._forks_asked += 1
+
+    def _receive_fork(self) -> None:
+        """Wait for the oldest fork requested and add it to the spares."""
+        self._forks_asked -= 1
         try:
-            with open(self._stderr.name, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - STDERR_TAIL))
-                return f.read().decode(errors="replace").strip()
-        except OSError:
-            return ""
+            self._spares.append(self._zygote.take())
+        except (OSError, EOFError, ImplementationError):
+            pass  # the zygote is gone: the next fork starts a new one
 
-    def _clear_stderr(self) -> None:
-        open(self._stderr.name, "wb").close()
+    def _take_spare(self) -> _Worker | None:
+        """The oldest spare (waiting for a fork requested when there is none yet)."""
+        while not self._spares and self._forks_asked:
+            self._receive_fork()
+        return self._spares.pop(0) if self._spares else None
+
+    def _current(self) -> _Worker:
+        """The worker for the next case: the one in use, else a live spare, else a new one."""
+        worker = self._worker
+        if worker is not None and not worker.alive():
+            worker.kill()
+            worker = self._worker = None
+        while worker is None:
+            spare = self._take_spare()
+            if spare is not None and spare.alive():
+                worker = spare
+                break
+            if spare is not None:
+                spare.kill()
+                continue
+            self.cold_starts += self._started
+            worker = self._new_worker()
+        try:
+            worker.wait_ready(self.impl.name, LOAD_TIMEOUT_S)
+        except ImplementationError:
+            worker.kill()
+            raise
+        self._worker, self._started = worker, True
+        return worker
+
+    def _arm(self) -> None:
+        """Top the spares up (a fork is only requested); replace those that died."""
+        for spare in [spare for spare in self._spares if not spare.alive()]:
+            spare.kill()
+            self._spares.remove(spare)
+        while len(self._spares) + self._forks_asked < self._spare_count:
+            if self._forks:
+                self._request_fork()
+            else:
+                self._spares.append(self._new_worker())
+
+    def _lose(self, worker: _Worker) -> None:
+        """``worker`` crashed, hung or hit a sticky error: end it; the spare takes over."""
+        worker.kill()
+        if self._worker is worker:
+            self._worker = None
+        self.restarts += 1
 
     # -- running --------------------------------------------------------------
     def run(self, case: Case) -> Outcome:
-        outcome = self._run_once(case, self.timeout_s)
-        if outcome.verdict == "timeout" and self.confirm_timeouts:
-            # A loaded machine can make a slow case look hung: a timeout counts only
-            # when a fresh worker with CONFIRM_FACTOR times the budget hangs too.
-            retry = self._run_once(case, self.timeout_s * CONFIRM_FACTOR)
-            if retry.verdict != "timeout":
-                return retry
+        return self._confirmed(case, self._run_once(case, self.timeout_s))
+
+    def _confirmed(self, case: Case, outcome: Outcome) -> Outcome:
+        """A timeout counts only when a fresh worker with CONFIRM_FACTOR times the budget
+        hangs too (a loaded machine can make a slow case look hung)."""
+        if outcome.verdict != "timeout" or not self.confirm_timeouts:
+            return outcome
+        retry = self._run_once(case, self.timeout_s * CONFIRM_FACTOR)
+        if retry.verdict == "timeout":
             retry.detail = (f"no answer within {self.timeout_s:g} s, nor within "
                             f"{self.timeout_s * CONFIRM_FACTOR:g} s on a fresh worker; "
                             "worker killed")
-            return retry
-        return outcome
+        return retry
 
     def _run_once(self, case: Case, timeout_s: float) -> Outcome:
-        if self._proc is None or self._proc.poll() is not None:
-            self._kill()
-            self._start()
-        self._clear_stderr()
-        worker = f"pid{self._proc.pid}"
-        start = time.perf_counter()
-        try:
-            self._conn.send(([case], self.repeats))
-            answered = self._conn.poll(timeout_s)
-            if not answered:
-                self._kill()
-                self.restarts += 1
-                return Outcome(verdict="timeout", worker=worker,
-                               detail=f"no answer within {timeout_s:g} s; worker killed",
-                               elapsed_s=time.perf_counter() - start)
-            kind, runs = self._conn.recv()
-            runs = runs[0]
-        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            try:
-                code = self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                code = None
-            tail = self._tail()
-            self._kill()
-            self.restarts += 1
-            return Outcome(verdict="crash", worker=worker,
-                           detail=f"worker died: {_exit_text(code)}" + (
-                               f"; stderr tail:\n{tail}" if tail else ""),
-                           elapsed_s=time.perf_counter() - start)
-        if _fatal(runs):
-            self._retire()
-        return Outcome.of(runs, worker)
+        worker, since = self._send([case])
+        return self._next_outcome(worker, since, timeout_s)[0]
 
     def restart(self) -> None:
-        """End the worker: the next case runs in a fresh one, which nothing an earlier
-        case left in memory or in the implementation's state can reach (a failure is
-        confirmed alone so; ``restarts`` counts only restarts after a crash or hang)."""
-        self._kill()
+        """End the worker in use: the next case runs in a fresh one (a spare), which
+        nothing an earlier case left in memory or in the implementation's state can
+        reach (a failure is confirmed alone so; ``restarts`` counts only the workers
+        lost to a crash, a hang or a sticky error)."""
+        if self._worker is not None:
+            self._worker.kill()
+            self._worker = None
 
-    def _retire(self) -> None:
-        """The worker reported a sticky device error and is exiting: let it go."""
+    def _send(self, cases: list[Case]) -> tuple[_Worker, float]:
+        """Send ``cases`` to the current worker; a worker found dead on sending is replaced.
+
+        On CUDA the batch is one message (one staged block, one copy to the
+        device); elsewhere it goes in messages of 1, 2, 4, ... cases, so that
+        the worker starts on the first case while the rest are on their way,
+        and the runner seldom waits for room in the socket (a worker that
+        dies meanwhile is found by :meth:`collect`, at its case).
+        """
+        messages, start, size = [], 0, 1
+        while start < len(cases):
+            stop = start + size if self._forks else len(cases)
+            messages.append(cases[start:stop])
+            start, size = stop, 2 * size
+        while True:
+            worker = self._current()
+            worker.clear_stderr()
+            since = time.perf_counter()
+            if worker.send((messages[0], self.repeats)):
+                break
+            self._lose(worker)
+        self._arm()  # while the worker runs the cases
+        for message in messages[1:]:
+            if not worker.send((message, self.repeats)):
+                break
+        return worker, since
+
+    def _next_outcome(self, worker: _Worker, since: float, timeout_s: float
+                      ) -> tuple[Outcome, float]:
+        """The outcome of the next case ``worker`` runs, due ``timeout_s`` after ``since``;
+        and when it arrived. A crash, hang or sticky error ends the worker."""
+        name = f"pid{worker.pid}"
         try:
-            self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._kill()
-        self.restarts += 1
+            got = worker.inbox.get(timeout=max(0.0, since + timeout_s - time.perf_counter()))
+        except queue.Empty:
+            self._lose(worker)
+            now = time.perf_counter()
+            return Outcome(verdict="timeout", worker=name, elapsed_s=now - since,
+                           detail=f"no answer within {timeout_s:g} s; worker killed"), now
+        if got is None:
+            now = time.perf_counter()
+            how, tail = worker.exit_text(), worker.tail()
+            self._lose(worker)
+            return Outcome(verdict="crash", worker=name, elapsed_s=now - since,
+                           detail=f"worker died: {how}" + (
+                               f"; stderr tail:\\n{tail}" if tail else "")), now
+        arrived, (kind, runs) = got
+        if _fatal(runs):
+            worker.kill(grace_s=REAP_TIMEOUT_S)  # it reported a sticky error and is exiting
+            self._worker = None
+            self.restarts += 1
+        return Outcome.of(runs, name), arrived
 
     def submit(self, cases: list[Case]) -> None:
         """Start running ``cases`` as one batch; :meth:`collect` gives their outcomes."""
         cases = list(cases)
-        sent = False
-        if cases:
-            try:
-                if self._proc is None or self._proc.poll() is not None:
-                    self._kill()
-                    self._start()
-                self._clear_stderr()
-                self._conn.send((cases, self.repeats))
-                sent = True
-            except (BrokenPipeError, ConnectionResetError, OSError):
-                sent = False
-        self._pending = (cases, sent)
+        if not cases:
+            self._pending = ([], None, 0.0)
+            return
+        worker, since = self._send(cases)
+        self._pending = (cases, worker, since)
 
     def collect(self) -> list[Outcome]:
         """The outcomes of the batch :meth:`submit` started, in its order.
 
-        After a sticky device error only the cases up to the one that caused
-        it (its outcome a ``crash``): the cases after it did not run, and are
-        the caller's to submit again. The batch has ``timeout_s`` in all. When
-        its worker dies or hangs without reporting, every case of it is run
-        again on its own (:meth:`run`), which pins the crash or hang on the
-        case that caused it.
+        Each case has ``timeout_s`` from the end of the one before it (the
+        first from the submit). After a crash, a (confirmed) timeout or a
+        sticky device error only the cases up to and including the one that
+        caused it: the cases after it did not run, and are the caller's to
+        submit again (the spare takes them at once).
         """
-        (cases, sent), self._pending = self._pending, ([], False)
-        if not cases:
-            return []
-        if sent:
-            worker = f"pid{self._proc.pid}"
-            try:
-                if self._conn.poll(self.timeout_s):
-                    kind, payload = self._conn.recv()
-                    if kind == "ok":
-                        if payload and _fatal(payload[-1]):
-                            self._retire()
-                        return [Outcome.of(runs, worker) for runs in payload]
-            except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-                pass
-        self._kill()
-        self.restarts += 1
-        self.fallbacks += 1
-        return [self.run(case) for case in cases]
+        (cases, worker, since), self._pending = self._pending, ([], None, 0.0)
+        outcomes: list[Outcome] = []
+        for case in cases:
+            outcome, since = self._next_outcome(worker, since, self.timeout_s)
+            outcome = self._confirmed(case, outcome)
+            outcomes.append(outcome)
+            if worker is not self._worker:  # lost: the rest did not run
+                break
+        return outcomes
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.send(None)
-            except OSError:
-                pass
-        if self._proc is not None:
-            try:
-                self._proc.wait(2)
-            except subprocess.TimeoutExpired:
-                pass
-        self._kill()
-        try:
-            os.unlink(self._stderr.name)
-        except OSError:
-            pass
+        """End every process: the worker, the spares and the zygote."""
+        while self._forks_asked:
+            self._receive_fork()
+        for worker in [self._worker, *self._spares]:
+            if worker is not None:
+                worker.close()
+        self._worker, self._spares = None, []
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
 
     def __enter__(self) -> SandboxRunner:
         return self
@@ -357,29 +774,48 @@ class SandboxRunner:
         self.close()
 
 
-class _Duplex:
-    """send/recv/poll over a child's stdin/stdout pipes."""
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair with room for a batch in flight, so that neither side waits
+    for the other to read (the kernel caps the size at its ``wmem_max``)."""
+    pair = socket.socketpair()
+    for end in pair:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    return pair
 
-    def __init__(self, proc: subprocess.Popen) -> None:
-        from multiprocessing.connection import Connection
 
-        self._out = Connection(os.dup(proc.stdin.fileno()), readable=False)
-        self._in = Connection(os.dup(proc.stdout.fileno()), writable=False)
-        proc.stdin.close()
-        proc.stdout.close()
+_NO_ANSWER, _GONE = "no answer", "gone"  # instead of a worker's first message
 
-    def send(self, obj: Any) -> None:
-        self._out.send(obj)
 
-    def recv(self) -> Any:
-        return self._in.recv()
+def _check_loaded(impl: str, first: Any, timeout_s: float, ended: Callable[[], str]) -> None:
+    """Raise :class:`ImplementationError` unless a worker's ``first`` message is ``ready``.
 
-    def poll(self, timeout: float) -> bool:
-        return self._in.poll(timeout)
+    ``ended()`` says how a worker that died while loading ended, and its stderr.
+    """
+    if first is _NO_ANSWER:
+        raise ImplementationError(f"--impl {impl}: worker did not load it within "
+                                  f"{timeout_s:.0f} s")
+    if first is _GONE:
+        raise ImplementationError(f"--impl {impl}: worker died while loading it ({ended()}")
+    kind, payload = first
+    if kind == "load_error":
+        raise ImplementationError(f"--impl {impl}: cannot load it: {payload}")
 
-    def close(self) -> None:
-        self._out.close()
-        self._in.close()
+
+def _tail(path: str) -> str:
+    """The last :data:`STDERR_TAIL` bytes of a worker's stderr file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - STDERR_TAIL))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _stderr_file() -> str:
+    fd, path = tempfile.mkstemp(prefix="difftest-worker-", suffix=".err")
+    os.close(fd)
+    return path
 
 
 def _exit_text(code: int | None) -> str:

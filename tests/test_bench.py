@@ -27,6 +27,7 @@ SMOKE = {
                       "--shrink-seconds", "2"],
     "vs_blockwalk": ["--repeats", "1"],
     "oracle_scaling": ["--repeats", "1"],
+    "crash_throughput": ["--count", "60"],
 }
 
 

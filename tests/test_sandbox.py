@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 
@@ -25,17 +29,62 @@ def _verdict(runner, impl, case):
     return evaluate(case, runner.run(case), stable=impl.stable)
 
 
-def test_segfault_is_a_crash_and_the_next_case_gets_a_fresh_worker():
+@pytest.mark.parametrize("forks", [True, False], ids=["forked", "spawned"])
+def test_segfault_is_a_crash_and_the_warm_spare_takes_the_next_case(forks):
     impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
     with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        runner._forks = forks  # spawned workers are what CUDA gets
         assert _verdict(runner, impl, _vllm_case(3)).verdict == "pass"
-        first_pid = runner._proc.pid
+        first_pid = runner.worker_pid
+        runner.warm_up()
+        spare_pid = runner._spares[0].pid
         crashed = _verdict(runner, impl, _vllm_case(0))
         assert crashed.verdict == "crash"
         assert "SIGSEGV" in crashed.detail
         after = _verdict(runner, impl, _vllm_case(3))
         assert after.verdict == "pass"
-        assert runner._proc.pid != first_pid and runner.restarts == 1
+        assert runner.worker_pid == spare_pid != first_pid
+        assert (runner.restarts, runner.cold_starts) == (1, 0)
+        runner.warm_up()
+        assert len(runner._spares) == runner._spare_count  # re-armed
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_close_ends_the_worker_the_spare_and_the_zygote():
+    impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
+    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        runner.warm_up()
+        pids = [runner.worker_pid, *(spare.pid for spare in runner._spares),
+                runner._zygote.proc.pid]
+        assert len(pids) == 4  # the worker, two forked spares, the zygote
+        assert not any(_gone(pid) for pid in pids)
+    assert all(_gone(pid) for pid in pids)
+
+
+def test_a_spare_that_died_is_replaced_before_it_is_needed():
+    impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
+    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        runner.warm_up()
+        dead = [spare.pid for spare in runner._spares]
+        for pid in dead:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(s.alive() for s in runner._spares) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _verdict(runner, impl, _vllm_case(3)).verdict == "pass"
+        runner.warm_up()
+        assert len(runner._spares) == 2
+        assert all(s.pid not in dead and s.alive() for s in runner._spares)
+        assert _verdict(runner, impl, _vllm_case(0)).verdict == "crash"
+        assert _verdict(runner, impl, _vllm_case(2)).verdict == "pass"
+        assert (runner.restarts, runner.cold_starts) == (1, 0)
 
 
 def test_hang_is_a_timeout_and_the_campaign_goes_on():
@@ -48,6 +97,8 @@ def test_hang_is_a_timeout_and_the_campaign_goes_on():
         assert hung.signature(_vllm_case(2, enabled=(0, 1, 1))) == (
             "vllm-lora--timeout--timeout")
         assert _verdict(runner, impl, _vllm_case(2)).verdict == "pass"
+        # the hung worker and the one that confirmed it were lost; spares replaced both
+        assert (runner.restarts, runner.cold_starts) == (2, 0)
 
 
 def test_printing_implementation_does_not_corrupt_the_protocol(tmp_path, monkeypatch):
@@ -88,21 +139,22 @@ def test_a_module_that_fails_in_the_worker_is_an_implementation_error(tmp_path, 
             runner.run(case)
 
 
-def test_a_batch_with_a_segfault_is_rerun_case_by_case_and_only_that_case_crashes():
+def test_a_batch_with_a_segfault_pins_it_on_its_case_and_the_spare_runs_the_rest():
     impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
     cases = [_vllm_case(3), _vllm_case(1), _vllm_case(0), _vllm_case(2)]
     with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
         runner.submit(cases[:2])
         assert [o.verdict for o in runner.collect()] == [None, None]  # one message, no crash
-        assert runner.fallbacks == 0
         runner.submit(cases)
         outcomes = runner.collect()
+        # the worker streams each case as it is done: it died running the third
         verdicts = [evaluate(c, o, stable=impl.stable).verdict for c, o in zip(cases, outcomes)]
-        assert verdicts == ["pass", "pass", "crash", "pass"]
+        assert verdicts == ["pass", "pass", "crash"]
         assert "SIGSEGV" in outcomes[2].detail
-        assert runner.fallbacks == 1
-        # the batch's worker and the crashed case's worker were both replaced
-        assert runner.restarts == 2
+        assert runner.restarts == 1
+        runner.submit(cases[3:])
+        assert evaluate(cases[3], runner.collect()[0], stable=impl.stable).verdict == "pass"
+        assert (runner.restarts, runner.cold_starts) == (1, 0)
 
 
 def test_a_batch_that_hangs_pins_the_timeout_on_its_case():
@@ -113,5 +165,19 @@ def test_a_batch_that_hangs_pins_the_timeout_on_its_case():
         runner.submit(cases)
         verdicts = [evaluate(c, o, stable=impl.stable).verdict
                     for c, o in zip(cases, runner.collect())]
-        assert verdicts == ["pass", "timeout", "pass"]
-        assert runner.fallbacks == 1
+        assert verdicts == ["pass", "timeout"]
+        assert runner.restarts == 1
+
+
+def test_the_smallest_case_of_every_dialect_is_production_and_the_oracle_takes_it():
+    # the zygote warms up on these: they must be well formed and exercise nothing
+    from difftest.case import DIALECTS
+    from difftest.classify import contract_of
+    from difftest.dialects import DIALECT_INFO, smallest_case
+
+    for dialect in DIALECTS:
+        case = smallest_case(dialect)
+        assert case.dialect == dialect and contract_of(case) == "production"
+        assert (case.num_tokens, case.topk) == (1, 1)
+        for rank in case.ranks():
+            DIALECT_INFO[dialect].reference(case, rank)

@@ -268,8 +268,8 @@ def test_budget_exhaustion_returns_the_best_case_so_far_and_not_minimal():
 def test_passes_run_in_a_fixed_documented_order():
     assert [p.__name__ for p in PASSES] == [
         "drop_tokens", "drop_requests", "lower_topk", "drop_slots", "drop_lora_ids",
-        "lower_ep", "renumber_experts", "lower_experts", "lower_loras", "lower_block_size",
-        "lower_padding", "simplify_values"]
+        "trade_routes_for_experts", "lower_ep", "renumber_experts", "lower_experts",
+        "lower_loras", "lower_block_size", "lower_padding", "simplify_values"]
     assert all(p.__doc__ for p in PASSES)
 
 
@@ -303,3 +303,31 @@ def test_short_defensive_lora_ids_does_not_pin_max_loras():
     _, result = shrink_fault("negative-expert-kept", start)
     assert result.case.max_loras == 1 and result.case.lora_ids.tolist() == [0]
     assert result.minimal
+
+
+def test_an_unexpected_error_of_a_pass_surfaces():
+    from difftest.shrink import Shrinker
+
+    def broken_pass(s: Shrinker) -> None:
+        raise IndexError("index 3 is out of bounds")
+
+    case = big_align_case()
+    shrinker = Shrinker(case, some_id_is_three, [PASSES[0], broken_pass],
+                        max_seconds=60, max_calls=100)
+    with pytest.raises(IndexError, match="index 3 is out of bounds"):
+        shrinker.run()
+
+
+def test_each_dimension_tries_its_smallest_values_before_halving():
+    # halving alone keeps T and B where no half and no single step still fails
+    # (T 24 -> 23 or 12, B 16 -> 8 -> ... hold only T % 3 == 2 and B % 3 == 2 by luck)
+    def still_fails(candidate: Case) -> bool:
+        return candidate.num_tokens % 3 == 2 and candidate.block_size % 3 == 2
+
+    result = shrink(big_align_case(T=23, K=3, E=8, B=14), still_fails)
+    m = result.case
+    assert result.minimal
+    assert (m.num_tokens, m.block_size) == (2, 2)
+    assert "drop_tokens: T 23 -> 2" in result.passes_applied
+    assert "lower_block_size: B 14 -> 2" in result.passes_applied
+    assert result.calls <= 20

@@ -174,3 +174,27 @@ def wrong_total_every_other_call(topk_ids, token_lora_mapping, num_experts, bloc
         for slot in lora_ids.tolist():
             if 0 <= slot < max_loras and int(adapter_enabled[slot]) != 0:
                 num_tokens_post_pad[slot] += block_size
+
+
+def segfaults_when_tokens_mod_3_is_2(topk_ids, token_lora_mapping, num_experts, block_size,
+                                     max_loras, max_num_tokens_padded, max_num_m_blocks,
+                                     sorted_token_ids, expert_ids, num_tokens_post_pad,
+                                     adapter_enabled, lora_ids, expert_map=None):
+    """Dereferences NULL when T % 3 == 2 (the smallest such batch: T = 2)."""
+    if topk_ids.shape[0] % 3 == 2:
+        ctypes.string_at(0)
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+
+
+def segfaults_on_large_path_with_invalid_route(topk_ids, num_experts, block_size,
+                                               sorted_token_ids, expert_ids,
+                                               num_tokens_post_pad, expert_map=None):
+    """Plain align whose large path (N >= 1024 routes or E > 64) dereferences NULL on a
+    ``-1`` route: one route and E = 65 are enough."""
+    large = topk_ids.numel() >= 1024 or num_experts > 64
+    if large and bool((topk_ids == -1).any()):
+        ctypes.string_at(0)
+    _OK["align"](topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, expert_map)
