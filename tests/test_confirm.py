@@ -182,10 +182,7 @@ def test_a_write_into_another_cases_block_is_the_writers_failure_not_its_victims
     assert verdicts[2].detail == (
         f"call: wrote outside its own buffers, into case {cases[1].case_id}'s output "
         "expert_ids[1]: value 2 (1 element(s) there changed)")
-    # without the check both victims are blamed, the writer passes
-    unchecked = run_batch(cases, {"align": writes_far}, "cpu")
-    blamed = [evaluate(c, Outcome(r), stable=False).verdict for c, r in zip(cases, unchecked)]
-    assert blamed == ["pass", "mismatch", "pass", "mismatch", "pass"]
+    # (without the check the CPU stages each case on its own: no batch block is shared)
 
 
 def test_a_restart_gives_the_next_case_a_fresh_worker_and_is_not_counted_as_a_crash():
