@@ -19,7 +19,8 @@ from .case import Case
 from .checks import sanitized
 from .repro import repro_script
 
-TAIL = 6000
+# memcheck's output kept in a report: its first errors (the invalid access itself) and its end
+HEAD, TAIL = 4000, 2000
 
 
 def find_sanitizer() -> str | None:
@@ -64,7 +65,16 @@ def run_sanitizer(case: Case, impl: Any, timeout_s: float = 300.0) -> str | None
         except subprocess.TimeoutExpired as exc:
             text = f"(compute-sanitizer timed out after {timeout_s:.0f} s)\n{exc.stdout or ''}"
     return (f"$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python "
-            f"repro.py {' '.join(cmd[5:])}\n" + text[-TAIL:])
+            f"repro.py {' '.join(cmd[5:])}\n" + _head_and_tail(text))
+
+
+def _head_and_tail(text: str) -> str:
+    """``text`` whole when short; else its first HEAD and last TAIL characters: the
+    first error memcheck reports is the access that matters, later ones (frees, exit)
+    follow from it."""
+    if len(text) <= HEAD + TAIL:
+        return text
+    return f"{text[:HEAD]}\n[… {len(text) - HEAD - TAIL} characters left out …]\n{text[-TAIL:]}"
 
 
 def sanitizer_extra(impl: Any) -> Callable[[Any, Case], dict]:

@@ -65,3 +65,17 @@ def test_a_pair_repro_runs_the_culprit_first_and_fails_only_after_it(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     fixed = _run(pair, "--impl", "torch")
     assert fixed.returncode == 0 and "each after the culprit" in fixed.stdout, fixed.stdout
+
+
+def test_a_long_sanitizer_output_keeps_its_first_error_and_its_end():
+    from difftest import sanitizer
+
+    first = "========= Invalid __global__ write of size 4 bytes\n"
+    middle = "========= Host Frame: c10 free\n" * 1000
+    text = first + middle + "========= ERROR SUMMARY: 6 errors\n"
+    kept = sanitizer._head_and_tail(text)
+    assert kept.startswith(first) and kept.endswith("ERROR SUMMARY: 6 errors\n")
+    left_out = len(text) - sanitizer.HEAD - sanitizer.TAIL
+    assert f"[… {left_out} characters left out …]" in kept
+    assert len(kept) < sanitizer.HEAD + sanitizer.TAIL + 100
+    assert sanitizer._head_and_tail(first) == first
