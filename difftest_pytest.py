@@ -55,15 +55,18 @@ def _out_dir(config, label):
 def difftest_check(request):
     """``difftest_check(fn, dialect, seconds=None, max_examples=None, **kw)``.
 
-    Runs a campaign against ``fn`` and fails the test with the minimal case and
-    the path of its bug report; returns the :class:`difftest.api.CheckResult`.
+    Runs a campaign against ``fn`` (a callable, or a name such as
+    ``"op:ns::name"`` with ``load=[library paths]``) and fails the test with the
+    minimal case and the path of its bug report; returns the
+    :class:`difftest.api.CheckResult`.
     """
 
     def check(fn, dialect, *, seconds=None, max_examples=None, seed=0, **kwargs):
         from difftest.api import check_callable
 
         secs, examples, seed_, shrink = _budget(request.config, seconds, max_examples, seed)
-        label = f"py:{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}"
+        label = fn if isinstance(fn, str) else (
+            f"py:{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}")
         kwargs.setdefault("out_dir", _out_dir(request.config, f"{request.node.name}-{label}"))
         kwargs.setdefault("shrink_seconds", shrink)
         result = check_callable(fn, dialect, seconds=secs, max_examples=examples, seed=seed_,

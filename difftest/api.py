@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .campaign import Campaign, CampaignResult, FailureDatabase
 from .case import CONTRACTS, DIALECTS, Case
@@ -59,18 +59,24 @@ def check_result(label: str, dialect: str, result: CampaignResult) -> CheckResul
     return check
 
 
-def check_callable(fn: Callable[..., Any], dialect: str, *, seconds: float | None = 5.0,
+def check_callable(fn: Callable[..., Any] | str, dialect: str, *, seconds: float | None = 5.0,
                    max_examples: int | None = None, seed: int | None = 0,
                    contracts: tuple[str, ...] = CONTRACTS, device: str = "cpu",
                    out_dir: str | os.PathLike | None = None, shrink_seconds: float = 20.0,
                    database: str | os.PathLike | None = ".difftest/db",
-                   stable: bool = False, name: str | None = None) -> CheckResult:
+                   stable: bool = False, name: str | None = None,
+                   load: Sequence[str] = ()) -> CheckResult:
     """Test ``fn`` (a callable in ``dialect``'s calling convention) against the oracle.
 
-    Runs in this process (the callable need not be importable); failures are
-    shrunk and written up under ``out_dir``. Returns a :class:`CheckResult`;
-    nothing is raised for a failing callable.
+    ``fn`` may also be an implementation name (``"op:NAMESPACE::NAME"``,
+    ``"torch:<fault>"``, ...; ``stable`` is then the implementation's own), with
+    ``load`` the op libraries to load first. Runs
+    in this process (the callable need not be importable); failures are shrunk
+    and written up under ``out_dir``. Returns a :class:`CheckResult`; nothing is
+    raised for a failing callable. A callable or name that cannot be called with
+    ``dialect``'s arguments, or loaded, raises a ``UsageError`` before any case runs.
     """
+    from . import registry, signatures
     from .sandbox import InProcessRunner
 
     if dialect not in DIALECTS:
@@ -78,9 +84,16 @@ def check_callable(fn: Callable[..., Any], dialect: str, *, seconds: float | Non
     bad = set(contracts) - set(CONTRACTS)
     if bad:
         raise UsageError(f"contracts={tuple(contracts)!r}: allowed {CONTRACTS}")
-    label = name or f"py:{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}"
-    impl = Implementation(label, "py", (dialect,), ("cpu", "cuda"), stable, "user callable",
-                          target=label[3:])
+    if isinstance(fn, str):  # a registry name: its record (op libraries included) is kept
+        impl = registry.resolve(fn, dialect, load=load)
+        label = name or fn
+        fn = impl.load()[dialect]
+    else:
+        label = name or (f"py:{getattr(fn, '__module__', '?')}:"
+                         f"{getattr(fn, '__qualname__', '?')}")
+        signatures.check_arguments(fn, dialect, label)
+        impl = Implementation(label, "py", (dialect,), ("cpu", "cuda"), stable,
+                              "user callable", target=label[3:])
     out = Path(out_dir) if out_dir is not None else Path(".difftest") / "runs" / "".join(
         c if c.isalnum() or c in "._-" else "_" for c in label)
     runner = InProcessRunner(impl, device, callables={dialect: fn})

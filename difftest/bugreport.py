@@ -95,7 +95,7 @@ def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
         "mismatches": [m.as_row() for m in evaluation.mismatches],
         "environment": reports.environment(),
         "repro_py": repro_script(case, impl.name, impl.stable, title, signature,
-                                 culprit=culprit),
+                                 culprit=culprit, libraries=impl.libraries),
     }
     confirmation = confirmation_lines(failure, case, culprit)
     if confirmation:

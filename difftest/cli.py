@@ -2,6 +2,8 @@
 
 Exit 0: no failure. Exit 1: failures found (the run directory says which).
 Exit 2: usage or input error — one line on stderr, never a traceback.
+``difftest replay`` exits 125 when the implementation cannot be loaded or built
+(``git bisect run`` skips such a commit).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import DifftestError, UsageError
+from .errors import DifftestError, LoadError, UsageError
 
 EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+EXIT_CANNOT_LOAD = 125  # replay only: git bisect's "skip this commit"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,11 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
                 "against an exact oracle.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("list", help="implementations, dialects, faults, edge classes")
+    def load_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--load", action="append", default=[], metavar="PATH",
+                        help="op library to load first with torch.ops.load_library "
+                        "(repeatable); its ops are --impl op:NAMESPACE::NAME")
+
+    ls = sub.add_parser("list", help="implementations, dialects, faults, edge classes")
+    load_option(ls)
 
     def common_impl(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--impl", required=True, help="torch, torch:<fault>, cuda, "
-                        "cuda:<fault>, vllm, sglang, py:package.module:function")
+                        "cuda:<fault>, vllm, sglang, py:package.module:function, "
+                        "op:NAMESPACE::NAME")
+        load_option(sp)
         sp.add_argument("--dialect", help="align, vllm-lora, sglang-lora, ep-remap")
         sp.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
         sp.add_argument("--timeout", type=_positive_float, default=None,
@@ -196,14 +207,18 @@ def shard_seed(seed: int | None, shard: tuple[int, int] | None) -> int | None:
 def cmd_list(ns: argparse.Namespace) -> int:
     from cuda_impl import FAULTS
 
-    from . import registry
+    from . import adapters, registry
     from .case import CONTRACTS, DIALECTS, EDGE_CLASSES
     from .dialects import DIALECT_INFO
 
     print("implementations:")
     for name in registry.names():
-        print(f"  {name}")
+        if name not in adapters.SOURCES:
+            print(f"  {name}")
+    for engine in adapters.SOURCES:
+        print(f"  {engine:28s} {adapters.describe(engine)}")
     print("  py:package.module:function   (any callable in a dialect's calling convention)")
+    print("  op:NAMESPACE::NAME           (an op of a library loaded with --load PATH)")
     print("dialects:")
     for d in DIALECTS:
         print(f"  {d:12s} {DIALECT_INFO[d].signature}")
@@ -212,7 +227,26 @@ def cmd_list(ns: argparse.Namespace) -> int:
         print(f"  {f.name:24s} [{', '.join(f.backends)}; {', '.join(f.dialects)}] {f.summary}")
     print("contracts: " + ", ".join(CONTRACTS))
     print("edge classes: " + ", ".join(EDGE_CLASSES))
+    for path in ns.load:
+        _list_library(path)
     return EXIT_CLEAN
+
+
+def _list_library(path: str) -> None:
+    """The ops loading ``path`` registered, each with the dialect its schema matches."""
+    from . import oplib, registry, signatures
+
+    ops = oplib.registered_by(path)
+    print(f"ops registered by {path}:" + ("" if ops else " none (or loaded before)"))
+    for qualname in ops:
+        op = oplib.find_op(qualname)
+        try:
+            dialect = registry.dialect_of(op, f"op:{qualname}")
+            signatures.check_arguments(op, dialect, f"op:{qualname}")
+            what = dialect
+        except LoadError:
+            what = f"no dialect: ({', '.join(signatures.positional_names(op))})"
+        print(f"  op:{qualname:26s} {what}")
 
 
 def _print_result(result: Any) -> None:
@@ -231,7 +265,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from . import registry
     from .campaign import Campaign, FailureDatabase, Progress
 
-    impl = registry.resolve(ns.impl, ns.dialect)
+    impl = registry.resolve(ns.impl, ns.dialect, load=ns.load)
     device = _device_for(impl, ns.device)
     contracts = ("production", "defensive") if ns.contract == "all" else (ns.contract,)
     max_examples, seconds, seed = ns.max_examples, ns.seconds, ns.seed
@@ -341,14 +375,21 @@ def _strip_options(argv: list[str], names: set[str]) -> list[str]:
 
 
 def cmd_replay(ns: argparse.Namespace) -> int:
+    """Exit 0 when the case passes, 1 when it fails, 125 when the implementation cannot
+    be loaded or built: ``git bisect run difftest replay case.json --impl …`` then
+    marks good, bad and skipped commits."""
     from . import registry
     from .evaluate import evaluate
 
     case = _load_case(ns.case)
-    impl = registry.resolve(ns.impl, ns.dialect or case.dialect)
-    device = _device_for(impl, ns.device)
-    with _runner(impl, device, ns.timeout) as runner:
-        evaluation = evaluate(case, runner.run(case), stable=impl.stable)
+    try:
+        impl = registry.resolve(ns.impl, ns.dialect or case.dialect, load=ns.load)
+        device = _device_for(impl, ns.device)
+        with _runner(impl, device, ns.timeout) as runner:
+            evaluation = evaluate(case, runner.run(case), stable=impl.stable)
+    except LoadError as exc:
+        print(f"difftest: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_CANNOT_LOAD
     print(f"case {case.case_id} ({case.dialect}, {case.contract}; "
           f"{', '.join(case.edge_classes) or 'no edge class'}) on {impl.name}/{device}: "
           f"{evaluation.verdict}")
@@ -362,7 +403,7 @@ def cmd_minimize(ns: argparse.Namespace) -> int:
     from .campaign import Campaign
 
     case = _load_case(ns.case)
-    impl = registry.resolve(ns.impl, ns.dialect or case.dialect)
+    impl = registry.resolve(ns.impl, ns.dialect or case.dialect, load=ns.load)
     device = _device_for(impl, ns.device)
     out = _out_dir(ns.out, f"minimize-{ns.impl}")
     with _runner(impl, device, ns.timeout) as runner:

@@ -20,3 +20,13 @@ class CaseError(UsageError):
 
 class ImplementationError(UsageError):
     """An implementation name that cannot be resolved or loaded."""
+
+
+class LoadError(ImplementationError):
+    """An implementation that cannot be loaded or built here.
+
+    A library that does not load, an op or module that is not there, a failed
+    build, a callable whose signature cannot take its dialect's arguments. The
+    CLI exits 2 on it, except ``difftest replay``, which exits 125 so that
+    ``git bisect run`` skips the commit.
+    """

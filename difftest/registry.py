@@ -1,22 +1,26 @@
 """The implementation registry: names on the command line → implementations.
 
 ``torch``, ``torch:<fault>``, ``cuda``, ``cuda:<fault>``, ``py:package.module:function``,
+``op:NAMESPACE::NAME`` (an op of a compiled library, loaded with ``--load PATH``),
 and the engine adapters ``vllm`` and ``sglang`` (when importable). Resolving a
 name is cheap and never initialises CUDA: the callables are loaded by
 :meth:`Implementation.load` inside the process that runs them (the sandbox
-worker), so a name is all that crosses a process boundary.
+worker), so a name and the library paths are all that cross a process boundary.
+A ``py:`` or ``op:`` callable whose signature cannot take its dialect's
+arguments is refused while resolving (:mod:`difftest.signatures`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from . import oplib, signatures
 from .case import DIALECTS
 from .dialects import DIALECT_INFO
-from .errors import ImplementationError
+from .errors import ImplementationError, LoadError
 
 CUDA_REPEATS = 4  # CUDA runs of one case: a race that loses half the time escapes 1 in 16
 
@@ -26,13 +30,14 @@ class Implementation:
     """One implementation under test, as the registry describes it."""
 
     name: str
-    kind: str  # torch | cuda | py | vllm | sglang
+    kind: str  # torch | cuda | py | op | vllm | sglang
     dialects: tuple[str, ...]
     devices: tuple[str, ...]
     stable: bool
     summary: str
     fault: str | None = None
-    target: str | None = None  # "module:function" for py:
+    target: str | None = None  # "module:function" for py:, "NAMESPACE::NAME" for op:
+    libraries: tuple[str, ...] = ()  # --load paths (absolute), loaded before anything else
 
     def repeats(self, device: str) -> int:
         """Runs per case: CUDA kernels run repeatedly so a race shows itself."""
@@ -40,6 +45,7 @@ class Implementation:
 
     def load(self) -> dict[str, Callable[..., Any]]:
         """The callables, one per dialect. Imports torch; call it in the worker."""
+        oplib.load_libraries(self.libraries)
         if self.kind == "torch":
             from cuda_impl import torch_impl
 
@@ -51,10 +57,13 @@ class Implementation:
         if self.kind == "py":
             fn = _import_callable(self.target)
             return {d: fn for d in self.dialects}
+        if self.kind == "op":
+            op = oplib.find_op(self.target, self.libraries)
+            return {d: op for d in self.dialects}
         if self.kind in ("vllm", "sglang"):
             from . import adapters
 
-            return adapters.load(self.kind)
+            return adapters.load(self.kind, self.dialects)
         raise ImplementationError(f"impl kind {self.kind!r} cannot be loaded")
 
 
@@ -63,24 +72,22 @@ def _import_callable(target: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImplementationError(
+        raise LoadError(
             f"--impl py:{target}: cannot import module {module_name!r} ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
-        raise ImplementationError(
+        raise LoadError(
             f"--impl py:{target}: importing {module_name!r} raised "
             f"{type(exc).__name__}: {exc}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ImplementationError(
+        raise LoadError(
             f"--impl py:{target}: module {module_name!r} has no callable {attr!r}")
     return fn
 
 
-def _dialect_of(fn: Callable[..., Any], target: str) -> str:
-    try:
-        params = list(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        params = []
+def dialect_of(fn: Callable[..., Any], name: str) -> str:
+    """The dialect ``fn``'s parameter names (signature or op schema) say it follows."""
+    params = signatures.positional_names(fn)
     # The dialects whose signature head the parameters start with; among them
     # one of the right arity, the longest head first; else the only dialect of
     # that arity (a callable naming its parameters its own way).
@@ -94,8 +101,8 @@ def _dialect_of(fn: Callable[..., Any], target: str) -> str:
         return arity[0]
     if heads:
         return heads[0].name
-    raise ImplementationError(
-        f"--impl py:{target}: cannot tell its dialect from its signature {tuple(params)}; "
+    raise LoadError(
+        f"--impl {name}: cannot tell its dialect from its signature ({', '.join(params)}); "
         f"pass --dialect, one of {', '.join(DIALECTS)}")
 
 
@@ -115,10 +122,16 @@ def names() -> list[str]:
     return out
 
 
-def resolve(name: str, dialect: str | None = None) -> Implementation:
-    """The :class:`Implementation` called ``name``; ``ImplementationError`` otherwise."""
+def resolve(name: str, dialect: str | None = None, load: Sequence[str] = ()) -> Implementation:
+    """The :class:`Implementation` called ``name``; ``ImplementationError`` otherwise.
+
+    ``load``: op libraries (``--load``) loaded first, here and wherever the
+    implementation is loaded later; what cannot be loaded raises :class:`LoadError`.
+    """
     if dialect is not None and dialect not in DIALECTS:
         raise ImplementationError(f"--dialect={dialect!r}: must be one of {', '.join(DIALECTS)}")
+    libraries = oplib.library_paths(load)
+    oplib.load_libraries(libraries)
     kind, _, rest = name.partition(":")
     if kind in ("torch", "cuda"):
         impl = _resolve_builtin(kind, rest or None, name)
@@ -127,25 +140,33 @@ def resolve(name: str, dialect: str | None = None) -> Implementation:
             raise ImplementationError(
                 f"--impl {name!r}: expected py:package.module:function")
         fn = _import_callable(rest)
-        found = dialect or _dialect_of(fn, rest)
+        found = dialect or dialect_of(fn, name)
+        signatures.check_arguments(fn, found, name)
         impl = Implementation(name, "py", (found,), ("cpu", "cuda"),
                               stable=bool(getattr(fn, "difftest_stable", False)),
                               summary=(fn.__doc__ or "user callable").strip().splitlines()[0],
                               target=rest)
+    elif kind == "op":
+        op = oplib.find_op(oplib.check_qualname(rest), libraries)
+        found = dialect or dialect_of(op, name)
+        signatures.check_arguments(op, found, name)
+        impl = Implementation(name, "op", (found,), ("cpu", "cuda"), stable=False,
+                              summary=str(signatures.schema_of(op)), target=rest)
     elif kind in ("vllm", "sglang") and not rest:
         from . import adapters
 
-        impl = adapters.implementation(kind)
+        impl = adapters.implementation(kind, dialect)
     else:
         raise ImplementationError(
             f"--impl {name!r}: unknown implementation; allowed: torch, torch:<fault>, cuda, "
-            f"cuda:<fault>, vllm, sglang, py:package.module:function (see `difftest list`)")
+            f"cuda:<fault>, vllm, sglang, py:package.module:function, op:NAMESPACE::NAME "
+            f"(see `difftest list`)")
     if dialect is not None:
         if dialect not in impl.dialects:
             raise ImplementationError(
                 f"--dialect={dialect!r}: {name} supports {', '.join(impl.dialects)}")
-        impl = Implementation(**{**impl.__dict__, "dialects": (dialect,)})
-    return impl
+        impl = dataclasses.replace(impl, dialects=(dialect,))
+    return dataclasses.replace(impl, libraries=libraries)
 
 
 def _resolve_builtin(kind: str, fault: str | None, name: str) -> Implementation:

@@ -65,7 +65,9 @@ _TEMPLATE = r'''#!/usr/bin/env python3
 Implementation: __IMPL__   dialect: __DIALECT__   signature: __SIGNATURE__
 
     python repro.py                 # the implementation the bug was found in
-    python repro.py --impl torch    # any other: torch[:fault], cuda[:fault], py:module:function
+    python repro.py --impl torch    # any other: torch[:fault], cuda[:fault], py:module:function,
+                                    # op:NAMESPACE::NAME
+    python repro.py --load build/lib.so   # op libraries to load instead of the recorded ones
     python repro.py --device cpu
 
 Exit 1 while the bug is present, 0 when every check passes, 2 if it cannot run.
@@ -80,6 +82,7 @@ import numpy as np
 import torch
 
 IMPL = __IMPL_JSON__
+LIBRARIES = __LIBRARIES_JSON__  # op libraries loaded first (--load overrides them)
 DIALECT = __DIALECT_JSON__
 STABLE = __STABLE__
 SENTINEL, GUARD, GUARD_LEN = __SENTINEL__, __GUARD__, __GUARD_LEN__
@@ -98,6 +101,9 @@ def load(name):
     if kind == "py":
         module, _, attr = rest.partition(":")
         return getattr(importlib.import_module(module), attr)
+    if kind == "op":
+        namespace, _, op = rest.partition("::")
+        return getattr(getattr(torch.ops, namespace), op)
     if kind == "vllm":
         from vllm import _custom_ops as ops
         return ops.moe_lora_align_block_size if DIALECT == "vllm-lora" else ops.moe_align_block_size
@@ -203,6 +209,8 @@ def run(fn, call, device, exact=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--impl", default=IMPL)
+    ap.add_argument("--load", action="append", metavar="PATH",
+                    help="op library to load first (repeatable; default: the recorded ones)")
     ap.add_argument("--device", default="cuda" if IMPL.startswith("cuda") else "cpu")
     ap.add_argument("--repeats", type=int, default=None,
                     help="runs of the case (default: 20 on CUDA, where races hide, else 1)")
@@ -212,6 +220,8 @@ def main():
     ns = ap.parse_args()
     repeats = ns.repeats or (20 if ns.device.startswith("cuda") else 1)
     try:
+        for library in LIBRARIES if ns.load is None else ns.load:
+            torch.ops.load_library(library)
         fn = load(ns.impl)
     except Exception as exc:
         print(f"cannot load {ns.impl}: {exc}", file=sys.stderr)
@@ -254,8 +264,9 @@ if __name__ == "__main__":
 
 
 def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature: str,
-                 culprit: Case | None = None) -> str:
-    """The script's text; with ``culprit``, each run calls the culprit's case first."""
+                 culprit: Case | None = None, libraries: tuple[str, ...] = ()) -> str:
+    """The script's text; with ``culprit``, each run calls the culprit's case first;
+    ``libraries``: the op libraries the implementation needs (loaded first)."""
     calls = json.dumps(call_records(case), separators=(",", ":"))
     before = json.dumps(call_records(culprit) if culprit is not None else [],
                         separators=(",", ":"))
@@ -269,6 +280,7 @@ def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature
         "__DIALECT__": case.dialect,
         "__SIGNATURE__": signature,
         "__IMPL_JSON__": json.dumps(impl_name),
+        "__LIBRARIES_JSON__": json.dumps(list(libraries)),
         "__DIALECT_JSON__": json.dumps(case.dialect),
         "__STABLE__": repr(bool(stable)),
         "__SENTINEL__": str(SENTINEL),

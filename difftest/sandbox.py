@@ -58,7 +58,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterator
 
 from .case import Case
-from .errors import ImplementationError
+from .errors import ImplementationError, LoadError
 from .registry import Implementation
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -787,18 +787,19 @@ _NO_ANSWER, _GONE = "no answer", "gone"  # instead of a worker's first message
 
 
 def _check_loaded(impl: str, first: Any, timeout_s: float, ended: Callable[[], str]) -> None:
-    """Raise :class:`ImplementationError` unless a worker's ``first`` message is ``ready``.
+    """Raise :class:`LoadError` unless a worker's ``first`` message is ``ready``.
 
     ``ended()`` says how a worker that died while loading ended, and its stderr.
     """
     if first is _NO_ANSWER:
-        raise ImplementationError(f"--impl {impl}: worker did not load it within "
-                                  f"{timeout_s:.0f} s")
+        raise LoadError(f"--impl {impl}: worker did not load it within {timeout_s:.0f} s")
     if first is _GONE:
-        raise ImplementationError(f"--impl {impl}: worker died while loading it ({ended()}")
+        raise LoadError(f"--impl {impl}: worker died while loading it ({ended()}")
     kind, payload = first
     if kind == "load_error":
-        raise ImplementationError(f"--impl {impl}: cannot load it: {payload}")
+        # our own load errors arrive as their one line; anything else as a traceback
+        raise LoadError(payload if payload.startswith(("--impl ", "--load ")) else
+                        f"--impl {impl}: cannot load it: {payload}")
 
 
 def _tail(path: str) -> str:

@@ -54,7 +54,8 @@ def run_sanitizer(case: Case, impl: Any, timeout_s: float = 300.0) -> str | None
         return None
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "repro.py"
-        script.write_text(repro_script(case, impl.name, impl.stable, "sanitizer re-run", "-"))
+        script.write_text(repro_script(case, impl.name, impl.stable, "sanitizer re-run", "-",
+                                       libraries=impl.libraries))
         env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
         cmd = [tool, "--tool", "memcheck", sys.executable, str(script), "--device", "cuda",
                "--repeats", "1", "--exact-buffers"]
