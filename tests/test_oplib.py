@@ -108,6 +108,25 @@ def test_replay_exit_codes_let_git_bisect_run_find_the_bad_commit(oplib, tmp_pat
     assert main(replay + ["op:not-a-name"]) == 2
 
 
+WRAPPER = '''
+import torch
+
+
+def align(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids, num_tokens_post_pad,
+          expert_map=None):
+    torch.ops.difftest_oplib.align(topk_ids, num_experts, block_size, sorted_token_ids,
+                                   expert_ids, num_tokens_post_pad, expert_map)
+'''
+
+
+def test_load_serves_a_py_wrapper_in_the_sandbox_worker_too(oplib, tmp_path, monkeypatch):
+    (tmp_path / "oplib_wrapper.py").write_text(WRAPPER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["run", "--impl", "py:oplib_wrapper:align", "--load", oplib,
+                 "--max-examples", "20", "--out", str(tmp_path / "out"), "--no-db",
+                 "--quiet"]) == 0
+
+
 def test_list_load_names_each_registered_op_and_its_dialect(oplib):
     done = _difftest("list", "--load", oplib)
     assert done.returncode == 0, done.stderr
