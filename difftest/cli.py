@@ -133,10 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns._argv = list(argv) if argv is not None else sys.argv[1:]
         return _COMMANDS[ns.command](ns)
     except DifftestError as exc:
-        text = str(exc).strip()
-        # build errors carry a compiler log worth reading whole; anything else is one line
-        print(f"difftest: {text if 'nvcc' in text else ' '.join(text.split())}",
-              file=sys.stderr)
+        _print_error(exc)
         return EXIT_USAGE
     except (ValueError, TypeError) as exc:  # a caller error raised below us (oracle, cases)
         print(f"difftest: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -147,6 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- helpers -----------------------------------------------------------------
+def _print_error(exc: DifftestError) -> None:
+    text = str(exc).strip()
+    # build errors carry a compiler log worth reading whole; anything else is one line
+    print(f"difftest: {text if 'nvcc' in text else ' '.join(text.split())}", file=sys.stderr)
+
+
 def default_device() -> str:
     if os.environ.get("DIFFTEST_DEVICE"):
         return os.environ["DIFFTEST_DEVICE"]
@@ -388,7 +391,7 @@ def cmd_replay(ns: argparse.Namespace) -> int:
         with _runner(impl, device, ns.timeout) as runner:
             evaluation = evaluate(case, runner.run(case), stable=impl.stable)
     except LoadError as exc:
-        print(f"difftest: {' '.join(str(exc).split())}", file=sys.stderr)
+        _print_error(exc)
         return EXIT_CANNOT_LOAD
     print(f"case {case.case_id} ({case.dialect}, {case.contract}; "
           f"{', '.join(case.edge_classes) or 'no edge class'}) on {impl.name}/{device}: "
