@@ -43,7 +43,7 @@ def load_libraries(paths: Sequence[str]) -> None:
             raise LoadError(f"--load {path}: no such file (build the library first)")
         try:
             torch.ops.load_library(path)
-        except Exception as exc:  # noqa: BLE001 - dlopen and static registration errors
+        except (OSError, RuntimeError) as exc:  # dlopen; an op registered twice
             text = " ".join(str(exc).split())
             raise LoadError(f"--load {path}: cannot load it ({type(exc).__name__}: "
                             f"{text})") from None
