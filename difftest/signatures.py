@@ -79,9 +79,9 @@ def check_arguments(fn: Callable[..., Any], dialect: str, name: str, *,
     """Refuse ``fn`` (called ``name``) unless it can be called with ``dialect``'s arguments.
 
     ``pinned``: the argument names, in order, that ``source`` (the engine's
-    function an adapter calls) is known to declare; the first one that differs
-    is named. Raises :class:`LoadError`; a callable whose parameters cannot be
-    read is let through.
+    function an adapter calls) is known to declare, and the arguments it is
+    called with; the first one that differs is named. Raises :class:`LoadError`;
+    a callable whose parameters cannot be read is let through.
     """
     params = parameters(fn)
     if params is None:
@@ -97,7 +97,9 @@ def check_arguments(fn: Callable[..., Any], dialect: str, name: str, *,
                     f"convention difftest pins for it: argument {i + 1} {found}, expected "
                     f"{want!r} (pinned: {', '.join(pinned)}; installed: "
                     f"{', '.join(p.name for p in positional)})")
-    args = dialect_arguments(dialect)
+    # an adapter passes the engine function its pinned arguments (a call wrapper, where
+    # an engine's versions differ, makes the dialect's arguments into those)
+    args = tuple(pinned) if pinned is not None else dialect_arguments(dialect)
     variadic = any(p.variadic for p in params)
     required = [p for p in positional if p.required]
     keyword_only = [p for p in params if not p.positional and p.required]

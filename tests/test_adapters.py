@@ -181,7 +181,7 @@ def test_an_extra_required_argument_is_refused(tmp_path, monkeypatch, capsys):
         "sglang": {}})
     assert main(["run", "--impl", "vllm"]) == 2
     assert ("align passes 7 arguments: topk_ids, num_experts, block_size, sorted_token_ids, "
-            "expert_ids, num_tokens_post_pad, expert_map; new_vllm_ops.moe_align_block_size "
+            "experts_ids, num_tokens_post_pad, expert_map; new_vllm_ops.moe_align_block_size "
             "requires 8" in capsys.readouterr().err)
 
 
