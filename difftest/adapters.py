@@ -147,7 +147,7 @@ def _lookup(engine: str, dialect: str) -> Callable[..., Any] | None:
         fn = getattr(module, source.attr, None)
         if callable(fn):
             signatures.check_arguments(fn, dialect, engine, pinned=source.params,
-                                       source=source.where)
+                                       newer=source.newer, source=source.where)
             wrap = _CALL_WRAPPERS.get((engine, dialect))
             return fn if wrap is None else wrap(fn)
     return None

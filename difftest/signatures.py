@@ -75,13 +75,16 @@ def positional_names(fn: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def check_arguments(fn: Callable[..., Any], dialect: str, name: str, *,
-                    pinned: Sequence[str] | None = None, source: str | None = None) -> None:
+                    pinned: Sequence[str] | None = None, newer: int = 0,
+                    source: str | None = None) -> None:
     """Refuse ``fn`` (called ``name``) unless it can be called with ``dialect``'s arguments.
 
     ``pinned``: the argument names, in order, that ``source`` (the engine's
     function an adapter calls) is known to declare, and the arguments it is
-    called with; the first one that differs is named. Raises :class:`LoadError`;
-    a callable whose parameters cannot be read is let through.
+    called with; the first one that differs is named. ``newer``: how many
+    trailing pinned arguments older versions lack (the adapter's call wrapper
+    leaves them out where absent). Raises :class:`LoadError`; a callable whose
+    parameters cannot be read is let through.
     """
     params = parameters(fn)
     if params is None:
@@ -90,6 +93,9 @@ def check_arguments(fn: Callable[..., Any], dialect: str, name: str, *,
     if pinned is not None:
         for i, want in enumerate(pinned):
             have = positional[i].name if i < len(positional) else None
+            if have is None and i >= len(pinned) - newer:
+                pinned = pinned[:i]  # an older version: called without the newer ones
+                break
             if have != want:
                 found = f"is {have!r}" if have is not None else "is missing"
                 raise LoadError(

@@ -27,6 +27,11 @@ SGLANG_LORA = ("topk_ids", "seg_indptr", "req_to_lora", "num_experts", "block_si
                "expert_ids", "num_tokens_post_pad", "adapter_enabled", "lora_ids",
                "maybe_expert_map", "cumsum_buffer", "token_mask")
 
+# sgl_kernel.moe_align_block_size as of 2026 (older versions lack the last argument)
+SGLANG_ALIGN = ("topk_ids", "num_experts", "block_size", "sorted_token_ids", "experts_ids",
+                "num_tokens_post_pad", "cumsum_buffer", "pad_sorted_token_ids",
+                "ignore_invalid_expert")
+
 FAKE = '''
 import inspect
 from cuda_impl import torch_impl
@@ -132,7 +137,10 @@ def test_the_adapters_pin_the_engines_published_argument_lists():
     pins = {(e, d): [s.params for s in c] for e, by in adapters.SOURCES.items()
             for d, c in by.items()}
     assert pins == {("vllm", "vllm-lora"): [VLLM_LORA], ("vllm", "align"): [VLLM_ALIGN],
-                    ("sglang", "sglang-lora"): [SGLANG_LORA, SGLANG_LORA]}
+                    ("sglang", "sglang-lora"): [SGLANG_LORA, SGLANG_LORA],
+                    ("sglang", "sglang-align"): [SGLANG_ALIGN, SGLANG_ALIGN]}
+    # a version without the 2026 ignore_invalid_expert is called without it
+    assert [s.newer for s in adapters.SOURCES["sglang"]["sglang-align"]] == [1, 1]
 
 
 OLD_VLLM = '''

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 
 import oracle
 from difftest import adapters, registry
+from difftest.adapters import Source
 from difftest.campaign import Campaign
 from difftest.case import Case, EPGroup
 from difftest.compare import compare_rows
@@ -137,7 +138,7 @@ def _vllm_align(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
 @pytest.mark.parametrize("fn, dialect", [
     (_sgl, "sglang-align"), (_own_names, "sglang-align"), (_vllm_align, "align")])
 def test_dialect_of_a_callable_is_told_from_its_signature(fn, dialect):
-    assert registry._dialect_of(fn, "m:f") == dialect
+    assert registry.dialect_of(fn, "py:m:f") == dialect
 
 
 # ---- comparison ---------------------------------------------------------------------
@@ -284,8 +285,8 @@ def test_sglang_adapter_calls_moe_align_block_size_of_every_version(
         params=", ".join(params), names=", ".join(params), tail=tail))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(adapters, "SOURCES", {"sglang": {
-        "sglang-align": [("missing_jit_module", "moe_align_block_size"),
-                         (module, "moe_align_block_size")]}})
+        "sglang-align": [Source("missing_jit_module", "moe_align_block_size", NEWEST, newer=1),
+                         Source(module, "moe_align_block_size", NEWEST, newer=1)]}})
     fake_sgl_align = importlib.import_module(module)
 
     assert tuple(inspect.signature(fake_sgl_align.moe_align_block_size).parameters) == params
