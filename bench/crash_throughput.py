@@ -31,8 +31,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import (base_parser, campaign_batch, check_device, ensure_worker, fmt_rate,
-                     make_case, print_table, write_csv)
+from _common import (
+    base_parser,
+    campaign_batch,
+    check_device,
+    ensure_worker,
+    fmt_rate,
+    make_case,
+    print_table,
+    write_csv,
+)
 
 TOKENS, CRASH_TOKENS = 32, 31  # on the CPU a planted crash is a case of CRASH_TOKENS tokens
 WILD_SLOT = 1 << 28  # on CUDA, a lora_ids entry that far past L

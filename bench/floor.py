@@ -31,8 +31,19 @@ import statistics
 import time
 
 import numpy as np
-from _common import (SIZE_CLASSES, base_parser, check_device, default_impl, end_to_end,
-                     ensure_worker, fmt_ms, fmt_rate, make_case, print_table, write_csv)
+from _common import (
+    SIZE_CLASSES,
+    base_parser,
+    check_device,
+    default_impl,
+    end_to_end,
+    ensure_worker,
+    fmt_ms,
+    fmt_rate,
+    make_case,
+    print_table,
+    write_csv,
+)
 
 ITERS = {"decode": 500, "mid": 300, "prefill": 100}
 QUICK_ITERS = {"decode": 50, "mid": 30, "prefill": 5}

@@ -42,9 +42,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import (SIZE_CLASSES, Stopwatch, base_parser, campaign_batch, check_device,
-                     default_impl, end_to_end, fmt_ms, fmt_rate, make_case, print_table,
-                     write_csv)
+from _common import (
+    SIZE_CLASSES,
+    Stopwatch,
+    base_parser,
+    campaign_batch,
+    check_device,
+    default_impl,
+    end_to_end,
+    fmt_ms,
+    fmt_rate,
+    make_case,
+    print_table,
+    write_csv,
+)
 
 STAGES = ("generation", "set-up", "transfer", "kernel", "inspection", "oracle", "comparison",
           "logging")

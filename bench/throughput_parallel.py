@@ -17,8 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 
-from _common import (base_parser, check_device, default_impl, make_case, print_table,
-                     write_csv)
+from _common import base_parser, check_device, default_impl, make_case, print_table, write_csv
 
 SIZES = {"decode": 32, "mid": 1024}
 
@@ -29,8 +28,8 @@ def _one(impl_name: str, device: str, num_tokens: int, seconds: float, seed: int
     from pathlib import Path
 
     import numpy as np
-
     from _common import campaign_batch, ensure_worker
+
     from difftest import registry
     from difftest.campaign import Campaign
     from difftest.sandbox import SandboxRunner

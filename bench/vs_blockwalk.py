@@ -40,8 +40,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from _common import (base_parser, check_device, default_impl, fmt_ms, make_case, median_s,
-                     print_table, write_csv)
+from _common import (
+    base_parser,
+    check_device,
+    default_impl,
+    fmt_ms,
+    make_case,
+    median_s,
+    print_table,
+    write_csv,
+)
 
 
 def blockwalk(topk_ids: np.ndarray, token_lora_mapping: np.ndarray, max_loras: int,

@@ -245,7 +245,8 @@ class Case:
                     value = np.asarray(value["data"], dtype=np.dtype(value["dtype"])).reshape(
                         value["shape"])
                 except (KeyError, TypeError, ValueError) as exc:
-                    raise CaseError(f"case field {name}: not a valid array record ({exc})") from None
+                    raise CaseError(
+                        f"case field {name}: not a valid array record ({exc})") from None
             elif name == "ep" and value is not None:
                 value = EPGroup(**{**value, "ranks": tuple(value.get("ranks", ()))})
             elif name == "edge_classes":

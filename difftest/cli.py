@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dialect", help="align, vllm-lora, sglang-lora, ep-remap")
         sp.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
         sp.add_argument("--timeout", type=_positive_float, default=None,
-                        help="seconds a case may take before it is a timeout (default 10, confirmed "
-                        "by one re-run with 4x the budget; loading and building are not counted)")
+                        help="seconds a case may take before it is a timeout (default 10, "
+                        "confirmed by one re-run with 4x the budget; loading and building are "
+                        "not counted)")
 
     run = sub.add_parser("run", help="run a campaign against the oracle")
     common_impl(run)
@@ -336,7 +337,8 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
         import torch
 
         gpus = max(1, torch.cuda.device_count())  # counts devices; creates no context
-    base = _strip_options(ns._argv, {"--workers", "--gpus", "--out", "--seed", "--junit", "--shard"})
+    base = _strip_options(ns._argv,
+                          {"--workers", "--gpus", "--out", "--seed", "--junit", "--shard"})
     if seed is None:  # one fresh base seed, recorded in each part's run.json
         import random
 

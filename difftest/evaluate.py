@@ -16,11 +16,17 @@ import numpy as np
 
 from .case import Case
 from .checks import CHECK_PRIORITY
-from .compare import (Mismatch, RowOrder, breadcrumb, canonical, compare_conservation,
-                      compare_run, same_canonical)
+from .compare import (
+    Mismatch,
+    RowOrder,
+    breadcrumb,
+    canonical,
+    compare_conservation,
+    compare_run,
+    same_canonical,
+)
 from .dialects import DIALECT_INFO, RowsExpected
 from .execute import SENTINEL
-
 
 
 @dataclass

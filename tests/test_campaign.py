@@ -114,10 +114,9 @@ class _StopsAtCrash:
         self._pending = list(cases)
 
     def collect(self):
+        from cuda_impl import torch_impl
         from difftest.execute import run_case
         from difftest.sandbox import Outcome
-
-        from cuda_impl import torch_impl
 
         fns = torch_impl.implementation()
         outcomes = []

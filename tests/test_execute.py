@@ -8,11 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import user_impls  # noqa: E402  (needs torch)
+
 from cuda_impl import torch_impl  # noqa: E402
 from difftest.case import Case  # noqa: E402
 from difftest.dialects import DIALECT_INFO  # noqa: E402
-from difftest.execute import (ALIGN, GUARD, GUARD_LEN, SENTINEL, Staged,  # noqa: E402
-                              run_batch, run_case)
+from difftest.execute import ALIGN, GUARD, GUARD_LEN, SENTINEL, Staged, run_batch, run_case  # noqa: E402
 
 
 def _draw(n: int, seed: int) -> list[Case]:
@@ -102,7 +102,8 @@ def test_every_byte_of_a_staged_block_outside_the_data_is_guard_band():
     for buf in staged.buffers:
         size = buf.numel * buf.dtype.itemsize
         assert buf.start % ALIGN == 0 and buf.data % ALIGN == 0 and buf.end % ALIGN == 0
-        assert buf.lead >= GUARD_LEN and (buf.end - buf.data - size) >= GUARD_LEN * buf.dtype.itemsize
+        assert buf.lead >= GUARD_LEN
+        assert (buf.end - buf.data - size) >= GUARD_LEN * buf.dtype.itemsize
         region = staged.block[buf.data:buf.data + size].view(buf.dtype).reshape(buf.shape)
         if buf.role == "input":
             np.testing.assert_array_equal(region, plan.inputs[buf.name])
