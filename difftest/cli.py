@@ -7,6 +7,7 @@ Exit 2: usage or input error — one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -19,18 +20,24 @@ from .errors import DifftestError, UsageError
 EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 
 
+class _OptionError(UsageError):
+    """An option error; its message already starts with the (sub)command's name."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage)
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise _OptionError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _positive(kind: type, noun: str):
-    """An argparse type: ``kind(text)``, which must be > 0."""
+    """An argparse type: ``kind(text)``, which must be finite and > 0."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not math.isfinite(value):  # nan would never end a budget, inf is no budget
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
         return value
@@ -124,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DifftestError as exc:
         text = str(exc).strip()
         # build errors carry a compiler log worth reading whole; anything else is one line
-        print(f"difftest: {text if 'nvcc' in text else ' '.join(text.split())}",
-              file=sys.stderr)
+        text = text if "nvcc" in text else " ".join(text.split())
+        print(text if isinstance(exc, _OptionError) else f"difftest: {text}", file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, TypeError) as exc:  # a caller error raised below us (oracle, cases)
         print(f"difftest: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -169,12 +176,16 @@ def _runner(impl: Any, device: str, timeout: float | None, in_process: bool = Fa
 
 def _load_case(path: Path) -> Any:
     from .case import Case
+    from .errors import CaseError
 
     try:
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"CASE={path}: cannot read it ({exc.strerror})") from None
-    return Case.from_json(text)
+    try:
+        return Case.from_json(text)
+    except CaseError as exc:
+        raise CaseError(f"CASE={path}: {exc}") from None
 
 
 def _out_dir(requested: Path | None, label: str) -> Path:
@@ -182,6 +193,41 @@ def _out_dir(requested: Path | None, label: str) -> Path:
         return requested
     slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
     return Path("difftest-out") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+
+
+def _check_output(path: Path, option: str, *, is_dir: bool) -> None:
+    """A usage error unless ``path`` can be written (a directory, or a file when not
+    ``is_dir``), checked before the campaign so a bad path costs no run. Creates nothing:
+    a probe file is made and removed in the nearest folder that exists."""
+    import tempfile
+
+    if path.exists():
+        if is_dir and not path.is_dir():
+            raise UsageError(f"{option}={path}: is a file, not a directory")
+        if not is_dir and path.is_dir():
+            raise UsageError(f"{option}={path}: is a directory, not a file")
+        if not is_dir and not os.access(path, os.W_OK):
+            raise UsageError(f"{option}={path}: the file is not writable")
+    folder = path if is_dir else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option}={path}: {folder} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option}={path}: cannot write in {folder} "
+                         f"({exc.strerror or type(exc).__name__})") from None
+
+
+def _check_outputs(ns: argparse.Namespace, out: Path) -> None:
+    """Every output path of a command, checked before anything runs (exit 2 if one is bad)."""
+    _check_output(out, "--out", is_dir=True)
+    if getattr(ns, "junit", None) is not None:
+        _check_output(ns.junit, "--junit", is_dir=False)
+    if getattr(ns, "db", None) is not None and not getattr(ns, "no_db", False):
+        _check_output(ns.db, "--db", is_dir=True)
 
 
 def shard_seed(seed: int | None, shard: tuple[int, int] | None) -> int | None:
@@ -246,6 +292,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     seed = shard_seed(seed, ns.shard)
     workers = _worker_count(ns, device)
     out = _out_dir(ns.out, ns.impl)
+    _check_outputs(ns, out)
     if workers > 1:
         return _run_parallel(ns, workers, out, seed, device)
     database = None if ns.no_db else FailureDatabase(ns.db)
@@ -365,6 +412,7 @@ def cmd_minimize(ns: argparse.Namespace) -> int:
     impl = registry.resolve(ns.impl, ns.dialect or case.dialect)
     device = _device_for(impl, ns.device)
     out = _out_dir(ns.out, f"minimize-{ns.impl}")
+    _check_outputs(ns, out)
     with _runner(impl, device, ns.timeout) as runner:
         campaign = Campaign(impl, runner, out, seed=None)
         evaluation = campaign.run_one(case)
@@ -400,8 +448,9 @@ def cmd_selfcheck(ns: argparse.Namespace) -> int:
     if device == "cuda" and default_device() != "cuda":
         raise UsageError("--device=cuda: no CUDA device is available on this machine")
     faults = ns.faults.split(",") if ns.faults else None
-    ok = selfcheck(device=device, seconds=ns.seconds, seed=ns.seed,
-                   out=_out_dir(ns.out, f"selfcheck-{device}"), faults=faults)
+    out = _out_dir(ns.out, f"selfcheck-{device}")
+    _check_outputs(ns, out)
+    ok = selfcheck(device=device, seconds=ns.seconds, seed=ns.seed, out=out, faults=faults)
     return EXIT_CLEAN if ok else EXIT_FAILURES
 
 

@@ -86,7 +86,7 @@ import numpy as np
 
 import oracle
 
-from .case import LORA_DIALECTS, Case, EPGroup, rank_inputs
+from .case import LORA_DIALECTS, Case, EPGroup, check_case, rank_inputs
 from .dialects import DIALECT_INFO
 from .errors import UsageError
 
@@ -240,10 +240,8 @@ class Shrinker:
         """The candidate, re-tagged, if the oracle takes it and its contract is unchanged."""
         from .classify import contract_of, edge_classes_of
 
-        info = DIALECT_INFO[candidate.dialect]
         try:
-            for rank in candidate.ranks():
-                info.reference(candidate, rank)
+            check_case(candidate)
             same_contract = contract_of(candidate) == self.contract
             classes = edge_classes_of(candidate) if same_contract else ()
         except (ValueError, TypeError, IndexError):

@@ -1,0 +1,113 @@
+"""The CLI as a CI user meets it (issue 17): usage errors found early, one line each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from difftest.case import Case
+from difftest.cli import main
+
+TESTS = Path(__file__).parent
+
+
+def _difftest(*args, cwd=None, timeout=300, pythonpath=None):
+    path = pythonpath if pythonpath is not None else [str(TESTS), str(TESTS.parent)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    return subprocess.run([sys.executable, "-m", "difftest", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_usage_error(code: int, err: str) -> None:
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+# -- option errors -------------------------------------------------------------
+@pytest.mark.parametrize("option", ["--seconds", "--shrink-seconds", "--timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400"])
+def test_a_budget_must_be_a_finite_positive_number(option, value, capsys):
+    code = main(["run", "--impl", "torch", option, value])
+    err = capsys.readouterr().err
+    _one_line_usage_error(code, err)
+    assert err == (f"difftest run: argument {option}: '{value}': must be a finite number > 0 "
+                   "(see difftest run --help)\n")
+
+
+def test_an_option_error_names_the_command_once(capsys):
+    code = main(["run", "--impl", "torch", "--max-examples", "many"])
+    err = capsys.readouterr().err
+    _one_line_usage_error(code, err)
+    assert err.startswith("difftest run: argument --max-examples: 'many' is not an integer")
+    assert code == main(["replay"]) == 2
+    assert capsys.readouterr().err.startswith("difftest replay: the following arguments")
+
+
+# -- output paths, checked before the campaign ---------------------------------
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    return path
+
+
+@pytest.mark.parametrize("option, where, needle", [
+    ("--out", "{file}", "--out={file}: is a file, not a directory"),
+    ("--out", "{file}/run", "--out={file}/run: {file} is a file, not a directory"),
+    ("--out", "/proc/difftest-run", "--out=/proc/difftest-run: cannot write in /proc"),
+    ("--junit", "/proc/x.xml", "--junit=/proc/x.xml: cannot write in /proc"),
+    ("--junit", "{dir}", "--junit={dir}: is a directory, not a file"),
+    ("--db", "{file}", "--db={file}: is a file, not a directory"),
+    ("--db", "{file}/db", "--db={file}/db: {file} is a file, not a directory"),
+])
+def test_a_bad_output_path_is_refused_before_the_campaign(option, where, needle, a_file,
+                                                          tmp_path, capsys):
+    fill = {"file": a_file, "dir": tmp_path}
+    out = ["--out", str(tmp_path / "run")] if option != "--out" else []
+    code = main(["run", "--impl", "torch", "--dialect", "align", "--max-examples", "1",
+                 *out, option, where.format(**fill)])
+    err = capsys.readouterr().err
+    _one_line_usage_error(code, err)
+    assert err.startswith(f"difftest: {needle.format(**fill)}")
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_minimize_checks_its_out_before_running(a_file, tmp_path, capsys):
+    case = tmp_path / "case.json"
+    case.write_text(Case("align", "production", np.array([[0, 1]], dtype=np.int32), 2,
+                         4).to_json())
+    code = main(["minimize", str(case), "--impl", "torch", "--out", str(a_file)])
+    err = capsys.readouterr().err
+    _one_line_usage_error(code, err)
+    assert f"--out={a_file}: is a file, not a directory" in err
+
+
+# -- case files validated on load ----------------------------------------------
+@pytest.mark.parametrize("field, value, needle", [
+    ("block_size", 0, "block_size=0: must be a positive integer"),
+    ("num_experts", "four", "num_experts='four': must be an integer, not str"),
+    ("num_experts", 1, "contract='production' but the case is outside it (expert id outside "
+                       "[0, E)): tag it 'defensive'"),
+    ("max_num_tokens_padded", 1, "max_num_tokens_padded=1"),
+    ("edge_classes", ["no-such-class"], "edge_classes has unknown class(es) ['no-such-class']"),
+])
+@pytest.mark.parametrize("command", ["replay", "minimize"])
+def test_an_invalid_case_file_is_a_usage_error_not_a_verdict(command, field, value, needle,
+                                                             tmp_path, capsys):
+    data = Case("align", "production", np.array([[0, 1], [1, 1]], dtype=np.int32), 2,
+                4).to_dict()
+    data[field] = value
+    path = tmp_path / "case.json"
+    path.write_text(json.dumps(data))
+    code = main([command, str(path), "--impl", "torch", *(
+        ["--out", str(tmp_path / "min")] if command == "minimize" else [])])
+    captured = capsys.readouterr()
+    _one_line_usage_error(code, captured.err)
+    assert captured.err.startswith(f"difftest: CASE={path}: ") and needle in captured.err
+    assert captured.out == ""
