@@ -123,7 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cwd_importable() -> None:
+    """Put the current directory on ``sys.path``, as ``python -m`` does (the ``difftest``
+    console script does not), so ``--impl py:mykern:fn`` finds ``./mykern.py``. The
+    sandbox worker is started with this process's ``sys.path``."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _cwd_importable()
     try:
         ns = build_parser().parse_args(argv)
         ns._argv = list(argv) if argv is not None else sys.argv[1:]

@@ -111,3 +111,49 @@ def test_an_invalid_case_file_is_a_usage_error_not_a_verdict(command, field, val
     _one_line_usage_error(code, captured.err)
     assert captured.err.startswith(f"difftest: CASE={path}: ") and needle in captured.err
     assert captured.out == ""
+
+
+# -- the current directory is importable ----------------------------------------
+_MYKERN = '''
+from cuda_impl import torch_impl
+
+_align = torch_impl.implementation(None)["align"]
+
+
+def fn(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids, num_tokens_post_pad,
+       expert_map=None):
+    """Counts one padded slot too many."""
+    _align(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids, num_tokens_post_pad,
+           expert_map)
+    num_tokens_post_pad += 1
+'''
+
+
+def test_a_module_in_the_current_directory_is_importable_everywhere(tmp_path):
+    kern = tmp_path / "kern"
+    kern.mkdir()
+    (kern / "mykern.py").write_text(_MYKERN)
+    repo = [str(TESTS.parent)]  # -P: like the console script, the cwd is not on sys.path
+
+    def difftest(*args):
+        return subprocess.run([sys.executable, "-P", "-m", "difftest", *map(str, args)],
+                              cwd=kern, env={**os.environ, "PYTHONPATH": repo[0]},
+                              capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "run"
+    done = difftest("run", "--impl", "py:mykern:fn", "--max-examples", "3", "--seed", "0",
+                    "--out", out, "--no-db", "--shrink-seconds", "5")
+    assert done.returncode == 1, done.stderr
+    assert "FAIL align--mismatch--num_tokens_post_pad" in done.stdout
+    bug = out / "bugs" / "align--mismatch--num_tokens_post_pad"
+    replayed = difftest("replay", bug / "case.json", "--impl", "py:mykern:fn")
+    assert replayed.returncode == 1, replayed.stderr
+    assert ": mismatch" in replayed.stdout
+    minimized = difftest("minimize", bug / "case.json", "--impl", "py:mykern:fn",
+                         "--out", tmp_path / "min", "--shrink-seconds", "5")
+    assert minimized.returncode == 1, minimized.stderr
+    # repro.py finds the module from any folder: it records where it was imported from
+    repro = subprocess.run([sys.executable, bug / "repro.py"], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": repo[0]}, capture_output=True,
+                           text=True, timeout=120)
+    assert repro.returncode == 1 and "BUG PRESENT in py:mykern:fn" in repro.stdout, repro.stderr
