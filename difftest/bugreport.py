@@ -75,6 +75,21 @@ def confirmation_lines(failure: Any, case: Case, culprit: Case | None) -> list[s
     return lines
 
 
+def compact_case(case: Case, width: int = 240) -> str:
+    """The case on one line for JUnit and the console: its sizes, then its inputs,
+    cut at ``width`` characters: ``T=1 K=2 E=2 B=2 L=0 P=3 (production size);
+    topk_ids=[[0, 0]]``."""
+    sizes = case.sizes()
+    shape = " ".join(f"{k}={v}" for k, v in sizes.items() if v is not None)
+    if case.dialect != "ep-remap":
+        shape += (" (production size)" if case.max_num_tokens_padded is None
+                  else " (not the production size)")
+    inputs = case_inputs(case)
+    arrays = "; ".join(f"{k}={v}" for k, v in inputs.items() if isinstance(v, list))
+    text = f"{shape}; {arrays}" if arrays else shape
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
                          evaluation: Evaluation, *, failure: Any = None, shrink: Any = None,
                          extra: dict | None = None, culprit: Case | None = None) -> Path:

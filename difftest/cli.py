@@ -7,6 +7,7 @@ Exit 2: usage or input error — one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -59,6 +60,18 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _edge_class_list(text: str) -> tuple[str, ...]:
+    from .case import EDGE_CLASSES
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in EDGE_CLASSES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, unknown)) or repr(text)}: not an edge class; known: "
+            f"{', '.join(EDGE_CLASSES)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="difftest", description="Differential testing of MoE align kernels "
                 "against an exact oracle.")
@@ -99,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--in-process", action="store_true",
                      help="run the implementation in this process (no crash isolation)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--classes", type=_edge_class_list,
+                     help="comma-separated edge classes: every case is built around one of "
+                     "them (see `difftest list`)")
+    run.add_argument("--json", action="store_true",
+                     help="print the final summary as one JSON object, and nothing else, "
+                     "on stdout")
+    # a worker of --workers N: no summary of its own (the parent prints the merged one)
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     rp = sub.add_parser("replay", help="re-run one saved case")
     rp.add_argument("case", type=Path)
@@ -271,16 +292,64 @@ def cmd_list(ns: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
-def _print_result(result: Any) -> None:
-    print(f"{result.cases} cases in {result.elapsed_s:.1f} s"
-          + (f" ({result.replayed} replayed from the failure database)"
-             if result.replayed else "")
-          + ": " + ", ".join(f"{v} {n}" for v, n in sorted(result.verdicts.items())))
-    for sig, failure in sorted(result.failures.items()):
-        where = result.bug_dirs.get(sig)
-        print(f"FAIL {sig}: {failure.count} case(s), first after {failure.cases_until_failure}"
-              + (f"; report {where}" if where else ""))
-    print(f"run directory: {result.out_dir}  (summary.html, cases.parquet, mismatches.parquet)")
+def _run_summary(out: Path, run: dict[str, Any], case_rows: Sequence[dict],
+                 exit_code: int, junit: Path | None) -> dict[str, Any]:
+    """The final summary of ``difftest run`` as one plain dict: what the console shows and
+    what ``--json`` prints. ``run`` is ``run.json``'s content (merged for ``--workers``)."""
+    import reports
+
+    return {
+        "exit_code": exit_code, "cases": run["cases"], "replayed": run["replayed"],
+        "elapsed_s": round(run["elapsed_s"], 3), "seed": run["seed"],
+        "verdicts": dict(sorted(run["verdicts"].items())), "failures": run["failures"],
+        "contracts": reports.contract_split(case_rows), "run_dir": str(out),
+        "junit": None if junit is None else str(junit),
+    }
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    replayed = summary["replayed"]
+    print(f"{summary['cases']} cases in {summary['elapsed_s']:.1f} s"
+          + (f" ({replayed} replayed from the failure database)" if replayed else "")
+          + ": " + ", ".join(f"{v} {n}" for v, n in summary["verdicts"].items()))
+    for f in summary["failures"]:
+        print(f"FAIL {f['signature']}: {f['count']} case(s), first after {f['first_after']}"
+              + (f"; report {f['report']}" if f["report"] else ""))
+    for sentence in summary["contracts"]:
+        print(sentence)
+    print(f"run directory: {summary['run_dir']}  (summary.html, cases.parquet, "
+          f"mismatches.parquet); seed {summary['seed']}")
+
+
+def _seed_of_run(ns: argparse.Namespace, seed: int | None) -> int:
+    """``seed``, or a fresh one (said on stderr with how to repeat it): every run is
+    reproducible from its ``run.json``."""
+    if seed is not None:
+        return seed
+    import random
+
+    seed = random.randrange(2**31)
+    if not ns.worker:
+        print(f"difftest run: seed {seed} (drawn; --seed {seed} repeats these cases)",
+              file=sys.stderr)
+    return seed
+
+
+def _check_classes(impl: Any, contracts: tuple[str, ...], classes: tuple[str, ...] | None
+                   ) -> None:
+    """A usage error now, not mid-campaign, when no case of this run can have ``classes``."""
+    if classes is None:
+        return
+    from .strategies import cases
+
+    try:
+        cases(dialects=impl.dialects, contracts=contracts, classes=classes)
+    except UsageError as exc:
+        raise UsageError(f"--classes={','.join(classes)}: {str(exc).split(': ', 1)[1]}"
+                         ) from None
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -303,6 +372,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     workers = _worker_count(ns, device)
     out = _out_dir(ns.out, ns.impl)
     _check_outputs(ns, out)
+    _check_classes(impl, contracts, ns.classes)
+    seed = _seed_of_run(ns, seed)
     if workers > 1:
         return _run_parallel(ns, workers, out, seed, device)
     database = None if ns.no_db else FailureDatabase(ns.db)
@@ -313,17 +384,21 @@ def cmd_run(ns: argparse.Namespace) -> int:
         try:
             campaign.replay_database()
             campaign.generate(dialects=impl.dialects, contracts=contracts,
-                              max_examples=max_examples, seconds=seconds)
+                              max_examples=max_examples, seconds=seconds, classes=ns.classes)
             if not ns.no_shrink:
                 campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
         finally:  # interrupted or not: parquet and summary hold every recorded case
             result = campaign.close()
+    code = EXIT_FAILURES if result.failed else EXIT_CLEAN
+    failures = result.failure_records(impl.name)
     if ns.junit:
         import reports
 
-        reports.write_junit(ns.junit, campaign.case_rows, campaign.mismatch_rows)
-    _print_result(result)
-    return EXIT_FAILURES if result.failed else EXIT_CLEAN
+        reports.write_junit(ns.junit, campaign.case_rows, failures)
+    if not ns.worker:
+        run = json.loads((out / "run.json").read_text())
+        _print_summary(_run_summary(out, run, campaign.case_rows, code, ns.junit), ns.json)
+    return code
 
 
 def _worker_count(ns: argparse.Namespace, device: str) -> int:
@@ -356,11 +431,8 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
         import torch
 
         gpus = max(1, torch.cuda.device_count())  # counts devices; creates no context
-    base = _strip_options(ns._argv, {"--workers", "--gpus", "--out", "--seed", "--junit", "--shard"})
-    if seed is None:  # one fresh base seed, recorded in each part's run.json
-        import random
-
-        seed = random.randrange(2**31)
+    base = _strip_options(ns._argv, {"--workers", "--gpus", "--out", "--seed", "--junit",
+                                     "--shard", "--json"})
     procs, parts = [], []
     for i in range(workers):
         part = out / "parts" / f"worker-{i}"
@@ -370,17 +442,47 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
             env["DIFFTEST_GPU"] = str(i % gpus)
         child_seed = shard_seed(seed, (i, workers))
         cmd = [sys.executable, "-m", "difftest"] + base + [
-            "--out", str(part), "--seed", str(child_seed), "--quiet"]
+            "--out", str(part), "--seed", str(child_seed), "--quiet", "--worker"]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     if any(c == EXIT_USAGE for c in codes):
         raise UsageError(f"a worker stopped on a usage error (exit codes {codes})")
     reports.merge_runs(out, parts)
     reports.write_summary(out)
+    run = _merged_run_json(out, parts, seed)
+    case_rows = reports.read_rows(out)[0]
     if ns.junit:
-        reports.write_junit(ns.junit, *reports.read_rows(out))
-    print(f"{workers} workers merged into {out}; exit codes {codes}")
-    return EXIT_FAILURES if any(c == EXIT_FAILURES for c in codes) else EXIT_CLEAN
+        reports.write_junit(ns.junit, case_rows, run["failures"])
+    code = EXIT_FAILURES if any(c == EXIT_FAILURES for c in codes) else EXIT_CLEAN
+    if any(c not in (EXIT_CLEAN, EXIT_FAILURES) for c in codes):
+        print(f"difftest run: worker exit codes {codes}", file=sys.stderr)
+    _print_summary(_run_summary(out, run, case_rows, code, ns.junit), ns.json)
+    return code
+
+
+def _merged_run_json(out: Path, parts: list[Path], seed: int) -> dict[str, Any]:
+    """The parts' ``run.json`` summed into ``out/run.json``: one record per failure
+    signature, its report the merged copy under ``out/bugs``."""
+    runs = [json.loads((p / "run.json").read_text()) for p in parts if (p / "run.json").exists()]
+    verdicts: dict[str, int] = {}
+    failures: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for verdict, n in run["verdicts"].items():
+            verdicts[verdict] = verdicts.get(verdict, 0) + n
+        for f in run.get("failures", []):
+            if f["signature"] in failures:
+                failures[f["signature"]]["count"] += f["count"]
+                continue
+            merged = out / "bugs" / f["signature"]
+            failures[f["signature"]] = {**f, "report": str(merged) if merged.is_dir() else None}
+    run = {"impl": runs[0]["impl"] if runs else None, "seed": seed,
+           "cases": sum(r["cases"] for r in runs), "verdicts": verdicts,
+           "replayed": sum(r["replayed"] for r in runs), "signatures": sorted(failures),
+           "elapsed_s": max((r["elapsed_s"] for r in runs), default=0.0),
+           "failures": [failures[s] for s in sorted(failures)],
+           "parts": [str(p) for p in parts]}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
+    return run
 
 
 def _strip_options(argv: list[str], names: set[str]) -> list[str]:

@@ -423,47 +423,62 @@ def test_environment_never_imports_torch():
 
 
 
-def test_junit_has_one_testcase_per_edge_class_and_contract_with_failures(tmp_path):
+def failure_record(signature, *, impl="torch", verdict="mismatch", count=1, **extra):
+    return {"signature": signature, "impl": impl, "dialect": "vllm-lora", "verdict": verdict,
+            "contract": "production", "count": count, "first_after": 2,
+            "minimal": "T=1 K=1 E=2 B=1 L=1 P=2 (production size); topk_ids=[[1]]",
+            "message": "expert_ids[0]: expected 1, actual 0\x1b[0m",
+            "report": f"out/bugs/{signature}", **extra}
+
+
+def test_junit_has_one_testcase_per_bug_and_one_per_class_and_contract_that_passed(tmp_path):
     cases = [
         case_row("c1"),
         case_row("c2", verdict="mismatch", edge_classes=("base-only", "hot-expert"),
                  elapsed_s=1.25),
         case_row("c3", contract="defensive", edge_classes=()),
         case_row("c4", impl="cuda", verdict="crash"),
+        case_row("c5", edge_classes=("int64-ids",), elapsed_s=0.25),
     ]
-    mismatches = [mismatch_row("c2", message="expert_ids[3]: expected 2, actual 0\x1b[0m")]
-    path = reports.write_junit(tmp_path / "out" / "junit.xml", cases, mismatches)
+    failures = [failure_record("vllm-lora--mismatch--expert_ids", count=3),
+                failure_record("vllm-lora--crash--cuda-illegal-address", impl="cuda",
+                               verdict="crash", message="")]
+    path = reports.write_junit(tmp_path / "out" / "junit.xml", cases, failures)
     suite = ET.parse(path).getroot()
     assert suite.tag == "testsuite"
     assert suite.attrib == {
-        "name": "difftest", "tests": "4", "failures": "3", "errors": "0", "skipped": "0",
-        "time": "2.750",
+        "name": "difftest", "tests": "4", "failures": "1", "errors": "1", "skipped": "0",
+        "time": "3.000",
     }
     testcases = {(tc.get("classname"), tc.get("name")): tc for tc in suite.iter("testcase")}
-    assert sorted(testcases) == [
-        ("difftest.cuda.vllm-lora", "base-only[production]"),
-        ("difftest.torch.vllm-lora", "base-only[production]"),
-        ("difftest.torch.vllm-lora", "hot-expert[production]"),
+    # base-only[production] and hot-expert[production] had a failing case: the bug stands
+    # for them; int64-ids and the untagged defensive case passed
+    assert list(testcases) == [
+        ("difftest.cuda.vllm-lora", "vllm-lora--crash--cuda-illegal-address"),
+        ("difftest.torch.vllm-lora", "vllm-lora--mismatch--expert_ids"),
+        ("difftest.torch.vllm-lora", "int64-ids[production]"),
         ("difftest.torch.vllm-lora", "no-edge-class[defensive]"),
     ]
-    base = testcases[("difftest.torch.vllm-lora", "base-only[production]")]
-    assert base.get("time") == "1.750"
-    failure = base.find("failure")
-    assert failure.get("message") == (
-        "1 of 2 cases failed (mismatch: 1); first: "
-        "c2 [mismatch] expert_ids: expert_ids[3]: expected 2, actual 0\ufffd[0m"
-    )
-    cuda = testcases[("difftest.cuda.vllm-lora", "base-only[production]")]
-    assert cuda.find("failure").text == "c4 [crash]"
-    assert testcases[("difftest.torch.vllm-lora", "hot-expert[production]")].get("time") == "1.250"
-    untagged = testcases[("difftest.torch.vllm-lora", "no-edge-class[defensive]")]
-    assert untagged.find("failure") is None
+    bug = testcases[("difftest.torch.vllm-lora", "vllm-lora--mismatch--expert_ids")]
+    failure = bug.find("failure")
+    assert failure.get("type") == "difftest.mismatch" and bug.find("error") is None
+    assert failure.get("message") == failure.text == (
+        "mismatch: 3 failing cases (production contract), first after 2 cases\n"
+        "minimal case: T=1 K=1 E=2 B=1 L=1 P=2 (production size); topk_ids=[[1]]\n"
+        "first difference: expert_ids[0]: expected 1, actual 0\ufffd[0m\n"
+        "report: out/bugs/vllm-lora--mismatch--expert_ids")
+    crash = testcases[("difftest.cuda.vllm-lora", "vllm-lora--crash--cuda-illegal-address")]
+    assert crash.find("failure") is None
+    assert crash.find("error").get("type") == "difftest.crash"
+    assert crash.find("error").text.splitlines()[0] == "crash: 1 failing case (production " \
+        "contract), first after 2 cases"
+    passed = testcases[("difftest.torch.vllm-lora", "int64-ids[production]")]
+    assert passed.get("time") == "0.250" and len(passed) == 0
+    assert len(testcases[("difftest.torch.vllm-lora", "no-edge-class[defensive]")]) == 0
 
 
-def test_junit_quotes_at_most_five_failing_cases(tmp_path):
-    cases = [case_row(f"c{i}", verdict="timeout") for i in range(7)]
-    suite = ET.parse(reports.write_junit(tmp_path / "junit.xml", cases, [])).getroot()
-    assert suite.get("tests") == "1" and suite.get("failures") == "1"
-    text = suite.find("testcase/failure").text
-    quoted = [f"c{i} [timeout]" for i in range(5)]
-    assert text.splitlines() == quoted + ["... and 2 more failing cases"]
+def test_junit_refuses_a_failure_without_its_report_path(tmp_path):
+    record = failure_record("s")
+    del record["report"]
+    with pytest.raises(ValueError, match="failures\\[0\\] has no 'report'"):
+        reports.write_junit(tmp_path / "junit.xml", [case_row("c1")], [record])
