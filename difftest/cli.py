@@ -471,7 +471,9 @@ def _merged_run_json(out: Path, parts: list[Path], seed: int) -> dict[str, Any]:
             verdicts[verdict] = verdicts.get(verdict, 0) + n
         for f in run.get("failures", []):
             if f["signature"] in failures:
-                failures[f["signature"]]["count"] += f["count"]
+                seen = failures[f["signature"]]
+                seen["count"] += f["count"]
+                seen["first_after"] = min(seen["first_after"], f["first_after"])
                 continue
             merged = out / "bugs" / f["signature"]
             failures[f["signature"]] = {**f, "report": str(merged) if merged.is_dir() else None}

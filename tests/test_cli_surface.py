@@ -157,3 +157,100 @@ def test_a_module_in_the_current_directory_is_importable_everywhere(tmp_path):
                            env={**os.environ, "PYTHONPATH": repo[0]}, capture_output=True,
                            text=True, timeout=120)
     assert repro.returncode == 1 and "BUG PRESENT in py:mykern:fn" in repro.stdout, repro.stderr
+
+
+# -- seeds, focus and the summary for scripts ---------------------------------------
+def _case_ids(out: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out / "cases.parquet").column("case_id").to_pylist()
+
+
+def test_a_run_without_seed_draws_one_prints_it_and_the_seed_repeats_the_cases(tmp_path):
+    first = _difftest("run", "--impl", "torch", "--dialect", "align", "--max-examples", "15",
+                      "--out", tmp_path / "a", "--no-db", "--in-process")
+    assert first.returncode == 0, first.stderr
+    seed = json.loads((tmp_path / "a" / "run.json").read_text())["seed"]
+    assert isinstance(seed, int)
+    assert f"difftest run: seed {seed} (drawn; --seed {seed} repeats these cases)" in first.stderr
+    assert f"seed {seed}" in first.stdout.splitlines()[-1]
+    again = _difftest("run", "--impl", "torch", "--dialect", "align", "--max-examples", "15",
+                      "--seed", seed, "--out", tmp_path / "b", "--no-db", "--in-process")
+    assert again.returncode == 0, again.stderr
+    assert "drawn" not in again.stderr
+    assert _case_ids(tmp_path / "a") == _case_ids(tmp_path / "b") and len(_case_ids(
+        tmp_path / "a")) == 15
+
+
+def test_classes_focus_every_case_on_them(tmp_path):
+    done = _difftest("run", "--impl", "torch", "--dialect", "vllm-lora", "--max-examples", "12",
+                     "--seed", "1", "--classes", "base-only,disabled-adapter", "--out",
+                     tmp_path / "run", "--no-db", "--in-process")
+    assert done.returncode == 0, done.stderr
+    import pyarrow.parquet as pq
+
+    tags = pq.read_table(tmp_path / "run" / "cases.parquet").column("edge_classes").to_pylist()
+    assert len(tags) == 12
+    assert all({"base-only", "disabled-adapter"} & set(t) for t in tags), tags
+
+
+@pytest.mark.parametrize("classes, needle", [
+    ("nosuch", "difftest run: argument --classes: 'nosuch': not an edge class; known: "
+               "full-slots-with-base, base-only,"),
+    ("base-only", "difftest: --classes=base-only: no case of align (production, defensive) "
+                  "can be built around base-only; these can: block-edges,"),
+])
+def test_an_edge_class_no_case_can_have_is_a_usage_error(classes, needle, tmp_path, capsys):
+    code = main(["run", "--impl", "torch", "--dialect", "align", "--classes", classes,
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    _one_line_usage_error(code, err)
+    assert err.startswith(needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_json_summary_workers_merged_and_junit_one_testcase_per_bug(tmp_path):
+    out = tmp_path / "run"
+    done = _difftest("run", "--impl", "torch:inactive-blocks-zero", "--dialect", "align",
+                     "--max-examples", "12", "--seed", "4", "--workers", "2", "--out", out,
+                     "--no-db", "--shrink-seconds", "5", "--junit", tmp_path / "j.xml",
+                     "--json")
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)  # one JSON object and nothing else
+    sig = "align--mismatch--expert_ids"
+    bug = out / "bugs" / sig
+    assert summary["exit_code"] == 1 and summary["run_dir"] == str(out)
+    assert summary["cases"] == 24 and sum(summary["verdicts"].values()) == 24
+    assert summary["seed"] == 4 and summary["junit"] == str(tmp_path / "j.xml")
+    [failure] = summary["failures"]
+    assert failure["signature"] == sig and failure["report"] == str(bug)
+    assert failure["count"] == summary["verdicts"]["mismatch"]
+    assert (bug / "report.md").is_file()  # the merged copy, not parts/worker-i
+    assert "parts" not in done.stdout
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(tmp_path / "j.xml").getroot()
+    bugs = [tc for tc in suite.iter("testcase") if tc.find("failure") is not None]
+    assert [tc.get("name") for tc in bugs] == [sig]
+    message = bugs[0].find("failure").get("message")
+    assert f"report: {bug}" in message and "minimal case: T=" in message
+    assert len(message) < 1000
+    assert int(suite.get("failures")) == 1 and int(suite.get("tests")) > 1
+
+
+def test_workers_print_one_merged_summary(tmp_path):
+    out = tmp_path / "run"
+    done = _difftest("run", "--impl", "torch:inactive-blocks-zero", "--dialect", "align",
+                     "--max-examples", "8", "--seed", "4", "--workers", "2", "--out", out,
+                     "--no-db", "--shrink-seconds", "5")
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("16 cases in ")
+    parts = [json.loads((out / "parts" / f"worker-{i}" / "run.json").read_text())["failures"]
+             for i in range(2)]
+    count = sum(p[0]["count"] for p in parts)
+    first = min(p[0]["first_after"] for p in parts)
+    assert [line for line in lines if line.startswith("FAIL")] == [
+        f"FAIL align--mismatch--expert_ids: {count} case(s), first after {first}; report "
+        f"{out / 'bugs' / 'align--mismatch--expert_ids'}"]
+    assert "worker-" not in done.stdout
