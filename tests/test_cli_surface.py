@@ -254,3 +254,79 @@ def test_workers_print_one_merged_summary(tmp_path):
         f"FAIL align--mismatch--expert_ids: {count} case(s), first after {first}; report "
         f"{out / 'bugs' / 'align--mismatch--expert_ids'}"]
     assert "worker-" not in done.stdout
+
+
+# -- bug reports -------------------------------------------------------------------
+_HOSTILE = '''
+def fn(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids, num_tokens_post_pad,
+       expert_map=None):
+    """Raises a message no report may render as HTML."""
+    _deeper(topk_ids)
+
+
+def _deeper(topk_ids):
+    raise RuntimeError("<script>alert(1)</script><img src=x onerror=alert(2)> a | b")
+'''
+
+
+def _outside_code(markdown: str) -> str:
+    """``markdown`` without fenced blocks and code spans (what renders as markup)."""
+    import re
+
+    markdown = re.sub(r"(?ms)^(`{3,}).*?^\1", "", markdown)
+    return re.sub(r"(`+).*?\1", "", markdown)
+
+
+def test_a_raising_kernels_report_is_escaped_has_its_frames_and_the_padding_used(tmp_path):
+    (tmp_path / "hostile.py").write_text(_HOSTILE)
+    out = tmp_path / "run"
+    done = _difftest("run", "--impl", "py:hostile:fn", "--max-examples", "2", "--seed", "0",
+                     "--out", out, "--no-db", "--shrink-seconds", "5", "--in-process",
+                     cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    [bug] = (out / "bugs").iterdir()
+    report = (bug / "report.md").read_text()
+    assert "<script>alert(1)</script>" in report  # the message is there, in code
+    rendered = _outside_code(report)
+    assert "<script" not in rendered and "<img" not in rendered, rendered
+    header = next(line for line in report.splitlines() if line.startswith("| check |"))
+    row = next(line for line in report.splitlines()
+               if line.startswith("| exception |"))
+    assert row.replace("\\|", "").count("|") == header.count("|")
+    assert "&lt;script&gt;" in row and "a \\| b" in row
+    # the traceback's last frames, with file:line
+    hostile = tmp_path / "hostile.py"
+    assert f'File "{hostile}", line 9, in _deeper' in report
+    assert f'File "{hostile}", line 5, in fn' in report
+    assert "No output to compare: the call raised an exception." in report
+    assert "expected `None`" not in report
+    # the P the call used, and that it is the production size
+    assert "| `max_num_tokens_padded` | " in report
+    padded = next(line for line in report.splitlines() if "`max_num_tokens_padded`" in line)
+    assert padded.endswith(" (the production size) |") and "None" not in padded
+    summary = (out / "summary.html").read_text()
+    assert "<script>alert" not in summary and "<img src=x" not in summary
+
+
+_SEGFAULT = '''
+import ctypes
+
+
+def fn(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids, num_tokens_post_pad,
+       expert_map=None):
+    ctypes.string_at(0)
+'''
+
+
+def test_a_crash_report_says_what_happened(tmp_path):
+    (tmp_path / "crashes.py").write_text(_SEGFAULT)
+    out = tmp_path / "run"
+    done = _difftest("run", "--impl", "py:crashes:fn", "--max-examples", "1", "--seed", "0",
+                     "--out", out, "--no-db", "--shrink-seconds", "2", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    [bug] = (out / "bugs").iterdir()
+    report = (bug / "report.md").read_text()
+    assert "- Verdict: `crash` — the call crashed" in report
+    assert "No output to compare: the call crashed" in report
+    assert "What happened:" in report and "SIGSEGV" in report
+    assert "expected `None`" not in report and "actual `None`" not in report
