@@ -43,7 +43,11 @@ def contract_split(case_rows: Iterable[Mapping[str, Any]]) -> list[str]:
         bad = next(c for c in _MEANING if c != good)
         total, failed = by_contract[bad]
         out.append(
-            f"{impl} passes the {good} contract ({by_contract[good][0]} cases: "
-            f"{_MEANING[good]}) and fails the {bad} contract ({failed} of {total} cases: "
+            f"{impl} passes the {good} contract ({_cases(by_contract[good][0])}: "
+            f"{_MEANING[good]}) and fails the {bad} contract ({failed} of {_cases(total)}: "
             f"{_MEANING[bad]})")
     return out
+
+
+def _cases(n: int) -> str:
+    return f"{n} case" if n == 1 else f"{n} cases"

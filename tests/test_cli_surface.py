@@ -330,3 +330,14 @@ def test_a_crash_report_says_what_happened(tmp_path):
     assert "No output to compare: the call crashed" in report
     assert "What happened:" in report and "SIGSEGV" in report
     assert "expected `None`" not in report and "actual `None`" not in report
+
+
+def test_a_kernel_passing_production_and_failing_defensive_is_told_in_words(tmp_path):
+    done = _difftest("run", "--impl", "torch:no-slot-upper-guard", "--dialect", "vllm-lora",
+                     "--max-examples", "40", "--seed", "0", "--out", tmp_path / "run", "--no-db",
+                     "--no-shrink", "--in-process")
+    assert done.returncode == 1, done.stderr
+    [said] = [line for line in done.stdout.splitlines() if " passes the " in line]
+    assert said.startswith("torch:no-slot-upper-guard passes the production contract (")
+    assert ") and fails the defensive contract (" in said
+    assert f"{said}.</p>" in (tmp_path / "run" / "summary.html").read_text()

@@ -296,6 +296,45 @@ def test_summary_has_the_pass_fail_cells_check_counts_and_embedded_plots(tmp_pat
     assert "http://" not in page and "https://" not in page
 
 
+def test_summary_lists_bugs_first_each_failing_case_once_and_the_contract_split(tmp_path):
+    with reports.RunLog(tmp_path) as log:
+        for k in range(3):
+            log.add_case(case_row(f"p{k}"))
+        for _ in range(5):  # one case replayed and found again: one row
+            log.add_case(case_row("d0", contract="defensive", verdict="mismatch"))
+        log.add_case(case_row("d1", contract="defensive"))
+    (tmp_path / "bugs" / "vllm-lora--mismatch--expert_ids").mkdir(parents=True)
+    (tmp_path / "bugs" / "vllm-lora--mismatch--expert_ids" / "report.md").write_text("# bug\n")
+    page = reports.write_summary(tmp_path).read_text()
+    assert page.index("<h2>Bug reports</h2>") < page.index("<h2>Pass/fail by") < page.index(
+        "<h2>Failing cases</h2>")
+    failing = page[page.index("<h2>Failing cases</h2>"):page.index("<h2>Plots</h2>")]
+    assert failing.count("<tr><td") == 1 and ">d0<" in failing
+    assert (
+        '<p class="bad">torch passes the production contract (3 cases: the inputs a serving '
+        "stack sends) and fails the defensive contract (5 of 6 cases: inputs outside the "
+        "production contract, which a careful kernel must survive without writing out of "
+        "bounds).</p>") in page
+    assert page.index("passes the production contract") < page.index("<h2>Bug reports</h2>")
+
+
+def test_contract_split_is_said_only_when_one_contract_passes_and_the_other_fails():
+    rows = [{"impl": "a", "contract": "production", "verdict": "mismatch"},
+            {"impl": "a", "contract": "defensive", "verdict": "pass"},
+            {"impl": "b", "contract": "production", "verdict": "pass"},
+            {"impl": "b", "contract": "defensive", "verdict": "crash"},
+            {"impl": "c", "contract": "production", "verdict": "mismatch"},
+            {"impl": "c", "contract": "defensive", "verdict": "crash"},
+            {"impl": "d", "contract": "production", "verdict": "pass"}]
+    assert reports.contract_split(rows) == [
+        "a passes the defensive contract (1 case: inputs outside the production contract, "
+        "which a careful kernel must survive without writing out of bounds) and fails the "
+        "production contract (1 of 1 case: the inputs a serving stack sends)",
+        "b passes the production contract (1 case: the inputs a serving stack sends) and fails "
+        "the defensive contract (1 of 1 case: inputs outside the production contract, which a "
+        "careful kernel must survive without writing out of bounds)"]
+
+
 def test_summary_of_an_empty_run_is_a_complete_page(tmp_path):
     with reports.RunLog(tmp_path):
         pass
