@@ -123,9 +123,10 @@ def cell(value: Any) -> str:
 
 
 def text(value: Any) -> str:
-    """``value`` on one line as markdown prose: ``&``, ``<`` and ``>`` as entities,
-    so text from a kernel reads as text, never as HTML."""
-    return one_line(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """``value`` on one line as markdown prose: ``&`` and ``<`` as entities, so text
+    from a kernel reads as text, never as HTML (no tag opens without ``<``; ``->``
+    stays readable)."""
+    return one_line(value).replace("&", "&amp;").replace("<", "&lt;")
 
 
 def code(value: Any) -> str:

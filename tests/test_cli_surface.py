@@ -293,7 +293,7 @@ def test_a_raising_kernels_report_is_escaped_has_its_frames_and_the_padding_used
     row = next(line for line in report.splitlines()
                if line.startswith("| exception |"))
     assert row.replace("\\|", "").count("|") == header.count("|")
-    assert "&lt;script&gt;" in row and "a \\| b" in row
+    assert "&lt;script>" in row and "a \\| b" in row
     # the traceback's last frames, with file:line
     hostile = tmp_path / "hostile.py"
     assert f'File "{hostile}", line 9, in _deeper' in report
@@ -341,3 +341,16 @@ def test_a_kernel_passing_production_and_failing_defensive_is_told_in_words(tmp_
     assert said.startswith("torch:no-slot-upper-guard passes the production contract (")
     assert ") and fails the defensive contract (" in said
     assert f"{said}.</p>" in (tmp_path / "run" / "summary.html").read_text()
+
+
+def test_minimize_lists_shrink_steps_compressed_per_pass_run(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_text(Case("align", "production", np.zeros((64, 1), dtype=np.int32), 2,
+                         4).to_json())
+    done = _difftest("minimize", path, "--impl", "torch:inactive-blocks-zero", "--out",
+                     tmp_path / "min", "--shrink-seconds", "20")
+    assert done.returncode == 1, done.stderr
+    report = (tmp_path / "min" / "bugs" / "align--mismatch--expert_ids" / "report.md").read_text()
+    steps = report[report.index("Shrink passes applied:"):report.index("## Expected")]
+    assert "- drop_tokens: T 64 → 2 in 5 steps\n" in steps
+    assert steps.count("drop_tokens") == 1

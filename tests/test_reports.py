@@ -521,3 +521,16 @@ def test_junit_refuses_a_failure_without_its_report_path(tmp_path):
     del record["report"]
     with pytest.raises(ValueError, match="failures\\[0\\] has no 'report'"):
         reports.write_junit(tmp_path / "junit.xml", [case_row("c1")], [record])
+
+
+def test_a_timeout_report_says_what_happened_not_expected_none():
+    from reports.bugreport import render_report
+
+    detail = "no answer within 10 s, nor within 40 s on a fresh worker; worker killed"
+    report = render_report(bug_info(verdict="timeout", first_difference={
+        "check": "timeout", "message": detail, "expected": None, "actual": None},
+        mismatches=[]))
+    assert "- Verdict: `timeout` — the call did not return within its time budget" in report
+    assert (f"No output to compare: the call did not return within its time budget (confirmed "
+            f"on a fresh worker). What happened: `{detail}`") in report
+    assert "`None`" not in report.split("## Expected vs actual")[1].split("##")[0]

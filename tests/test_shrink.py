@@ -303,3 +303,22 @@ def test_short_defensive_lora_ids_does_not_pin_max_loras():
     _, result = shrink_fault("negative-expert-kept", start)
     assert result.case.max_loras == 1 and result.case.lora_ids.tolist() == [0]
     assert result.minimal
+
+
+def test_shrink_log_compresses_a_chain_of_one_pass_and_a_long_run_of_steps():
+    from difftest.shrink import compressed_log
+
+    steps = ["drop_tokens: T 16384 -> 8192", "drop_tokens: T 8192 -> 4096",
+             "drop_tokens: T 4096 -> 2 (P pinned at 9)", "lower_experts: E 8 -> 1 (T 5 -> 3)"]
+    steps += [f"simplify_ids: topk_ids[0, {k}] 3 -> 0" for k in range(7)]
+    steps += ["drop_tokens: T 2 -> 1"]
+    assert compressed_log(steps) == [
+        "drop_tokens: T 16384 → 2 in 3 steps",
+        "lower_experts: E 8 -> 1 (T 5 -> 3)",
+        "simplify_ids: topk_ids[0, 0] 3 -> 0",
+        "simplify_ids: topk_ids[0, 1] 3 -> 0",
+        "simplify_ids: … 3 more steps …",
+        "simplify_ids: topk_ids[0, 5] 3 -> 0",
+        "simplify_ids: topk_ids[0, 6] 3 -> 0",
+        "drop_tokens: T 2 -> 1",
+    ]
