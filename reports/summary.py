@@ -5,8 +5,9 @@ words an implementation that passes one contract and fails the other, the
 bug reports under ``DIR/bugs/`` first, then the pass/fail table by
 implementation × edge class × contract, mismatch counts by check and
 implementation, the failing cases (one row per distinct case), and three
-plots rendered with matplotlib's Agg canvas and embedded as PNG data URIs.  No external asset is referenced; every string
-from the run is HTML-escaped.  A run with no cases still gives a valid page.
+plots rendered with matplotlib's Agg canvas and embedded as PNG data URIs.
+No external asset is referenced; every string from the run is HTML-escaped.
+A run with no cases still gives a valid page.
 """
 
 from __future__ import annotations
