@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .case import Case
+from .case import Case, rank_inputs
 from .checks import describe
 from .evaluate import Evaluation
 from .repro import repro_script
+from .shrink import compressed_log
 
 
 def title_of(impl_name: str, case: Case, evaluation: Evaluation) -> str:
@@ -26,8 +27,10 @@ def case_inputs(case: Case) -> dict[str, Any]:
         value = getattr(case, name)
         if value is not None:
             out[name] = value.tolist()
-    for name in ("num_experts", "block_size", "max_loras", "max_num_tokens_padded"):
+    for name in ("num_experts", "block_size", "max_loras"):
         out[name] = getattr(case, name)
+    if case.dialect != "ep-remap":
+        out["max_num_tokens_padded"] = padding_text(case)
     if case.dialect == "sglang-align":  # SGLang's call flags
         out["pad_sorted_token_ids"] = case.pad_sorted_token_ids
         out["ignore_invalid_expert"] = case.ignore_invalid_expert
@@ -75,6 +78,37 @@ def confirmation_lines(failure: Any, case: Case, culprit: Case | None) -> list[s
     return lines
 
 
+def padding_text(case: Case) -> str:
+    """The ``P`` each call received and whether it is the production size (SPEC §2):
+    ``"2 (the production size)"``, ``"9 (production: 4)"``; per rank for EP groups."""
+    ranks = case.ranks()
+    used = [rank_inputs(case, rank)["max_num_tokens_padded"] for rank in ranks]
+    production = [rank_inputs(case.replace(max_num_tokens_padded=None), rank)[
+        "max_num_tokens_padded"] for rank in ranks]
+    def shown(values: list[int]) -> str:
+        if len(set(values)) == 1:
+            return str(values[0])
+        return ", ".join(f"rank {r}: {v}" for r, v in zip(ranks, values))
+
+    if used == production:
+        return f"{shown(used)} (the production size)"
+    return f"{shown(used)} (production: {shown(production)})"
+
+
+def compact_case(case: Case, width: int = 240) -> str:
+    """The case on one line for JUnit and the console: its sizes, then its inputs,
+    cut at ``width`` characters: ``T=1 K=2 E=2 B=2 L=0 P=3 (production size);
+    topk_ids=[[0, 0]]``."""
+    sizes = case.sizes()
+    shape = " ".join(f"{k}={v}" for k, v in sizes.items() if v is not None)
+    inputs = case_inputs(case)
+    if "max_num_tokens_padded" in inputs:
+        shape += f" ({inputs['max_num_tokens_padded'].partition(' (')[2].rstrip(')')})"
+    arrays = "; ".join(f"{k}={v}" for k, v in inputs.items() if isinstance(v, list))
+    text = f"{shape}; {arrays}" if arrays else shape
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
                          evaluation: Evaluation, *, failure: Any = None, shrink: Any = None,
                          extra: dict | None = None, culprit: Case | None = None) -> Path:
@@ -91,6 +125,7 @@ def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
         "edge_classes": list(case.edge_classes),
         "case": case.to_dict(),
         "inputs": case_inputs(case),
+        "verdict": evaluation.verdict,
         "first_difference": first.as_row() if first else {},
         "mismatches": [m.as_row() for m in evaluation.mismatches],
         "environment": reports.environment(),
@@ -103,9 +138,11 @@ def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
     if culprit is not None:
         info["culprit_case"] = culprit.to_dict()
     if shrink is not None:
-        info["shrink_log"] = list(shrink.passes_applied) + [
+        info["shrink_log"] = compressed_log(shrink.passes_applied) + [
             f"{shrink.calls} candidate runs in {shrink.elapsed_s:.1f} s; "
             f"{'1-minimal' if shrink.minimal else 'budget ran out before 1-minimality'}"]
+    if evaluation.frames:
+        info["traceback"] = evaluation.frames
     if failure is not None:
         info["cases_until_failure"] = failure.cases_until_failure
     if extra:

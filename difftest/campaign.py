@@ -143,6 +143,26 @@ class CampaignResult:
     def failed(self) -> int:
         return sum(n for v, n in self.verdicts.items() if v != "pass")
 
+    def failure_records(self, impl: str) -> list[dict[str, Any]]:
+        """One plain dict per failure signature, for the console, ``--json``, JUnit and
+        ``run.json``: its count, verdict, contract, edge classes, the compact minimal case
+        (the first failing case when it was not shrunk) and the bug report's folder."""
+        from .bugreport import compact_case
+
+        records = []
+        for sig, failure in sorted(self.failures.items()):
+            case, evaluation = self.minimal.get(sig, (failure.case, failure.evaluation))
+            where = self.bug_dirs.get(sig)
+            records.append({
+                "signature": sig, "impl": impl, "dialect": case.dialect,
+                "verdict": evaluation.verdict, "contract": case.contract,
+                "edge_classes": list(case.edge_classes), "count": failure.count,
+                "first_after": failure.cases_until_failure, "case_id": case.case_id,
+                "minimal": compact_case(case), "message": " ".join(evaluation.detail.split())[:300],
+                "report": None if where is None else str(where),
+            })
+        return records
+
 
 class Progress:
     """A one-line progress bar on a terminal; silent otherwise."""
@@ -450,7 +470,7 @@ class Campaign:
 
     def generate(self, *, dialects: tuple[str, ...], contracts: tuple[str, ...],
                  max_examples: int | None, seconds: float | None,
-                 stop_on_failure: bool = False) -> None:
+                 stop_on_failure: bool = False, classes: tuple[str, ...] | None = None) -> None:
         from hypothesis import HealthCheck, Phase, Verbosity, given, settings
         from hypothesis import seed as hseed
 
@@ -475,7 +495,7 @@ class Campaign:
         @settings(max_examples=limit, phases=[Phase.generate], database=None, deadline=None,
                   suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
                   derandomize=False)
-        @given(cases(dialects=dialects, contracts=contracts))
+        @given(cases(dialects=dialects, contracts=contracts, classes=classes))
         def drive(case: Case) -> None:
             if sigint["sigint"]:
                 raise _Interrupted
@@ -617,6 +637,7 @@ class Campaign:
             "verdicts": self.result.verdicts, "replayed": self.result.replayed,
             "signatures": sorted(self.result.failures), "elapsed_s": self.result.elapsed_s,
             "confirm_s": self.result.confirm_s, "flaky": flaky, "pid": os.getpid(),
+            "failures": self.result.failure_records(self.impl.name),
         }, indent=1))
         return self.result
 

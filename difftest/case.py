@@ -252,7 +252,11 @@ class Case:
             elif name == "edge_classes":
                 value = tuple(value)
             kwargs[name] = value
-        return cls(**kwargs)
+        try:
+            case = cls(**kwargs)
+        except TypeError as exc:  # a required field missing
+            raise CaseError(f"case is incomplete: {exc}") from None
+        return check_case(case)
 
     @classmethod
     def from_json(cls, text: str) -> Case:
@@ -285,6 +289,39 @@ class Case:
             else:
                 digest.update(repr(value).encode())
         return f"{self.dialect}-{digest.hexdigest()[:12]}"
+
+
+def check_case(case: Case) -> Case:
+    """``case`` if it is one the generator could have made, else a :class:`CaseError`.
+
+    The rules the generator and the shrinker obey: the oracle accepts the inputs of
+    every rank (so sizes, dtypes, shapes and ids are in its domain), every edge
+    class is a known one, and a case tagged ``production`` is inside that contract.
+    A case file is checked with it on load, so a bad field is the user's input
+    error (exit 2), never a verdict against the kernel.
+    """
+    from .dialects import DIALECT_INFO
+
+    unknown = sorted(set(case.edge_classes) - set(EDGE_CLASSES))
+    if unknown:
+        raise CaseError(f"edge_classes has unknown class(es) {unknown}: known {list(EDGE_CLASSES)}")
+    info = DIALECT_INFO[case.dialect]
+    try:
+        for rank in case.ranks():
+            info.reference(case, rank)
+    except CaseError:
+        raise
+    except (ValueError, TypeError, IndexError) as exc:
+        where = "" if rank is None else f" (rank {rank})"
+        raise CaseError(f"{' '.join(str(exc).split())}{where}") from None
+    if case.contract == "production":
+        from .classify import defensive_reasons
+
+        reasons = defensive_reasons(case)
+        if reasons:
+            raise CaseError(f"contract='production' but the case is outside it "
+                            f"({'; '.join(reasons)}): tag it 'defensive'")
+    return case
 
 
 def rank_inputs(case: Case, rank: int | None) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Exit 2: usage or input error — one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import subprocess
 import sys
@@ -22,18 +24,24 @@ EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
 EXIT_CANNOT_LOAD = 125  # replay only: git bisect's "skip this commit"
 
 
+class _OptionError(UsageError):
+    """An option error; its message already starts with the (sub)command's name."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage)
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise _OptionError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _positive(kind: type, noun: str):
-    """An argparse type: ``kind(text)``, which must be > 0."""
+    """An argparse type: ``kind(text)``, which must be finite and > 0."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not math.isfinite(value):  # nan would never end a budget, inf is no budget
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
         return value
@@ -53,6 +61,18 @@ def _shard(text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= i < n")
     return i, n
+
+
+def _edge_class_list(text: str) -> tuple[str, ...]:
+    from .case import EDGE_CLASSES
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in EDGE_CLASSES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, unknown)) or repr(text)}: not an edge class; known: "
+            f"{', '.join(EDGE_CLASSES)}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--in-process", action="store_true",
                      help="run the implementation in this process (no crash isolation)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--classes", type=_edge_class_list,
+                     help="comma-separated edge classes: every case is built around one of "
+                     "them (see `difftest list`)")
+    run.add_argument("--json", action="store_true",
+                     help="print the final summary as one JSON object, and nothing else, "
+                     "on stdout")
+    # a worker of --workers N: no summary of its own (the parent prints the merged one)
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     rp = sub.add_parser("replay", help="re-run one saved case")
     rp.add_argument("case", type=Path)
@@ -128,7 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cwd_importable() -> None:
+    """Put the current directory on ``sys.path``, as ``python -m`` does (the ``difftest``
+    console script does not), so ``--impl py:mykern:fn`` finds ``./mykern.py``. The
+    sandbox worker is started with this process's ``sys.path``."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _cwd_importable()
     try:
         ns = build_parser().parse_args(argv)
         ns._argv = list(argv) if argv is not None else sys.argv[1:]
@@ -148,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_error(exc: DifftestError) -> None:
     text = str(exc).strip()
     # build errors carry a compiler log worth reading whole; anything else is one line
-    print(f"difftest: {text if 'nvcc' in text else ' '.join(text.split())}", file=sys.stderr)
+    text = text if "nvcc" in text else " ".join(text.split())
+    # an option error's message already starts with the (sub)command's name
+    print(text if isinstance(exc, _OptionError) else f"difftest: {text}", file=sys.stderr)
 
 
 def default_device() -> str:
@@ -184,12 +224,16 @@ def _runner(impl: Any, device: str, timeout: float | None, in_process: bool = Fa
 
 def _load_case(path: Path) -> Any:
     from .case import Case
+    from .errors import CaseError
 
     try:
         text = path.read_text()
     except OSError as exc:
         raise UsageError(f"CASE={path}: cannot read it ({exc.strerror})") from None
-    return Case.from_json(text)
+    try:
+        return Case.from_json(text)
+    except CaseError as exc:
+        raise CaseError(f"CASE={path}: {exc}") from None
 
 
 def _out_dir(requested: Path | None, label: str) -> Path:
@@ -197,6 +241,41 @@ def _out_dir(requested: Path | None, label: str) -> Path:
         return requested
     slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
     return Path("difftest-out") / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+
+
+def _check_output(path: Path, option: str, *, is_dir: bool) -> None:
+    """A usage error unless ``path`` can be written (a directory, or a file when not
+    ``is_dir``), checked before the campaign so a bad path costs no run. Creates nothing:
+    a probe file is made and removed in the nearest folder that exists."""
+    import tempfile
+
+    if path.exists():
+        if is_dir and not path.is_dir():
+            raise UsageError(f"{option}={path}: is a file, not a directory")
+        if not is_dir and path.is_dir():
+            raise UsageError(f"{option}={path}: is a directory, not a file")
+        if not is_dir and not os.access(path, os.W_OK):
+            raise UsageError(f"{option}={path}: the file is not writable")
+    folder = path if is_dir else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option}={path}: {folder} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option}={path}: cannot write in {folder} "
+                         f"({exc.strerror or type(exc).__name__})") from None
+
+
+def _check_outputs(ns: argparse.Namespace, out: Path) -> None:
+    """Every output path of a command, checked before anything runs (exit 2 if one is bad)."""
+    _check_output(out, "--out", is_dir=True)
+    if getattr(ns, "junit", None) is not None:
+        _check_output(ns.junit, "--junit", is_dir=False)
+    if getattr(ns, "db", None) is not None and not getattr(ns, "no_db", False):
+        _check_output(ns.db, "--db", is_dir=True)
 
 
 def shard_seed(seed: int | None, shard: tuple[int, int] | None) -> int | None:
@@ -253,16 +332,64 @@ def _list_library(path: str) -> None:
         print(f"  op:{qualname:26s} {what}")
 
 
-def _print_result(result: Any) -> None:
-    print(f"{result.cases} cases in {result.elapsed_s:.1f} s"
-          + (f" ({result.replayed} replayed from the failure database)"
-             if result.replayed else "")
-          + ": " + ", ".join(f"{v} {n}" for v, n in sorted(result.verdicts.items())))
-    for sig, failure in sorted(result.failures.items()):
-        where = result.bug_dirs.get(sig)
-        print(f"FAIL {sig}: {failure.count} case(s), first after {failure.cases_until_failure}"
-              + (f"; report {where}" if where else ""))
-    print(f"run directory: {result.out_dir}  (summary.html, cases.parquet, mismatches.parquet)")
+def _run_summary(out: Path, run: dict[str, Any], case_rows: Sequence[dict],
+                 exit_code: int, junit: Path | None) -> dict[str, Any]:
+    """The final summary of ``difftest run`` as one plain dict: what the console shows and
+    what ``--json`` prints. ``run`` is ``run.json``'s content (merged for ``--workers``)."""
+    import reports
+
+    return {
+        "exit_code": exit_code, "cases": run["cases"], "replayed": run["replayed"],
+        "elapsed_s": round(run["elapsed_s"], 3), "seed": run["seed"],
+        "verdicts": dict(sorted(run["verdicts"].items())), "failures": run["failures"],
+        "contracts": reports.contract_split(case_rows), "run_dir": str(out),
+        "junit": None if junit is None else str(junit),
+    }
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    replayed = summary["replayed"]
+    print(f"{summary['cases']} cases in {summary['elapsed_s']:.1f} s"
+          + (f" ({replayed} replayed from the failure database)" if replayed else "")
+          + ": " + ", ".join(f"{v} {n}" for v, n in summary["verdicts"].items()))
+    for f in summary["failures"]:
+        print(f"FAIL {f['signature']}: {f['count']} case(s), first after {f['first_after']}"
+              + (f"; report {f['report']}" if f["report"] else ""))
+    for sentence in summary["contracts"]:
+        print(sentence)
+    print(f"run directory: {summary['run_dir']}  (summary.html, cases.parquet, "
+          f"mismatches.parquet); seed {summary['seed']}")
+
+
+def _seed_of_run(ns: argparse.Namespace, seed: int | None) -> int:
+    """``seed``, or a fresh one (said on stderr with how to repeat it): every run is
+    reproducible from its ``run.json``."""
+    if seed is not None:
+        return seed
+    import random
+
+    seed = random.randrange(2**31)
+    if not ns.worker:
+        print(f"difftest run: seed {seed} (drawn; --seed {seed} repeats these cases)",
+              file=sys.stderr)
+    return seed
+
+
+def _check_classes(impl: Any, contracts: tuple[str, ...], classes: tuple[str, ...] | None
+                   ) -> None:
+    """A usage error now, not mid-campaign, when no case of this run can have ``classes``."""
+    if classes is None:
+        return
+    from .strategies import cases
+
+    try:
+        cases(dialects=impl.dialects, contracts=contracts, classes=classes)
+    except UsageError as exc:
+        raise UsageError(f"--classes={','.join(classes)}: {str(exc).split(': ', 1)[1]}"
+                         ) from None
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
@@ -284,6 +411,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     seed = shard_seed(seed, ns.shard)
     workers = _worker_count(ns, device)
     out = _out_dir(ns.out, ns.impl)
+    _check_outputs(ns, out)
+    _check_classes(impl, contracts, ns.classes)
+    seed = _seed_of_run(ns, seed)
     if workers > 1:
         return _run_parallel(ns, workers, out, seed, device)
     database = None if ns.no_db else FailureDatabase(ns.db)
@@ -294,17 +424,21 @@ def cmd_run(ns: argparse.Namespace) -> int:
         try:
             campaign.replay_database()
             campaign.generate(dialects=impl.dialects, contracts=contracts,
-                              max_examples=max_examples, seconds=seconds)
+                              max_examples=max_examples, seconds=seconds, classes=ns.classes)
             if not ns.no_shrink:
                 campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
         finally:  # interrupted or not: parquet and summary hold every recorded case
             result = campaign.close()
+    code = EXIT_FAILURES if result.failed else EXIT_CLEAN
+    failures = result.failure_records(impl.name)
     if ns.junit:
         import reports
 
-        reports.write_junit(ns.junit, campaign.case_rows, campaign.mismatch_rows)
-    _print_result(result)
-    return EXIT_FAILURES if result.failed else EXIT_CLEAN
+        reports.write_junit(ns.junit, campaign.case_rows, failures)
+    if not ns.worker:
+        run = json.loads((out / "run.json").read_text())
+        _print_summary(_run_summary(out, run, campaign.case_rows, code, ns.junit), ns.json)
+    return code
 
 
 def _worker_count(ns: argparse.Namespace, device: str) -> int:
@@ -337,12 +471,8 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
         import torch
 
         gpus = max(1, torch.cuda.device_count())  # counts devices; creates no context
-    base = _strip_options(ns._argv,
-                          {"--workers", "--gpus", "--out", "--seed", "--junit", "--shard"})
-    if seed is None:  # one fresh base seed, recorded in each part's run.json
-        import random
-
-        seed = random.randrange(2**31)
+    base = _strip_options(ns._argv, {"--workers", "--gpus", "--out", "--seed", "--junit",
+                                     "--shard", "--json"})
     procs, parts = [], []
     for i in range(workers):
         part = out / "parts" / f"worker-{i}"
@@ -352,17 +482,49 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
             env["DIFFTEST_GPU"] = str(i % gpus)
         child_seed = shard_seed(seed, (i, workers))
         cmd = [sys.executable, "-m", "difftest"] + base + [
-            "--out", str(part), "--seed", str(child_seed), "--quiet"]
+            "--out", str(part), "--seed", str(child_seed), "--quiet", "--worker"]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     if any(c == EXIT_USAGE for c in codes):
         raise UsageError(f"a worker stopped on a usage error (exit codes {codes})")
     reports.merge_runs(out, parts)
     reports.write_summary(out)
+    run = _merged_run_json(out, parts, seed)
+    case_rows = reports.read_rows(out)[0]
     if ns.junit:
-        reports.write_junit(ns.junit, *reports.read_rows(out))
-    print(f"{workers} workers merged into {out}; exit codes {codes}")
-    return EXIT_FAILURES if any(c == EXIT_FAILURES for c in codes) else EXIT_CLEAN
+        reports.write_junit(ns.junit, case_rows, run["failures"])
+    code = EXIT_FAILURES if any(c == EXIT_FAILURES for c in codes) else EXIT_CLEAN
+    if any(c not in (EXIT_CLEAN, EXIT_FAILURES) for c in codes):
+        print(f"difftest run: worker exit codes {codes}", file=sys.stderr)
+    _print_summary(_run_summary(out, run, case_rows, code, ns.junit), ns.json)
+    return code
+
+
+def _merged_run_json(out: Path, parts: list[Path], seed: int) -> dict[str, Any]:
+    """The parts' ``run.json`` summed into ``out/run.json``: one record per failure
+    signature, its report the merged copy under ``out/bugs``."""
+    runs = [json.loads((p / "run.json").read_text()) for p in parts if (p / "run.json").exists()]
+    verdicts: dict[str, int] = {}
+    failures: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for verdict, n in run["verdicts"].items():
+            verdicts[verdict] = verdicts.get(verdict, 0) + n
+        for f in run.get("failures", []):
+            if f["signature"] in failures:
+                seen = failures[f["signature"]]
+                seen["count"] += f["count"]
+                seen["first_after"] = min(seen["first_after"], f["first_after"])
+                continue
+            merged = out / "bugs" / f["signature"]
+            failures[f["signature"]] = {**f, "report": str(merged) if merged.is_dir() else None}
+    run = {"impl": runs[0]["impl"] if runs else None, "seed": seed,
+           "cases": sum(r["cases"] for r in runs), "verdicts": verdicts,
+           "replayed": sum(r["replayed"] for r in runs), "signatures": sorted(failures),
+           "elapsed_s": max((r["elapsed_s"] for r in runs), default=0.0),
+           "failures": [failures[s] for s in sorted(failures)],
+           "parts": [str(p) for p in parts]}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
+    return run
 
 
 def _strip_options(argv: list[str], names: set[str]) -> list[str]:
@@ -411,6 +573,7 @@ def cmd_minimize(ns: argparse.Namespace) -> int:
     impl = registry.resolve(ns.impl, ns.dialect or case.dialect, load=ns.load)
     device = _device_for(impl, ns.device)
     out = _out_dir(ns.out, f"minimize-{ns.impl}")
+    _check_outputs(ns, out)
     with _runner(impl, device, ns.timeout) as runner:
         campaign = Campaign(impl, runner, out, seed=None)
         evaluation = campaign.run_one(case)
@@ -446,8 +609,9 @@ def cmd_selfcheck(ns: argparse.Namespace) -> int:
     if device == "cuda" and default_device() != "cuda":
         raise UsageError("--device=cuda: no CUDA device is available on this machine")
     faults = ns.faults.split(",") if ns.faults else None
-    ok = selfcheck(device=device, seconds=ns.seconds, seed=ns.seed,
-                   out=_out_dir(ns.out, f"selfcheck-{device}"), faults=faults)
+    out = _out_dir(ns.out, f"selfcheck-{device}")
+    _check_outputs(ns, out)
+    ok = selfcheck(device=device, seconds=ns.seconds, seed=ns.seed, out=out, faults=faults)
     return EXIT_CLEAN if ok else EXIT_FAILURES
 
 

@@ -34,6 +34,7 @@ class Evaluation:
     verdict: str
     mismatches: list[Mismatch] = field(default_factory=list)
     detail: str = ""
+    frames: str = ""  # error: the last frames of the first raising call's traceback
 
     @property
     def checks_failed(self) -> list[str]:
@@ -116,7 +117,9 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
     # the detail is the first record of the check the signature is named after
     first = next(m for check in CHECK_PRIORITY for m in found if m.check == check)
     verdict = "error" if first.check in ("exception", "launch_error") else "mismatch"
-    return Evaluation(verdict, found, first.message)
+    frames = next((run.frames for runs in outcome.runs for run in runs
+                   if run.error is not None and getattr(run, "frames", None)), "")
+    return Evaluation(verdict, found, first.message, frames if verdict == "error" else "")
 
 
 def _same_bytes(run: Any, first: Any) -> bool:

@@ -59,6 +59,8 @@ class RankRun:
     guard_damage: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     mutated_inputs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     error: str | None = None
+    # where the error was raised: the last frames of the implementation's traceback
+    frames: str | None = None
     fatal: bool = False  # the device is unusable after this error (sticky CUDA error)
     # the error is a CUDA error the call left pending (it returned normally): ``launch_error``
     launch_error: bool = False
@@ -365,6 +367,25 @@ def _describe(exc: BaseException) -> str:
     return text if len(text) < 2000 else text[:2000] + " …"
 
 
+MAX_FRAMES = 5  # frames of a raising implementation's traceback kept for its bug report
+MAX_FRAME_CHARS = 300
+
+
+def _frames(exc: BaseException) -> str:
+    """The last :data:`MAX_FRAMES` frames below our call of the implementation, as
+    ``File "mykern.py", line 12, in fn`` and the line's source, each cut to
+    :data:`MAX_FRAME_CHARS` characters."""
+    frames = traceback.extract_tb(exc.__traceback__)[1:]  # [0] is run_batch's own call
+    out = []
+    for frame in frames[-MAX_FRAMES:]:
+        line = f'File "{frame.filename}", line {frame.lineno}, in {frame.name}'
+        if frame.line:
+            line += f"\n    {frame.line.strip()}"
+        out.append(line if len(line) <= MAX_FRAME_CHARS else line[:MAX_FRAME_CHARS] + " …")
+    skipped = len(frames) - len(out)
+    return (f"({skipped} earlier frames)\n" if skipped > 0 else "") + "\n".join(out)
+
+
 @dataclass
 class _Call:
     repeat: int
@@ -476,6 +497,7 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
                     sync()
             except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
                 call.run.error, call.run.launch_error = _describe(exc), False
+                call.run.frames = _frames(exc)
                 call.run.fatal = cuda and _is_sticky_cuda_error(exc)
                 left = pending.take() if pending is not None and not call.run.fatal else None
                 if left is not None:

@@ -13,6 +13,8 @@ run, and only the victim's checks decide (the culprit's own are shown).
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,7 @@ Needs torch and the implementation; the expected outputs are carried below.__PAI
 import argparse
 import importlib
 import json
+import os
 import sys
 
 import numpy as np
@@ -88,6 +91,8 @@ STABLE = __STABLE__
 SENTINEL, GUARD, GUARD_LEN = __SENTINEL__, __GUARD__, __GUARD_LEN__
 CALLS = json.loads(__CALLS_JSON__)
 CULPRIT = json.loads(__CULPRIT_JSON__)  # calls run before CALLS in each run (a pair)
+# where a py: implementation's module was imported from when the bug was found
+MODULE_PATH = __MODULE_PATH__
 
 
 def load(name):
@@ -100,6 +105,7 @@ def load(name):
         return cuda.implementation(rest or None)[DIALECT]
     if kind == "py":
         module, _, attr = rest.partition(":")
+        sys.path[:0] = [p for p in [os.getcwd(), *MODULE_PATH] if p not in sys.path]
         return getattr(importlib.import_module(module), attr)
     if kind == "op":
         namespace, _, op = rest.partition("::")
@@ -263,6 +269,20 @@ if __name__ == "__main__":
 '''
 
 
+def module_path(impl_name: str) -> list[str]:
+    """The folder a ``py:`` implementation's module was imported from (its import root,
+    above any packages), so that ``repro.py`` finds it from anywhere; else ``[]``."""
+    kind, _, rest = impl_name.partition(":")
+    module = sys.modules.get(rest.partition(":")[0]) if kind == "py" else None
+    file = getattr(module, "__file__", None)
+    if not file:
+        return []
+    root = os.path.dirname(os.path.abspath(file))
+    for _ in range(module.__name__.count(".") + (os.path.basename(file) == "__init__.py")):
+        root = os.path.dirname(root)
+    return [root]
+
+
 def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature: str,
                  culprit: Case | None = None, libraries: tuple[str, ...] = ()) -> str:
     """The script's text; with ``culprit``, each run calls the culprit's case first;
@@ -289,6 +309,7 @@ def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature
         "__CALLS_JSON__": repr(calls),
         "__CULPRIT_JSON__": repr(before),
         "__PAIR_NOTE__": note,
+        "__MODULE_PATH__": repr(module_path(impl_name)),
     }.items():
         text = text.replace(key, value)
     return text

@@ -52,6 +52,7 @@ from .case import (
     CONTRACTS,
     DIALECTS,
     DISPATCH_FORMS,
+    EDGE_CLASSES,
     LORA_DIALECTS,
     STRATEGIES,
     Case,
@@ -299,7 +300,8 @@ def ep_groups(global_num_experts: int, *, min_ranks: int = 1, max_ranks: int = 8
 def cases(dialects: Sequence[str] | None = None,
           contracts: Sequence[str] = CONTRACTS, *,
           max_tokens: int = DEFAULT_MAX_TOKENS,
-          allow_large: bool = True) -> SearchStrategy[Case]:
+          allow_large: bool = True,
+          classes: Sequence[str] | None = None) -> SearchStrategy[Case]:
     """Cases of the given ``dialects`` (default: all) and ``contracts``, each built
     around a focus edge class (see the module docstring).
 
@@ -309,6 +311,12 @@ def cases(dialects: Sequence[str] | None = None,
     ``huge-batch`` 16384..40000 tokens with ``K`` 4..8).  Every case has
     ``edge_classes == edge_classes_of(case)`` and ``contract ==
     contract_of(case)``, one of ``contracts``.
+
+    ``classes`` focuses the cases on those edge classes: every case is built
+    around at least one of them (no ``"broad"`` case), and only the dialects
+    and contracts that can reach one of them are drawn. A class that is not an
+    edge class, or that none of ``dialects`` × ``contracts`` can focus on, is a
+    :class:`~difftest.errors.UsageError`.
 
     Shrinks towards the first dialect and contract, a ``"broad"`` focus, one
     token with one route to expert 0, ``B = 1``, int32 ids, no EP, one
@@ -326,7 +334,39 @@ def cases(dialects: Sequence[str] | None = None,
         _check_choice("contracts", name, CONTRACTS)
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max_tokens={max_tokens!r}: must be an integer >= 1")
-    return _cases(dialects, contracts, max_tokens, bool(allow_large))
+    if classes is None:
+        return _cases(dialects, contracts, max_tokens, bool(allow_large))
+    focus = _focus_of(classes, dialects, contracts, max_tokens, bool(allow_large))
+    return st.sampled_from(sorted(focus)).flatmap(
+        lambda pair: _cases((pair[0],), (pair[1],), max_tokens, bool(allow_large),
+                            focus[pair]))
+
+
+def _focus_of(classes: Sequence[str], dialects: tuple[str, ...], contracts: tuple[str, ...],
+              max_tokens: int, allow_large: bool) -> dict[tuple[str, str], tuple[str, ...]]:
+    """Per (dialect, contract) that can reach one of ``classes``, the ones it can reach."""
+    classes = tuple(classes)
+    if not classes:
+        raise UsageError("classes=(): name at least one edge class")
+    for name in classes:
+        _check_choice("classes", name, EDGE_CLASSES)
+    focus = {}
+    for dialect in dialects:
+        for contract in contracts:
+            reachable = focus_classes(dialect, contract, max_tokens=max_tokens,
+                                      allow_large=allow_large)
+            wanted = tuple(c for c in reachable if c in classes)
+            if wanted:
+                focus[(dialect, contract)] = wanted
+    missed = [c for c in classes if not any(c in w for w in focus.values())]
+    if not focus or missed:
+        reachable = sorted({c for d in dialects for k in contracts for c in focus_classes(
+            d, k, max_tokens=max_tokens, allow_large=allow_large)})
+        raise UsageError(
+            f"classes={list(classes)}: no case of {', '.join(dialects)} "
+            f"({', '.join(contracts)}) can be built around {', '.join(missed or classes)}; "
+            f"these can: {', '.join(reachable)}")
+    return focus
 
 
 # -- the case builder -----------------------------------------------------------------
@@ -393,16 +433,19 @@ class _Plan:
 
 @st.composite
 def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...],
-           max_tokens: int, allow_large: bool) -> Case:
+           max_tokens: int, allow_large: bool, only: tuple[str, ...] | None = None) -> Case:
     dialect = draw(st.sampled_from(dialects))
     contract = draw(st.sampled_from(contracts))
     # Hypothesis does not draw one sampled_from evenly: over a few hundred
     # examples some options get a third of their share.  So a case gets up to
     # three foci — one of any class, two more of the classes random data seldom
-    # hits (not in _OFTEN) — each kept when it fits those before it.
+    # hits (not in _OFTEN) — each kept when it fits those before it.  With
+    # ``only`` (cases(classes=...)) the first focus is one of those, never broad.
     options = focus_classes(dialect, contract, max_tokens=max_tokens, allow_large=allow_large)
+    if only is not None:
+        options = tuple(f for f in options if f in only)
     seldom = tuple(f for f in options if f not in _OFTEN)
-    drawn = [draw(st.sampled_from(("broad",) + options))]
+    drawn = [draw(st.sampled_from(options if only is not None else ("broad",) + options))]
     drawn += [draw(st.sampled_from(("broad",) + seldom)) for _ in range(2)]
     chosen: list[str] = []
     for name in drawn:

@@ -6,6 +6,7 @@ oracle or torch.  The run directory layout is DESIGN.md's "Run directory".
 """
 
 from reports.bugreport import write_bug_report
+from reports.contracts import contract_split
 from reports.environment import environment
 from reports.junit import write_junit
 from reports.log import RunLog, merge_runs, read_rows, rebuild_parquet
@@ -27,6 +28,7 @@ __all__ = [
     "NO_EDGE_CLASS",
     "VERDICTS",
     "RunLog",
+    "contract_split",
     "environment",
     "merge_runs",
     "read_rows",

@@ -117,8 +117,25 @@ def shape(value: Sequence[Any]) -> str:
 
 
 def cell(value: Any) -> str:
-    """``value`` as the text of one table cell, pipes escaped."""
-    return plain(value).replace("|", "\\|")
+    """``value`` as the text of one table cell: HTML escaped (a kernel's message is
+    never live HTML) and pipes escaped (it never breaks the table)."""
+    return text(plain(value)).replace("|", "\\|")
+
+
+def text(value: Any) -> str:
+    """``value`` on one line as markdown prose: ``&`` and ``<`` as entities, so text
+    from a kernel reads as text, never as HTML (no tag opens without ``<``; ``->``
+    stays readable)."""
+    return one_line(value).replace("&", "&amp;").replace("<", "&lt;")
+
+
+def code(value: Any) -> str:
+    """``value`` on one line as a code span (literal text, whatever it holds)."""
+    body = one_line(value)
+    longest = max((len(run) for run in re.findall(r"`+", body)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if body.startswith("`") or body.endswith("`") or not body.strip() else ""
+    return f"{fence}{pad}{body}{pad}{fence}"
 
 
 def plain(value: Any) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 from reports._files import replace_text_atomically
 from reports._markdown import (
     array_table,
+    code,
     fenced,
     first_difference,
     is_sequence,
@@ -35,6 +36,7 @@ from reports._markdown import (
     shape,
     side_by_side,
     table,
+    text,
 )
 
 __all__ = ["write_bug_report"]
@@ -53,8 +55,19 @@ _OPTIONAL = (
     "cases_until_failure",
     "confirmation",
     "culprit_case",
+    "verdict",
+    "traceback",
 )
 _MAX_MISMATCH_ROWS = 20
+# verdicts with no output to compare, and what each means
+_HAPPENED = {
+    "crash": "the call crashed (the worker died, or a sticky CUDA error left the device "
+             "unusable)",
+    "timeout": "the call did not return within its time budget (confirmed on a fresh worker)",
+    "error": "the call raised an exception",
+    # an ``error`` whose first check is a CUDA error the call left pending, not a raise
+    "launch_error": "the call returned but left a CUDA launch error pending",
+}
 
 _CONTRACTS = {
     "production": "inputs as a serving stack builds them (SPEC §7)",
@@ -104,7 +117,7 @@ def render_report(info: Mapping[str, Any]) -> str:
     """Return the text of ``report.md`` for ``info`` (see :func:`write_bug_report`)."""
     _check_info(info)
     sections = [
-        f"# {one_line(info['title'])}",
+        f"# {text(info['title'])}",
         _what_failed(info),
         *([_confirmation(info)] if info.get("confirmation") else []),
         _minimal_case(info),
@@ -143,13 +156,17 @@ def _what_failed(info: Mapping[str, Any]) -> str:
     lines = [
         "## What failed",
         "",
-        f"- Implementation: `{one_line(info['impl'])}`",
-        f"- Dialect: `{one_line(info['dialect'])}`",
-        f"- Contract: `{one_line(info['contract'])}`",
+        f"- Implementation: {code(info['impl'])}",
+        f"- Dialect: {code(info['dialect'])}",
+        f"- Contract: {code(info['contract'])}",
     ]
     first = info.get("first_difference") or {}
+    verdict = info.get("verdict")
+    happened = _happened(info)
+    if verdict is not None:
+        lines.append(f"- Verdict: {code(verdict)}" + (f" — {happened}" if happened else ""))
     if first.get("check") is not None:
-        lines.append(f"- Check: `{one_line(first['check'])}`")
+        lines.append(f"- Check: {code(first['check'])}")
     if info.get("cases_until_failure") is not None:
         lines.append(f"- Found after {info['cases_until_failure']} cases")
     message = str(first.get("message") or "")
@@ -157,7 +174,10 @@ def _what_failed(info: Mapping[str, Any]) -> str:
         # Comparison messages are laid out over several lines; keep that layout.
         lines += ["", "Message:", "", fenced(message)]
     elif message:
-        lines.append(f"- Message: {one_line(message)}")
+        lines.append(f"- Message: {code(message)}")
+    if info.get("traceback"):
+        lines += ["", "Raised at (the last frames of its traceback):", "",
+                  fenced(str(info["traceback"]))]
     mismatches = list(info.get("mismatches") or [])
     if mismatches:
         shown = mismatches[:_MAX_MISMATCH_ROWS]
@@ -184,46 +204,59 @@ def _minimal_case(info: Mapping[str, Any]) -> str:
         parts.append(table(["name", "value"], scalars))
     for name, value in inputs.items():
         if is_sequence(value):
-            parts.append(f"`{one_line(name)}` ({shape(value)}):\n\n{array_table(value)}")
+            parts.append(f"{code(name)} ({shape(value)}):\n\n{array_table(value)}")
     if not inputs:
         parts.append("See `case.json`.")
     if info.get("shrink_log"):
-        steps = "\n".join(f"- {one_line(step)}" for step in info["shrink_log"])
+        steps = "\n".join(f"- {text(step)}" for step in info["shrink_log"])
         parts.append(f"Shrink passes applied:\n\n{steps}")
     return "\n\n".join(parts)
+
+
+def _happened(info: Mapping[str, Any]) -> str | None:
+    """What happened instead of an output, for a crash, timeout or error; else None."""
+    verdict = info.get("verdict")
+    if verdict == "error" and (info.get("first_difference") or {}).get("check") in _HAPPENED:
+        return _HAPPENED[info["first_difference"]["check"]]
+    return _HAPPENED.get(verdict) if verdict in ("crash", "timeout", "error") else None
 
 
 def _expected_vs_actual(info: Mapping[str, Any]) -> str:
     parts = ["## Expected vs actual"]
     first = info.get("first_difference") or {}
-    if first:
+    happened = _happened(info)
+    if happened:  # no output to compare: say what happened instead
+        what = str(first.get("message") or "").strip()
+        said = code(what) if "\n" not in what else "\n\n" + fenced(what)
+        parts.append(f"No output to compare: {happened}." + (
+            f" What happened: {said}" if what else ""))
+    elif first:
         parts.append(_first_difference_line(first))
     for name, pair in (info.get("expected_actual") or {}).items():
         expected = list(pair.get("expected") or [])
         actual = list(pair.get("actual") or [])
         index = first_difference(expected, actual)
         where = "no difference" if index is None else f"first difference at index {index}"
-        parts.append(f"`{one_line(name)}` ({where}):\n\n{side_by_side(expected, actual, index)}")
+        parts.append(f"{code(name)} ({where}):\n\n{side_by_side(expected, actual, index)}")
     if len(parts) == 1:
         parts.append("No element-wise difference recorded.")
     return "\n\n".join(parts)
 
 
 def _first_difference_line(first: Mapping[str, Any]) -> str:
-    check = "the output" if first.get("check") is None else f"`{one_line(first['check'])}`"
+    check = "the output" if first.get("check") is None else code(first['check'])
     located = [key for key in ("slot", "expert", "position") if first.get(key) is not None]
     where = ", ".join(f"{key} {first[key]}" for key in located)
-    text = f"First difference: {check}" + (f" at {where}" if where else "")
-    if "expected" in first or "actual" in first:
-        expected, actual = one_line(first.get("expected")), one_line(first.get("actual"))
-        text += f": expected `{expected}`, actual `{actual}`"
-    return text + "."
+    said = f"First difference: {check}" + (f" at {where}" if where else "")
+    if first.get("expected") is not None or first.get("actual") is not None:
+        said += f": expected {code(first.get('expected'))}, actual {code(first.get('actual'))}"
+    return said + "."
 
 
 def _classes_and_contract(info: Mapping[str, Any]) -> str:
     contract = one_line(info["contract"])
     meaning = _CONTRACTS.get(contract)
-    classes = ", ".join(f"`{one_line(c)}`" for c in info.get("edge_classes") or []) or "none"
+    classes = ", ".join(code(c) for c in info.get("edge_classes") or []) or "none"
     return "\n".join(
         [
             "## Classes and contract",

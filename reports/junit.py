@@ -1,11 +1,15 @@
-"""JUnit XML for CI dashboards: one test case per edge class and contract.
+"""JUnit XML for CI dashboards: one test case per bug, and the coverage that passed.
 
-A run's cases are grouped by implementation, dialect, edge class and
-contract; each group becomes ``<testcase classname="difftest.<impl>.<dialect>"
-name="<edge class>[<contract>]">``.  A case counts towards every edge class
-it carries (cases with none go to ``no-edge-class``).  A group fails when any
-of its cases has a verdict other than ``pass``; its ``<failure>`` quotes up to
-five failing cases with their mismatch messages.
+Two kinds of ``<testcase classname="difftest.<impl>.<dialect>">``:
+
+* one per failure signature (the bug), ``name`` the signature.  Its message is
+  the compact minimal case, the first difference and the bug report's path;
+  ``mismatch``, ``error`` and ``flaky`` are a ``<failure>``, ``crash`` and
+  ``timeout`` an ``<error>`` (the kernel did not answer);
+* one passing test case per edge class × contract exercised without any
+  failing case (``name="<edge class>[<contract>]"``), so the viewer still
+  shows what was covered.  A case counts towards every edge class it carries
+  (cases with none go to ``no-edge-class``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from reports.schema import NO_EDGE_CLASS
 
 __all__ = ["write_junit"]
 
-_QUOTED = 5
+_ERRORS = frozenset(("crash", "timeout"))  # no answer from the kernel: <error>, not <failure>
+_REQUIRED = ("signature", "impl", "dialect", "verdict", "count", "minimal", "report")
 # Characters XML 1.0 cannot carry at all (sanitizer output has ANSI escapes).
 _NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
@@ -30,46 +35,47 @@ _NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
 def write_junit(
     path: str | os.PathLike[str],
     cases_rows: Sequence[Mapping[str, Any]],
-    mismatch_rows: Sequence[Mapping[str, Any]],
+    failures: Sequence[Mapping[str, Any]],
 ) -> Path:
     """Write the JUnit XML report of a run to ``path`` and return it.
 
-    ``cases_rows`` and ``mismatch_rows`` are case and mismatch rows as
-    recorded by :class:`reports.RunLog` (missing keys read as null; see
-    :func:`reports.read_rows` to read them back from a run directory).  The
-    single ``<testsuite name="difftest">`` carries ``tests`` (number of test
-    cases), ``failures`` (failed test cases), ``errors``, ``skipped`` and
-    ``time`` (summed ``elapsed_s`` of the distinct cases).
+    ``cases_rows`` are case rows as recorded by :class:`reports.RunLog`
+    (missing keys read as null; see :func:`reports.read_rows`).  ``failures``
+    holds one dict per failure signature with ``signature``, ``impl``,
+    ``dialect``, ``verdict``, ``count`` (failing cases), ``minimal`` (the
+    minimal case on one line) and ``report`` (the bug directory, or ``None``),
+    optionally ``contract``, ``message`` (the first difference) and
+    ``first_after``; a missing key is a ``ValueError``.  The single
+    ``<testsuite name="difftest">`` carries ``tests``, ``failures``,
+    ``errors``, ``skipped`` and ``time`` (summed ``elapsed_s`` of the cases).
     """
-    groups: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
-    for row in cases_rows:
-        impl, dialect, contract = (_text(row.get(k)) for k in ("impl", "dialect", "contract"))
-        for edge_class in _edge_classes(row.get("edge_classes")):
-            groups[(impl, dialect, edge_class, contract)].append(row)
-
-    messages: dict[tuple[str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
-    for row in mismatch_rows:
-        key = tuple(_text(row.get(k)) for k in ("case_id", "impl", "dialect"))
-        messages[key].append(row)
-
+    for index, failure in enumerate(failures):
+        missing = [key for key in _REQUIRED if key not in failure]
+        if missing:
+            raise ValueError(f"failures[{index}] has no {missing[0]!r}; each needs "
+                             f"{', '.join(_REQUIRED)}")
     suite = ET.Element("testsuite", name="difftest")
-    failures = 0
-    for (impl, dialect, edge_class, contract), rows in sorted(groups.items()):
+    counts = {"failure": 0, "error": 0}
+    for failure in sorted(failures, key=lambda f: (_text(f["impl"]), _text(f["signature"]))):
+        kind = "error" if failure["verdict"] in _ERRORS else "failure"
+        counts[kind] += 1
         testcase = ET.SubElement(
-            suite,
-            "testcase",
-            classname=_xml(f"difftest.{impl}.{dialect}"),
-            name=_xml(f"{edge_class}[{contract}]"),
-            time=_seconds(_elapsed(rows)),
-        )
-        failed = [row for row in rows if row.get("verdict") != "pass"]
-        if failed:
-            failures += 1
-            _add_failure(testcase, rows, failed, messages)
+            suite, "testcase", classname=_xml(f"difftest.{_text(failure['impl'])}."
+                                              f"{_text(failure['dialect'])}"),
+            name=_xml(_text(failure["signature"])), time=_seconds(0.0))
+        message = _message(failure)
+        element = ET.SubElement(testcase, kind, message=_xml(message),
+                                type=_xml(f"difftest.{_text(failure['verdict'])}"))
+        element.text = _xml(message)
 
-    suite.set("tests", str(len(groups)))
-    suite.set("failures", str(failures))
-    suite.set("errors", "0")
+    passing = _passing_groups(cases_rows)
+    for (impl, dialect, edge_class, contract), rows in sorted(passing.items()):
+        ET.SubElement(suite, "testcase", classname=_xml(f"difftest.{impl}.{dialect}"),
+                      name=_xml(f"{edge_class}[{contract}]"), time=_seconds(_elapsed(rows)))
+
+    suite.set("tests", str(len(failures) + len(passing)))
+    suite.set("failures", str(counts["failure"]))
+    suite.set("errors", str(counts["error"]))
     suite.set("skipped", "0")
     suite.set("time", _seconds(_elapsed(cases_rows)))
     ET.indent(suite)
@@ -79,33 +85,31 @@ def write_junit(
     return path
 
 
-def _add_failure(
-    testcase: ET.Element,
-    rows: list[Mapping[str, Any]],
-    failed: list[Mapping[str, Any]],
-    messages: Mapping[tuple[str, str, str], list[Mapping[str, Any]]],
-) -> None:
-    verdicts: dict[str, int] = defaultdict(int)
-    for row in failed:
-        verdicts[_text(row.get("verdict"))] += 1
-    counts = ", ".join(f"{verdict}: {n}" for verdict, n in sorted(verdicts.items()))
-    lines = []
-    for row in failed[:_QUOTED]:
-        case_id = _text(row.get("case_id"))
-        found = messages.get((case_id, _text(row.get("impl")), _text(row.get("dialect"))), [])
-        detail = "; ".join(
-            f"{_text(m.get('check'))}: {_text(m.get('message'))}" for m in found[:_QUOTED]
-        )
-        lines.append(f"{case_id} [{_text(row.get('verdict'))}]" + (f" {detail}" if detail else ""))
-    if len(failed) > _QUOTED:
-        lines.append(f"... and {len(failed) - _QUOTED} more failing cases")
-    failure = ET.SubElement(
-        testcase,
-        "failure",
-        message=_xml(f"{len(failed)} of {len(rows)} cases failed ({counts}); first: {lines[0]}"),
-        type="difftest.failure",
-    )
-    failure.text = _xml("\n".join(lines))
+def _message(failure: Mapping[str, Any]) -> str:
+    count = int(failure["count"])
+    lines = [f"{_text(failure['verdict'])}: {count} failing case{'s' if count != 1 else ''}"
+             + (f" ({_text(failure['contract'])} contract)" if failure.get("contract") else "")
+             + (f", first after {failure['first_after']} cases"
+                if failure.get("first_after") is not None else ""),
+             f"minimal case: {_text(failure['minimal'])}"]
+    if failure.get("message"):
+        lines.append(f"first difference: {_text(failure['message'])}")
+    lines.append(f"report: {_text(failure['report']) or '(not written)'}")
+    return "\n".join(lines)
+
+
+def _passing_groups(cases_rows: Iterable[Mapping[str, Any]]
+                    ) -> dict[tuple[str, str, str, str], list[Mapping[str, Any]]]:
+    groups: dict[tuple[str, str, str, str], list[Mapping[str, Any]]] = defaultdict(list)
+    failed: set[tuple[str, str, str, str]] = set()
+    for row in cases_rows:
+        impl, dialect, contract = (_text(row.get(k)) for k in ("impl", "dialect", "contract"))
+        for edge_class in _edge_classes(row.get("edge_classes")):
+            key = (impl, dialect, edge_class, contract)
+            groups[key].append(row)
+            if row.get("verdict") != "pass":
+                failed.add(key)
+    return {key: rows for key, rows in groups.items() if key not in failed}
 
 
 def _edge_classes(value: Iterable[str] | None) -> list[str]:

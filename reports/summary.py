@@ -1,11 +1,13 @@
 """``DIR/summary.html``: one self-contained page describing a run.
 
-The page has a headline (cases, failures, verdicts, implementations), the
-pass/fail table by implementation × edge class × contract, mismatch counts
-by check and implementation, the failing cases, the bug reports under
-``DIR/bugs/``, and three plots rendered with matplotlib's Agg canvas and
-embedded as PNG data URIs.  No external asset is referenced; every string
-from the run is HTML-escaped.  A run with no cases still gives a valid page.
+The page has a headline (cases, failures, verdicts, implementations), in
+words an implementation that passes one contract and fails the other, the
+bug reports under ``DIR/bugs/`` first, then the pass/fail table by
+implementation × edge class × contract, mismatch counts by check and
+implementation, the failing cases (one row per distinct case), and three
+plots rendered with matplotlib's Agg canvas and embedded as PNG data URIs.
+No external asset is referenced; every string from the run is HTML-escaped.
+A run with no cases still gives a valid page.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow as pa
 
 from reports._files import replace_text_atomically
 from reports._plots import plots
+from reports.contracts import contract_split
 from reports.log import read_tables
 from reports.schema import NO_EDGE_CLASS, VERDICTS
 
@@ -61,14 +64,15 @@ def write_summary(out_dir: str | os.PathLike[str]) -> Path:
     body = [
         f"<h1>difftest run summary: {_esc(out_dir.resolve().name)}</h1>",
         _headline(cases, mismatches),
+        _contract_split(cases),
+        "<h2>Bug reports</h2>",
+        _bug_list(out_dir),
         "<h2>Pass/fail by implementation × edge class × contract</h2>",
         _pass_fail_table(by_class),
         "<h2>Mismatches by check</h2>",
         _mismatch_table(mismatches),
         "<h2>Failing cases</h2>",
         _failing_cases(cases, out_dir),
-        "<h2>Bug reports</h2>",
-        _bug_list(out_dir),
         "<h2>Plots</h2>",
         plots(cases, by_class),
     ]
@@ -113,6 +117,11 @@ def _headline(cases: pd.DataFrame, mismatches: pd.DataFrame) -> str:
         f"<li>Mismatch rows: {len(mismatches)}</li>\n"
         f"<li>Time in cases: {elapsed:.2f} s</li>\n</ul>"
     )
+
+
+def _contract_split(cases: pd.DataFrame) -> str:
+    sentences = contract_split(cases[["impl", "contract", "verdict"]].to_dict("records"))
+    return "\n".join(f'<p class="bad">{_esc(s)}.</p>' for s in sentences)
 
 
 def _pass_fail_table(by_class: pd.DataFrame) -> str:
@@ -167,7 +176,8 @@ def _mismatch_table(mismatches: pd.DataFrame) -> str:
 
 
 def _failing_cases(cases: pd.DataFrame, out_dir: Path) -> str:
-    failing = cases[cases["failed"]]
+    # one row per distinct failing case (a case replayed or run by two workers is one)
+    failing = cases[cases["failed"]].drop_duplicates(subset=["case_id", "impl"])
     if failing.empty:
         return "<p>None.</p>"
     lines = [

@@ -296,6 +296,45 @@ def test_summary_has_the_pass_fail_cells_check_counts_and_embedded_plots(tmp_pat
     assert "http://" not in page and "https://" not in page
 
 
+def test_summary_lists_bugs_first_each_failing_case_once_and_the_contract_split(tmp_path):
+    with reports.RunLog(tmp_path) as log:
+        for k in range(3):
+            log.add_case(case_row(f"p{k}"))
+        for _ in range(5):  # one case replayed and found again: one row
+            log.add_case(case_row("d0", contract="defensive", verdict="mismatch"))
+        log.add_case(case_row("d1", contract="defensive"))
+    (tmp_path / "bugs" / "vllm-lora--mismatch--expert_ids").mkdir(parents=True)
+    (tmp_path / "bugs" / "vllm-lora--mismatch--expert_ids" / "report.md").write_text("# bug\n")
+    page = reports.write_summary(tmp_path).read_text()
+    assert page.index("<h2>Bug reports</h2>") < page.index("<h2>Pass/fail by") < page.index(
+        "<h2>Failing cases</h2>")
+    failing = page[page.index("<h2>Failing cases</h2>"):page.index("<h2>Plots</h2>")]
+    assert failing.count("<tr><td") == 1 and ">d0<" in failing
+    assert (
+        '<p class="bad">torch passes the production contract (3 cases: the inputs a serving '
+        "stack sends) and fails the defensive contract (5 of 6 cases: inputs outside the "
+        "production contract, which a careful kernel must survive without writing out of "
+        "bounds).</p>") in page
+    assert page.index("passes the production contract") < page.index("<h2>Bug reports</h2>")
+
+
+def test_contract_split_is_said_only_when_one_contract_passes_and_the_other_fails():
+    rows = [{"impl": "a", "contract": "production", "verdict": "mismatch"},
+            {"impl": "a", "contract": "defensive", "verdict": "pass"},
+            {"impl": "b", "contract": "production", "verdict": "pass"},
+            {"impl": "b", "contract": "defensive", "verdict": "crash"},
+            {"impl": "c", "contract": "production", "verdict": "mismatch"},
+            {"impl": "c", "contract": "defensive", "verdict": "crash"},
+            {"impl": "d", "contract": "production", "verdict": "pass"}]
+    assert reports.contract_split(rows) == [
+        "a passes the defensive contract (1 case: inputs outside the production contract, "
+        "which a careful kernel must survive without writing out of bounds) and fails the "
+        "production contract (1 of 1 case: the inputs a serving stack sends)",
+        "b passes the production contract (1 case: the inputs a serving stack sends) and fails "
+        "the defensive contract (1 of 1 case: inputs outside the production contract, which a "
+        "careful kernel must survive without writing out of bounds)"]
+
+
 def test_summary_of_an_empty_run_is_a_complete_page(tmp_path):
     with reports.RunLog(tmp_path):
         pass
@@ -423,47 +462,75 @@ def test_environment_never_imports_torch():
 
 
 
-def test_junit_has_one_testcase_per_edge_class_and_contract_with_failures(tmp_path):
+def failure_record(signature, *, impl="torch", verdict="mismatch", count=1, **extra):
+    return {"signature": signature, "impl": impl, "dialect": "vllm-lora", "verdict": verdict,
+            "contract": "production", "count": count, "first_after": 2,
+            "minimal": "T=1 K=1 E=2 B=1 L=1 P=2 (production size); topk_ids=[[1]]",
+            "message": "expert_ids[0]: expected 1, actual 0\x1b[0m",
+            "report": f"out/bugs/{signature}", **extra}
+
+
+def test_junit_has_one_testcase_per_bug_and_one_per_class_and_contract_that_passed(tmp_path):
     cases = [
         case_row("c1"),
         case_row("c2", verdict="mismatch", edge_classes=("base-only", "hot-expert"),
                  elapsed_s=1.25),
         case_row("c3", contract="defensive", edge_classes=()),
         case_row("c4", impl="cuda", verdict="crash"),
+        case_row("c5", edge_classes=("int64-ids",), elapsed_s=0.25),
     ]
-    mismatches = [mismatch_row("c2", message="expert_ids[3]: expected 2, actual 0\x1b[0m")]
-    path = reports.write_junit(tmp_path / "out" / "junit.xml", cases, mismatches)
+    failures = [failure_record("vllm-lora--mismatch--expert_ids", count=3),
+                failure_record("vllm-lora--crash--cuda-illegal-address", impl="cuda",
+                               verdict="crash", message="")]
+    path = reports.write_junit(tmp_path / "out" / "junit.xml", cases, failures)
     suite = ET.parse(path).getroot()
     assert suite.tag == "testsuite"
     assert suite.attrib == {
-        "name": "difftest", "tests": "4", "failures": "3", "errors": "0", "skipped": "0",
-        "time": "2.750",
+        "name": "difftest", "tests": "4", "failures": "1", "errors": "1", "skipped": "0",
+        "time": "3.000",
     }
     testcases = {(tc.get("classname"), tc.get("name")): tc for tc in suite.iter("testcase")}
-    assert sorted(testcases) == [
-        ("difftest.cuda.vllm-lora", "base-only[production]"),
-        ("difftest.torch.vllm-lora", "base-only[production]"),
-        ("difftest.torch.vllm-lora", "hot-expert[production]"),
+    # base-only[production] and hot-expert[production] had a failing case: the bug stands
+    # for them; int64-ids and the untagged defensive case passed
+    assert list(testcases) == [
+        ("difftest.cuda.vllm-lora", "vllm-lora--crash--cuda-illegal-address"),
+        ("difftest.torch.vllm-lora", "vllm-lora--mismatch--expert_ids"),
+        ("difftest.torch.vllm-lora", "int64-ids[production]"),
         ("difftest.torch.vllm-lora", "no-edge-class[defensive]"),
     ]
-    base = testcases[("difftest.torch.vllm-lora", "base-only[production]")]
-    assert base.get("time") == "1.750"
-    failure = base.find("failure")
-    assert failure.get("message") == (
-        "1 of 2 cases failed (mismatch: 1); first: "
-        "c2 [mismatch] expert_ids: expert_ids[3]: expected 2, actual 0\ufffd[0m"
-    )
-    cuda = testcases[("difftest.cuda.vllm-lora", "base-only[production]")]
-    assert cuda.find("failure").text == "c4 [crash]"
-    assert testcases[("difftest.torch.vllm-lora", "hot-expert[production]")].get("time") == "1.250"
-    untagged = testcases[("difftest.torch.vllm-lora", "no-edge-class[defensive]")]
-    assert untagged.find("failure") is None
+    bug = testcases[("difftest.torch.vllm-lora", "vllm-lora--mismatch--expert_ids")]
+    failure = bug.find("failure")
+    assert failure.get("type") == "difftest.mismatch" and bug.find("error") is None
+    assert failure.get("message") == failure.text == (
+        "mismatch: 3 failing cases (production contract), first after 2 cases\n"
+        "minimal case: T=1 K=1 E=2 B=1 L=1 P=2 (production size); topk_ids=[[1]]\n"
+        "first difference: expert_ids[0]: expected 1, actual 0\ufffd[0m\n"
+        "report: out/bugs/vllm-lora--mismatch--expert_ids")
+    crash = testcases[("difftest.cuda.vllm-lora", "vllm-lora--crash--cuda-illegal-address")]
+    assert crash.find("failure") is None
+    assert crash.find("error").get("type") == "difftest.crash"
+    assert crash.find("error").text.splitlines()[0] == "crash: 1 failing case (production " \
+        "contract), first after 2 cases"
+    passed = testcases[("difftest.torch.vllm-lora", "int64-ids[production]")]
+    assert passed.get("time") == "0.250" and len(passed) == 0
+    assert len(testcases[("difftest.torch.vllm-lora", "no-edge-class[defensive]")]) == 0
 
 
-def test_junit_quotes_at_most_five_failing_cases(tmp_path):
-    cases = [case_row(f"c{i}", verdict="timeout") for i in range(7)]
-    suite = ET.parse(reports.write_junit(tmp_path / "junit.xml", cases, [])).getroot()
-    assert suite.get("tests") == "1" and suite.get("failures") == "1"
-    text = suite.find("testcase/failure").text
-    quoted = [f"c{i} [timeout]" for i in range(5)]
-    assert text.splitlines() == quoted + ["... and 2 more failing cases"]
+def test_junit_refuses_a_failure_without_its_report_path(tmp_path):
+    record = failure_record("s")
+    del record["report"]
+    with pytest.raises(ValueError, match="failures\\[0\\] has no 'report'"):
+        reports.write_junit(tmp_path / "junit.xml", [case_row("c1")], [record])
+
+
+def test_a_timeout_report_says_what_happened_not_expected_none():
+    from reports.bugreport import render_report
+
+    detail = "no answer within 10 s, nor within 40 s on a fresh worker; worker killed"
+    report = render_report(bug_info(verdict="timeout", first_difference={
+        "check": "timeout", "message": detail, "expected": None, "actual": None},
+        mismatches=[]))
+    assert "- Verdict: `timeout` — the call did not return within its time budget" in report
+    assert (f"No output to compare: the call did not return within its time budget (confirmed "
+            f"on a fresh worker). What happened: `{detail}`") in report
+    assert "`None`" not in report.split("## Expected vs actual")[1].split("##")[0]

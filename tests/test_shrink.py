@@ -331,3 +331,22 @@ def test_each_dimension_tries_its_smallest_values_before_halving():
     assert "drop_tokens: T 23 -> 2" in result.passes_applied
     assert "lower_block_size: B 14 -> 2" in result.passes_applied
     assert result.calls <= 20
+
+
+def test_shrink_log_compresses_a_chain_of_one_pass_and_a_long_run_of_steps():
+    from difftest.shrink import compressed_log
+
+    steps = ["drop_tokens: T 16384 -> 8192", "drop_tokens: T 8192 -> 4096",
+             "drop_tokens: T 4096 -> 2 (P pinned at 9)", "lower_experts: E 8 -> 1 (T 5 -> 3)"]
+    steps += [f"simplify_ids: topk_ids[0, {k}] 3 -> 0" for k in range(7)]
+    steps += ["drop_tokens: T 2 -> 1"]
+    assert compressed_log(steps) == [
+        "drop_tokens: T 16384 → 2 in 3 steps",
+        "lower_experts: E 8 -> 1 (T 5 -> 3)",
+        "simplify_ids: topk_ids[0, 0] 3 -> 0",
+        "simplify_ids: topk_ids[0, 1] 3 -> 0",
+        "simplify_ids: … 3 more steps …",
+        "simplify_ids: topk_ids[0, 5] 3 -> 0",
+        "simplify_ids: topk_ids[0, 6] 3 -> 0",
+        "drop_tokens: T 2 -> 1",
+    ]

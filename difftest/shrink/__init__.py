@@ -97,10 +97,13 @@ from typing import Callable
 
 from ..case import Case
 from ..errors import UsageError
+from ._log import compressed_log
 from ._passes import PASSES
 from ._shrinker import Shrinker, ShrinkResult, order_key, value_key
 
-__all__ = ["PASSES", "ShrinkResult", "Shrinker", "order_key", "shrink", "value_key"]
+__all__ = [
+    "PASSES", "ShrinkResult", "Shrinker", "compressed_log", "order_key", "shrink", "value_key",
+]
 
 
 def shrink(case: Case, still_fails: Callable[[Case], bool], *, max_seconds: float = 60.0,

@@ -9,8 +9,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..case import Case, rank_inputs
-from ..dialects import DIALECT_INFO
+from ..case import Case, check_case, rank_inputs
 from ._surgery import INVALID
 
 
@@ -143,10 +142,8 @@ class Shrinker:
         """The candidate, re-tagged, if the oracle takes it and its contract is unchanged."""
         from ..classify import contract_of, edge_classes_of
 
-        info = DIALECT_INFO[candidate.dialect]
         try:
-            for rank in candidate.ranks():
-                info.reference(candidate, rank)
+            check_case(candidate)
             same_contract = contract_of(candidate) == self.contract
             classes = edge_classes_of(candidate) if same_contract else ()
         except INVALID:
