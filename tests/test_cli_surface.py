@@ -352,5 +352,5 @@ def test_minimize_lists_shrink_steps_compressed_per_pass_run(tmp_path):
     assert done.returncode == 1, done.stderr
     report = (tmp_path / "min" / "bugs" / "align--mismatch--expert_ids" / "report.md").read_text()
     steps = report[report.index("Shrink passes applied:"):report.index("## Expected")]
-    assert "- drop_tokens: T 64 → 2 in 2 steps\n" in steps  # 64 -> 32, then the smallest
+    assert "- drop_tokens: T 64 → 2 in 2 steps\n" in steps
     assert steps.count("drop_tokens") == 1
