@@ -58,7 +58,8 @@ def difftest_check(request):
     Runs a campaign against ``fn`` (a callable, or a name such as
     ``"op:ns::name"`` with ``load=[library paths]``) and fails the test with the
     minimal case and the path of its bug report; returns the
-    :class:`difftest.api.CheckResult`.
+    :class:`difftest.api.CheckResult`. ``kw`` are :func:`difftest.api.check_callable`'s,
+    e.g. ``limits={"num_experts": (1, 992)}`` for the callable's declared input domain.
     """
 
     def check(fn, dialect, *, seconds=None, max_examples=None, seed=0, **kwargs):

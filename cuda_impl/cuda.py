@@ -50,6 +50,7 @@ __all__ = [
     "available",
     "build",
     "describe",
+    "difftest_limits",
     "ep_remap",
     "implementation",
     "load_library",
@@ -70,6 +71,10 @@ MAX_EXPERTS = 1024
 
 STABLE = False
 """Routes inside an expert segment are in atomic (unspecified) order, not ascending."""
+
+difftest_limits = {"num_experts": (1, MAX_EXPERTS)}
+"""The input domain the kernels declare to difftest (``difftest.limits``): an ``E``
+above ``MAX_EXPERTS`` is rejected with ``ValueError`` before anything is launched."""
 
 FAULT_NAMES: tuple[str, ...] = tuple(
     name for name, fault in FAULTS.items() if BACKEND in fault.backends

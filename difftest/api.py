@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import limits as domain
 from .campaign import Campaign, CampaignResult, FailureDatabase
 from .case import CONTRACTS, DIALECTS, Case
 from .errors import UsageError
@@ -65,7 +66,9 @@ def check_callable(fn: Callable[..., Any] | str, dialect: str, *, seconds: float
                    out_dir: str | os.PathLike | None = None, shrink_seconds: float = 20.0,
                    database: str | os.PathLike | None = ".difftest/db",
                    stable: bool = False, name: str | None = None,
-                   load: Sequence[str] = ()) -> CheckResult:
+                   load: Sequence[str] = (),
+                   limits: dict[str, tuple[int | None, int | None]] | None = None
+                   ) -> CheckResult:
     """Test ``fn`` (a callable in ``dialect``'s calling convention) against the oracle.
 
     ``fn`` may also be an implementation name (``"op:NAMESPACE::NAME"``,
@@ -75,6 +78,10 @@ def check_callable(fn: Callable[..., Any] | str, dialect: str, *, seconds: float
     and written up under ``out_dir``. Returns a :class:`CheckResult`; nothing is
     raised for a failing callable. A callable or name that cannot be called with
     ``dialect``'s arguments, or loaded, raises a ``UsageError`` before any case runs.
+    ``limits`` (:mod:`difftest.limits`, e.g. ``{"num_experts": (1, 992)}``) is the
+    callable's input domain, put over its ``difftest_limits`` attribute (or the
+    implementation's declared limits): cases are drawn inside it, and out-of-domain
+    probes that the callable rejects cleanly are the verdict ``rejected``.
     """
     from . import registry, signatures
     from .sandbox import InProcessRunner
@@ -93,7 +100,9 @@ def check_callable(fn: Callable[..., Any] | str, dialect: str, *, seconds: float
                          f"{getattr(fn, '__qualname__', '?')}")
         signatures.check_arguments(fn, dialect, label)
         impl = Implementation(label, "py", (dialect,), ("cpu", "cuda"), stable,
-                              "user callable", target=label[3:])
+                              "user callable", target=label[3:],
+                              limits=domain.declared(fn, f"{label}: {domain.ATTRIBUTE}"))
+    impl = impl.with_limits(domain.validate(limits, "limits"))
     out = Path(out_dir) if out_dir is not None else Path(".difftest") / "runs" / "".join(
         c if c.isalnum() or c in "._-" else "_" for c in label)
     runner = InProcessRunner(impl, device, callables={dialect: fn})

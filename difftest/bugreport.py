@@ -8,6 +8,7 @@ from typing import Any
 from .case import Case, rank_inputs
 from .checks import describe
 from .evaluate import Evaluation
+from .limits import as_json as limits_json
 from .repro import repro_script
 from .shrink import compressed_log
 
@@ -131,6 +132,7 @@ def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
         "environment": reports.environment(),
         "repro_py": repro_script(case, impl.name, impl.stable, title, signature,
                                  culprit=culprit, libraries=impl.libraries),
+        "limits": limits_json(getattr(impl, "limits", None)),
     }
     confirmation = confirmation_lines(failure, case, culprit)
     if confirmation:

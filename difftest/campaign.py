@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .case import Case
-from .errors import UsageError
+from .errors import DifftestError, InternalError, UsageError
 from .evaluate import Evaluation, evaluate
+from .limits import as_json as limits_json
+from .limits import describe as describe_limits
 from .registry import Implementation
 
 DEFAULT_MAX_EXAMPLES = 1000
@@ -52,6 +54,13 @@ CONFIRM_ATTEMPTS = 3
 CONFIRM_CASES = 3
 CULPRIT_CANDIDATES = 4
 HISTORY = 16
+# Distinct failure signatures recorded (and reported) per dialect; failures with a
+# further signature are counted in CampaignResult.capped.
+MAX_SIGNATURES_PER_DIALECT = 20
+# With declared limits, one generated case in this many is an out-of-domain probe, and
+# every run starts with PROBES_PER_RUN of them.
+PROBE_ONE_IN = 50
+PROBES_PER_RUN = 4
 
 
 class _Interrupted(BaseException):
@@ -138,10 +147,14 @@ class CampaignResult:
     elapsed_s: float = 0.0
     replayed: int = 0
     confirm_s: float = 0.0  # spent re-running failures alone and looking for culprits
+    #: failing cases whose signature was past MAX_SIGNATURES_PER_DIALECT: signature → cases
+    capped: dict[str, int] = field(default_factory=dict)
 
     @property
     def failed(self) -> int:
-        return sum(n for v, n in self.verdicts.items() if v != "pass")
+        from reports.schema import PASSING_VERDICTS
+
+        return sum(n for v, n in self.verdicts.items() if v not in PASSING_VERDICTS)
 
     def failure_records(self, impl: str) -> list[dict[str, Any]]:
         """One plain dict per failure signature, for the console, ``--json``, JUnit and
@@ -179,7 +192,8 @@ class Progress:
         if not force and now - self._last < 0.2:
             return
         self._last = now
-        bad = ", ".join(f"{v} {n}" for v, n in sorted(result.verdicts.items()) if v != "pass")
+        bad = ", ".join(f"{v} {n}" for v, n in sorted(result.verdicts.items())
+                        if v not in ("pass", "rejected"))
         self.stream.write(f"\r\033[K{result.cases} cases {budget} | failing: {bad or 'none'}")
         self.stream.flush()
 
@@ -260,7 +274,7 @@ class Campaign:
         """Run and evaluate one case alone without recording it (used by the shrinker)."""
         outcome = self.runner.run(case)
         self._ran(case, outcome.worker, self._next_batch())
-        return evaluate(case, outcome, stable=self.impl.stable)
+        return evaluate(case, outcome, stable=self.impl.stable, limits=self.impl.limits)
 
     def check_pair(self, first: Case, second: Case) -> tuple[Evaluation, Evaluation | None]:
         """Run ``first`` then ``second`` as one batch of their own, without recording them;
@@ -271,7 +285,8 @@ class Campaign:
         evaluations: list[Evaluation | None] = []
         for case, outcome in zip((first, second), outcomes):
             self._ran(case, outcome.worker, batch)
-            evaluations.append(evaluate(case, outcome, stable=self.impl.stable))
+            evaluations.append(evaluate(case, outcome, stable=self.impl.stable,
+                                        limits=self.impl.limits))
         return evaluations[0], (evaluations[1] if len(evaluations) > 1 else None)
 
     def run_one(self, case: Case, seed: int | None = None) -> Evaluation:
@@ -280,7 +295,7 @@ class Campaign:
         return evaluation
 
     def _finish(self, case: Case, outcome: Any, seed: int | None, batch: int) -> Evaluation:
-        evaluation = evaluate(case, outcome, stable=self.impl.stable)
+        evaluation = evaluate(case, outcome, stable=self.impl.stable, limits=self.impl.limits)
         self._record(case, evaluation, outcome, seed, batch)
         self._ran(case, outcome.worker, batch)
         return evaluation
@@ -343,7 +358,7 @@ class Campaign:
         }
         self.log.add_case(row)
         self.case_rows.append(row)
-        if evaluation.verdict == "pass":
+        if not evaluation.failed:
             return
         rows = [{"case_id": case.case_id, "impl": self.impl.name, "dialect": case.dialect,
                  "verdict": evaluation.verdict, **m.as_row()} for m in evaluation.mismatches]
@@ -419,6 +434,8 @@ class Campaign:
         while self._unsettled:
             case, evaluation, neighbours, cases, seconds = self._unsettled.pop(0)
             sig = evaluation.signature(case)
+            if self._over_cap(sig, case):
+                continue  # counted, neither confirmed nor reported
             confirmation = None
             if sig not in self._confirmed:
                 if self._tries.get(sig, 0) < CONFIRM_CASES:
@@ -446,11 +463,26 @@ class Campaign:
             failure.case, failure.evaluation, failure.confirmation = case, flaky, confirmation
         self._enter(sig, case, flaky, confirmation, cases, seconds)
 
+    def _over_cap(self, sig: str, case: Case) -> bool:
+        """Whether ``sig`` is past :data:`MAX_SIGNATURES_PER_DIALECT` distinct signatures
+        of its dialect; then the case is counted in ``result.capped``."""
+        r = self.result
+        if sig in r.failures:
+            return False
+        if sig not in r.capped and sum(
+                f.case.dialect == case.dialect for f in r.failures.values()
+        ) < MAX_SIGNATURES_PER_DIALECT:
+            return False
+        r.capped[sig] = r.capped.get(sig, 0) + 1
+        return True
+
     def _enter(self, sig: str, case: Case, evaluation: Evaluation,
                confirmation: Confirmation | None, cases: int, seconds: float) -> None:
         failures = self.result.failures
         if sig in failures:
             failures[sig].count += 1
+        elif self._over_cap(sig, case):
+            return
         else:
             failures[sig] = Failure(sig, case, evaluation, 1, cases, seconds, confirmation)
 
@@ -465,7 +497,7 @@ class Campaign:
     def replay_database(self) -> None:
         for path, case in self.database.load(self.impl.name, self.impl.dialects):
             self.result.replayed += 1
-            if self.run_one(case).verdict == "pass" or case.case_id in self._flaky_ids:
+            if not self.run_one(case).failed or case.case_id in self._flaky_ids:
                 self.database.forget(path)  # fixed, or a failure it does not show alone
 
     def generate(self, *, dialects: tuple[str, ...], contracts: tuple[str, ...],
@@ -473,8 +505,9 @@ class Campaign:
                  stop_on_failure: bool = False, classes: tuple[str, ...] | None = None) -> None:
         from hypothesis import HealthCheck, Phase, Verbosity, given, settings
         from hypothesis import seed as hseed
+        from hypothesis import strategies as st
 
-        from .strategies import cases
+        from .strategies import cases, probes_possible
 
         limit = max_examples if max_examples is not None else (
             10**9 if seconds is not None else DEFAULT_MAX_EXAMPLES)
@@ -483,38 +516,80 @@ class Campaign:
             f" in {seconds:g}s" if seconds is not None else "")
 
         queue: list[Case] = []
-        state = {"routes": 0, "size": 1, "stopped": False}
+        state = {"routes": 0, "size": 1, "stopped": False, "drawn": 0}
+        limits = self.impl.limits
+        strategy = cases(dialects=dialects, contracts=contracts, classes=classes,
+                         limits=limits, out_of_domain=PROBE_ONE_IN)
+        # with declared limits, a run starts with a few out-of-domain probes (a run of
+        # their own: which strategy draws must not depend on state outside Hypothesis)
+        probes = min(PROBES_PER_RUN, limit) if probes_possible(limits) else 0
+        runs = [(cases(dialects=dialects, contracts=contracts, limits=limits,
+                       out_of_domain=1), probes)] if probes else []
+        runs.append((strategy, limit - probes))
+        failed: list[InternalError] = []
+
+        def internal(exc: Exception, where: str, *, broken: bool) -> _BudgetExhausted:
+            """Remember a bug of ours and end the loop; the cases drawn before are run
+            and recorded (unless running them is what broke)."""
+            failed.append(InternalError.wrap(exc, where, seed=self.seed, draw=state["drawn"]))
+            state["stopped"] = state["stopped"] or broken
+            return _BudgetExhausted()
 
         def dispatch(batch: list[Case]) -> None:
-            evaluations = self.dispatch(batch)
+            try:
+                evaluations = self.dispatch(batch)
+            except DifftestError:
+                raise  # the implementation cannot be loaded: the caller's
+            except Exception as exc:  # noqa: BLE001 - running and recording cases is ours
+                raise internal(exc, "running and recording cases", broken=True) from None
             self.progress.update(self.result, budget)
-            if stop_on_failure and any(e.verdict != "pass" for e in evaluations):
+            if stop_on_failure and any(e.failed for e in evaluations):
                 state["stopped"] = True
                 raise _BudgetExhausted
 
-        @settings(max_examples=limit, phases=[Phase.generate], database=None, deadline=None,
-                  suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet,
-                  derandomize=False)
-        @given(cases(dialects=dialects, contracts=contracts, classes=classes))
-        def drive(case: Case) -> None:
-            if sigint["sigint"]:
-                raise _Interrupted
-            if deadline is not None and time.monotonic() >= deadline:
-                raise _BudgetExhausted
-            queue.append(case)
-            state["routes"] += case.num_routes * len(case.ranks())
-            if len(queue) >= state["size"] or state["routes"] >= BATCH_ROUTES:
-                batch = queue[:]
-                queue.clear()
-                state["routes"], state["size"] = 0, min(2 * state["size"], BATCH_CASES)
-                dispatch(batch)
+        def driver(source: Any, examples: int) -> Callable[[], None]:
+            @settings(max_examples=examples, phases=[Phase.generate], database=None,
+                      deadline=None, suppress_health_check=list(HealthCheck),
+                      verbosity=Verbosity.quiet, derandomize=False)
+            @given(st.data())
+            def drive(data: Any) -> None:
+                # every example draws its case first: Hypothesis requires the same choices
+                # to draw the same way, and a stop before the draw would not
+                try:  # drawn here, so that a bug of the generator is caught as ours
+                    case = data.draw(source)
+                except Exception as exc:  # noqa: BLE001 - the generator is ours, not the kernel
+                    if type(exc).__module__.startswith("hypothesis"):
+                        raise  # Hypothesis' own control flow (a rejected draw)
+                    state["drawn"] += 1  # the draw that failed
+                    raise internal(exc, "the case generator", broken=False) from None
+                state["drawn"] += 1
+                if sigint["sigint"]:
+                    raise _Interrupted
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise _BudgetExhausted
+                queue.append(case)
+                state["routes"] += case.num_routes * len(case.ranks())
+                if len(queue) >= state["size"] or state["routes"] >= BATCH_ROUTES:
+                    batch = queue[:]
+                    queue.clear()
+                    state["routes"], state["size"] = 0, min(2 * state["size"], BATCH_CASES)
+                    dispatch(batch)
 
-        if self.seed is not None:
-            drive = hseed(self.seed)(drive)
+            return hseed(self.seed)(drive) if self.seed is not None else drive
+
         with _sigint_deferred() as sigint:
             interrupted = True
             try:
-                drive()
+                for source, examples in runs:
+                    if examples > 0:
+                        try:
+                            driver(source, examples)()
+                        except Exception as exc:  # noqa: BLE001 - Hypothesis' own errors
+                            if not failed:  # (else: about the run the bug above stopped)
+                                failed.append(InternalError.wrap(
+                                    exc, "the Hypothesis driver", seed=self.seed,
+                                    draw=state["drawn"]))
+                            raise _BudgetExhausted from None
                 interrupted = False
             except _BudgetExhausted:
                 interrupted = False
@@ -526,14 +601,27 @@ class Campaign:
                     # Ctrl-C or an error only the batch in flight (it is running already)
                     if queue and not (interrupted or state["stopped"]):
                         dispatch(queue[:])
-                    self.drain()
+                    self._drain_or_fail(failed)
                 except _BudgetExhausted:
-                    self.drain()
+                    self._drain_or_fail(failed)
                 finally:
                     self.progress.update(self.result, budget, force=True)
                     self.progress.done()
+        if failed:
+            raise failed[0]
         if sigint["sigint"]:
             raise KeyboardInterrupt
+
+    def _drain_or_fail(self, failed: list[InternalError]) -> None:
+        """:meth:`drain`; a bug of ours while doing it is added to ``failed``."""
+        try:
+            self.drain()
+        except DifftestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see generate
+            self._inflight = []
+            failed.append(InternalError.wrap(exc, "running and recording cases",
+                                             seed=self.seed))
 
     # -- after the budget -------------------------------------------------------
     def shrink_and_report(self, *, shrink_seconds: float = DEFAULT_SHRINK_SECONDS,
@@ -624,7 +712,6 @@ class Campaign:
         import reports
 
         self.log.close()
-        reports.write_summary(self.out_dir)
         self.result.elapsed_s = time.monotonic() - self._start
         flaky = {sig: {"case": f.case.case_id, "original": f.confirmation.original,
                        "culprit": f.confirmation.culprit.case_id
@@ -635,10 +722,15 @@ class Campaign:
         (self.out_dir / "run.json").write_text(json.dumps({
             "impl": self.impl.name, "seed": self.seed, "cases": self.result.cases,
             "verdicts": self.result.verdicts, "replayed": self.result.replayed,
-            "signatures": sorted(self.result.failures), "elapsed_s": self.result.elapsed_s,
-            "confirm_s": self.result.confirm_s, "flaky": flaky, "pid": os.getpid(),
+            "signatures": sorted(self.result.failures),
+            "signatures_over_cap": self.result.capped,
+            "limits": limits_json(self.impl.limits),
+            "domain": describe_limits(self.impl.limits),
+            "elapsed_s": self.result.elapsed_s, "confirm_s": self.result.confirm_s,
+            "flaky": flaky, "pid": os.getpid(),
             "failures": self.result.failure_records(self.impl.name),
         }, indent=1))
+        reports.write_summary(self.out_dir)  # shows run.json's domain and capped signatures
         return self.result
 
 

@@ -95,7 +95,9 @@ __all__ = [
 SMALL_PATH_MAX_ROUTES = 1024
 #: ... and up to this many experts; the sizes around both are ``path-boundary``.
 SMALL_PATH_MAX_EXPERTS = 64
-#: The most experts a kernel accepts.
+#: The most experts ``many-experts`` cases have when the implementation declares no
+#: ``num_experts`` limit (``difftest.limits``; the usual kernel maximum, e.g. our CUDA
+#: kernels' ``MAX_EXPERTS``). With a declared maximum they aim at it instead.
 KERNEL_MAX_EXPERTS = 1024
 #: From here on a kernel ``E`` counts as ``many-experts``.
 MANY_EXPERTS_MIN = 896

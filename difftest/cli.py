@@ -1,7 +1,11 @@
 """``difftest`` — the command line (DESIGN.md; exit codes are binding).
 
 Exit 0: no failure. Exit 1: failures found (the run directory says which).
-Exit 2: usage or input error — one line on stderr, never a traceback.
+Exit 2: usage or input error (a :class:`~difftest.errors.DifftestError` or an
+oracle argument error) — one line on stderr, never a traceback. Exit 3: an
+internal error of difftest — one line saying what broke, the seed and draw that
+reproduce it and where the traceback was saved (``DIR/internal-error.txt``);
+what was recorded before it is kept.
 ``difftest replay`` exits 125 when the implementation cannot be loaded or built
 (``git bisect run`` skips such a commit).
 """
@@ -18,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import DifftestError, LoadError, UsageError
+from .errors import DifftestError, InternalError, LoadError, UsageError
 
-EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE = 0, 1, 2
+EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+# where an internal error's traceback goes when the command has no run directory
+INTERNAL_ERROR_DIR = Path(".difftest") / "internal-errors"
 EXIT_CANNOT_LOAD = 125  # replay only: git bisect's "skip this commit"
 
 
@@ -99,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a case may take before it is a timeout (default 10, "
                         "confirmed by one re-run with 4x the budget; loading and building are "
                         "not counted)")
+        sp.add_argument("--limit", action="append", metavar="NAME=MIN:MAX",
+                        help="the implementation's input domain (repeatable; overrides its "
+                        "difftest_limits; an empty side is open, e.g. num_experts=:992); names: "
+                        "num_tokens, topk, num_experts, block_size, max_loras, "
+                        "max_num_tokens_padded, num_routes, ep_size")
 
     run = sub.add_parser("run", help="run a campaign against the oracle")
     common_impl(run)
@@ -166,7 +177,10 @@ def _cwd_importable() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from oracle import OracleError
+
     _cwd_importable()
+    ns = argparse.Namespace(command=None)
     try:
         ns = build_parser().parse_args(argv)
         ns._argv = list(argv) if argv is not None else sys.argv[1:]
@@ -174,12 +188,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DifftestError as exc:
         _print_error(exc)
         return EXIT_USAGE
-    except (ValueError, TypeError) as exc:  # a caller error raised below us (oracle, cases)
+    except OracleError as exc:  # an input the oracle calls malformed (a replayed case)
         print(f"difftest: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("difftest: interrupted; what was recorded so far is kept", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - any other exception is a bug of ours
+        error = InternalError.wrap(exc, f"difftest {ns.command or ''}".strip())
+        return _internal(error, getattr(ns, "_run_dir", None))
+
+
+def _internal(error: InternalError, run_dir: Path | None) -> int:
+    """Save the traceback (in the run directory when there is one), print the line."""
+    if error.saved_to is None:
+        try:
+            error.save(run_dir or INTERNAL_ERROR_DIR / time.strftime("%Y%m%d-%H%M%S"))
+        except OSError:
+            pass  # the line still says what broke
+    print(f"difftest: {error.line()}", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _resolve(ns: argparse.Namespace, dialect: str | None) -> Any:
+    """``--impl`` (``--dialect``, ``--load``) as an implementation, ``--limit`` put over
+    its own declared limits."""
+    from . import registry
+    from .limits import parse_all
+
+    return registry.resolve(ns.impl, dialect, load=ns.load).with_limits(parse_all(ns.limit))
 
 
 # -- helpers -----------------------------------------------------------------
@@ -344,6 +381,8 @@ def _run_summary(out: Path, run: dict[str, Any], case_rows: Sequence[dict],
         "verdicts": dict(sorted(run["verdicts"].items())), "failures": run["failures"],
         "contracts": reports.contract_split(case_rows), "run_dir": str(out),
         "junit": None if junit is None else str(junit),
+        "domain": run.get("domain"), "limits": run.get("limits") or {},
+        "signatures_over_cap": run.get("signatures_over_cap") or {},
     }
 
 
@@ -355,9 +394,20 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     print(f"{summary['cases']} cases in {summary['elapsed_s']:.1f} s"
           + (f" ({replayed} replayed from the failure database)" if replayed else "")
           + ": " + ", ".join(f"{v} {n}" for v, n in summary["verdicts"].items()))
+    if summary["limits"]:
+        rejected = summary["verdicts"].get("rejected", 0)
+        print(f"declared domain: {summary['domain']}"
+              + (f" ({rejected} out-of-domain probe(s) rejected cleanly)" if rejected else ""))
     for f in summary["failures"]:
         print(f"FAIL {f['signature']}: {f['count']} case(s), first after {f['first_after']}"
               + (f"; report {f['report']}" if f["report"] else ""))
+    capped = summary["signatures_over_cap"]
+    if capped:
+        from .campaign import MAX_SIGNATURES_PER_DIALECT
+
+        print(f"FAIL {len(capped)} more signature(s) past the cap of "
+              f"{MAX_SIGNATURES_PER_DIALECT} per dialect ({sum(capped.values())} case(s); "
+              "not shrunk nor reported; listed in run.json)")
     for sentence in summary["contracts"]:
         print(sentence)
     print(f"run directory: {summary['run_dir']}  (summary.html, cases.parquet, "
@@ -393,10 +443,9 @@ def _check_classes(impl: Any, contracts: tuple[str, ...], classes: tuple[str, ..
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from . import registry
     from .campaign import Campaign, FailureDatabase, Progress
 
-    impl = registry.resolve(ns.impl, ns.dialect, load=ns.load)
+    impl = _resolve(ns, ns.dialect)
     device = _device_for(impl, ns.device)
     contracts = ("production", "defensive") if ns.contract == "all" else (ns.contract,)
     max_examples, seconds, seed = ns.max_examples, ns.seconds, ns.seed
@@ -414,11 +463,13 @@ def cmd_run(ns: argparse.Namespace) -> int:
     _check_outputs(ns, out)
     _check_classes(impl, contracts, ns.classes)
     seed = _seed_of_run(ns, seed)
+    ns._run_dir = out
     if workers > 1:
         return _run_parallel(ns, workers, out, seed, device)
     database = None if ns.no_db else FailureDatabase(ns.db)
     progress = Progress(enabled=False if ns.quiet else None)
     cuda_device = int(os.environ["DIFFTEST_GPU"]) if os.environ.get("DIFFTEST_GPU") else None
+    internal = None
     with _runner(impl, device, ns.timeout, ns.in_process, cuda_device) as runner:
         campaign = Campaign(impl, runner, out, seed=seed, database=database, progress=progress)
         try:
@@ -427,9 +478,13 @@ def cmd_run(ns: argparse.Namespace) -> int:
                               max_examples=max_examples, seconds=seconds, classes=ns.classes)
             if not ns.no_shrink:
                 campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
+        except InternalError as exc:  # the cases recorded before it are kept
+            internal = exc
         finally:  # interrupted or not: parquet and summary hold every recorded case
             result = campaign.close()
     code = EXIT_FAILURES if result.failed else EXIT_CLEAN
+    if internal is not None:
+        code = EXIT_INTERNAL
     failures = result.failure_records(impl.name)
     if ns.junit:
         import reports
@@ -438,6 +493,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if not ns.worker:
         run = json.loads((out / "run.json").read_text())
         _print_summary(_run_summary(out, run, campaign.case_rows, code, ns.junit), ns.json)
+    if internal is not None:
+        return _internal(internal, out)
     return code
 
 
@@ -487,28 +544,43 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
     codes = [p.wait() for p in procs]
     if any(c == EXIT_USAGE for c in codes):
         raise UsageError(f"a worker stopped on a usage error (exit codes {codes})")
-    reports.merge_runs(out, parts)
-    reports.write_summary(out)
-    run = _merged_run_json(out, parts, seed)
+    reports.merge_runs(out, [part for part in parts if part.is_dir()])
+    run = _merged_run_json(out, parts, seed, codes)
+    reports.write_summary(out)  # after run.json: it shows the domain and capped signatures
     case_rows = reports.read_rows(out)[0]
     if ns.junit:
         reports.write_junit(ns.junit, case_rows, run["failures"])
     code = EXIT_FAILURES if any(c == EXIT_FAILURES for c in codes) else EXIT_CLEAN
-    if any(c not in (EXIT_CLEAN, EXIT_FAILURES) for c in codes):
+    broken = [i for i, c in enumerate(codes) if c not in (EXIT_CLEAN, EXIT_FAILURES)]
+    if broken:
+        code = EXIT_INTERNAL
         print(f"difftest run: worker exit codes {codes}", file=sys.stderr)
     _print_summary(_run_summary(out, run, case_rows, code, ns.junit), ns.json)
+    if broken:  # a worker's internal error, or one that died: the others' cases are kept
+        i = broken[0]
+        saved = parts[i] / "internal-error.txt"
+        what = (saved.read_text().splitlines()[0] if saved.is_file()
+                else f"exit code {codes[i]} (no traceback saved)")
+        error = InternalError(f"worker {i} of {workers} stopped: {what}",
+                              seed=shard_seed(seed, (i, workers)))
+        error.saved_to = str(saved) if saved.is_file() else None
+        return _internal(error, out)
     return code
 
 
-def _merged_run_json(out: Path, parts: list[Path], seed: int) -> dict[str, Any]:
+def _merged_run_json(out: Path, parts: list[Path], seed: int,
+                     codes: list[int] | None = None) -> dict[str, Any]:
     """The parts' ``run.json`` summed into ``out/run.json``: one record per failure
     signature, its report the merged copy under ``out/bugs``."""
     runs = [json.loads((p / "run.json").read_text()) for p in parts if (p / "run.json").exists()]
     verdicts: dict[str, int] = {}
     failures: dict[str, dict[str, Any]] = {}
+    capped: dict[str, int] = {}
     for run in runs:
         for verdict, n in run["verdicts"].items():
             verdicts[verdict] = verdicts.get(verdict, 0) + n
+        for sig, n in run.get("signatures_over_cap", {}).items():
+            capped[sig] = capped.get(sig, 0) + n
         for f in run.get("failures", []):
             if f["signature"] in failures:
                 seen = failures[f["signature"]]
@@ -522,7 +594,10 @@ def _merged_run_json(out: Path, parts: list[Path], seed: int) -> dict[str, Any]:
            "replayed": sum(r["replayed"] for r in runs), "signatures": sorted(failures),
            "elapsed_s": max((r["elapsed_s"] for r in runs), default=0.0),
            "failures": [failures[s] for s in sorted(failures)],
-           "parts": [str(p) for p in parts]}
+           "parts": [str(p) for p in parts], "exit_codes": codes,
+           "limits": runs[0].get("limits") if runs else None,
+           "domain": runs[0].get("domain") if runs else None,
+           "signatures_over_cap": capped}
     (out / "run.json").write_text(json.dumps(run, indent=1))
     return run
 
@@ -545,41 +620,44 @@ def cmd_replay(ns: argparse.Namespace) -> int:
     """Exit 0 when the case passes, 1 when it fails, 125 when the implementation cannot
     be loaded or built: ``git bisect run difftest replay case.json --impl …`` then
     marks good, bad and skipped commits."""
-    from . import registry
     from .evaluate import evaluate
 
     case = _load_case(ns.case)
     try:
-        impl = registry.resolve(ns.impl, ns.dialect or case.dialect, load=ns.load)
+        impl = _resolve(ns, ns.dialect or case.dialect)
         device = _device_for(impl, ns.device)
         with _runner(impl, device, ns.timeout) as runner:
-            evaluation = evaluate(case, runner.run(case), stable=impl.stable)
+            evaluation = evaluate(case, runner.run(case), stable=impl.stable,
+                                  limits=impl.limits)
     except LoadError as exc:
         _print_error(exc)
         return EXIT_CANNOT_LOAD
     print(f"case {case.case_id} ({case.dialect}, {case.contract}; "
           f"{', '.join(case.edge_classes) or 'no edge class'}) on {impl.name}/{device}: "
-          f"{evaluation.verdict}")
+          f"{evaluation.verdict}" + (f" ({evaluation.detail})" if evaluation.verdict == "rejected"
+                                     else ""))
     for m in evaluation.mismatches[:10]:
         print(f"[{m.check}] {m.message}")
-    return EXIT_CLEAN if evaluation.verdict == "pass" else EXIT_FAILURES
+    return EXIT_FAILURES if evaluation.failed else EXIT_CLEAN
 
 
 def cmd_minimize(ns: argparse.Namespace) -> int:
-    from . import registry
     from .campaign import Campaign
 
     case = _load_case(ns.case)
-    impl = registry.resolve(ns.impl, ns.dialect or case.dialect, load=ns.load)
+    impl = _resolve(ns, ns.dialect or case.dialect)
     device = _device_for(impl, ns.device)
     out = _out_dir(ns.out, f"minimize-{ns.impl}")
     _check_outputs(ns, out)
+    ns._run_dir = out
     with _runner(impl, device, ns.timeout) as runner:
         campaign = Campaign(impl, runner, out, seed=None)
         evaluation = campaign.run_one(case)
-        if evaluation.verdict == "pass":
+        if not evaluation.failed:
             campaign.close()
-            print(f"case {case.case_id} passes on {impl.name}: nothing to minimise")
+            how = ("passes" if evaluation.verdict == "pass"
+                   else "is rejected cleanly (outside the declared limits)")
+            print(f"case {case.case_id} {how} on {impl.name}: nothing to minimise")
             return EXIT_CLEAN
         campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
         result = campaign.close()

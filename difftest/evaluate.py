@@ -2,15 +2,28 @@
 
 The verdicts (SPEC §9): ``pass``, ``mismatch`` (a check failed), ``error``
 (the call raised), ``crash`` (the worker died, or a sticky CUDA error such as an
-illegal address), ``timeout`` (no answer in time). A failure's *signature* is
-its dialect, verdict and primary failed check — what shrinking preserves and
-what names a bug report.
+illegal address), ``timeout`` (no answer in time), and ``rejected``: a case
+outside the implementation's declared limits (:mod:`difftest.limits`) that every
+call rejected cleanly — an exception, outputs still sentinel, guard bands and
+inputs intact, no device error. ``rejected`` is not a failure; a rejection that is
+not clean is the check ``unclean_rejection``, and an out-of-domain case that runs
+and gives the right answer passes.
+
+A failure's *signature* (:meth:`Evaluation.signature`) is
+``<dialect>--<verdict>--<class>``: what shrinking preserves and what names a bug
+report, so distinct bugs get distinct reports. The class is the primary failed
+check for ``mismatch``; for ``error`` the exception type and a slug of its
+message with numbers, addresses and paths masked (:func:`error_class`,
+``RuntimeError--padded_num_experts-must-be-less-than-N``); for ``crash`` its kind
+(:func:`crash_kind`: ``cuda-illegal-address``, ``sigsegv``, ``exit-1``, ...);
+``timeout`` for a timeout.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -27,7 +40,10 @@ from .compare import (
 )
 from .dialects import DIALECT_INFO, RowsExpected
 from .execute import SENTINEL
+from .limits import violations
 
+#: Longest message slug of an error signature.
+SLUG_MAX = 60
 
 @dataclass
 class Evaluation:
@@ -35,6 +51,15 @@ class Evaluation:
     mismatches: list[Mismatch] = field(default_factory=list)
     detail: str = ""
     frames: str = ""  # error: the last frames of the first raising call's traceback
+    #: what the first failing call raised, as ``Type: message`` (error verdicts)
+    error: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """Whether the verdict is a failure (``pass`` and ``rejected`` are not)."""
+        from reports.schema import PASSING_VERDICTS
+
+        return self.verdict not in PASSING_VERDICTS
 
     @property
     def checks_failed(self) -> list[str]:
@@ -47,9 +72,100 @@ class Evaluation:
         return checks[0] if checks else None
 
     def signature(self, case: Case) -> str | None:
-        if self.verdict == "pass":
+        """``<dialect>--<verdict>--<class>`` (module docstring); ``None`` when not failed."""
+        if not self.failed:
             return None
-        return f"{case.dialect}--{self.verdict}--{self.primary_check or self.verdict}"
+        if self.verdict == "crash":
+            kind = crash_kind(self.detail)
+        elif self.verdict == "error" and self.primary_check == "launch_error":
+            text = (self.error or self.detail).split("by the call:", 1)[-1]
+            kind = f"launch_error--{slug(text) or 'error'}"
+        elif self.verdict == "error":
+            kind = error_class(self.error or self.detail)
+            if self.primary_check not in (None, "exception"):
+                kind = f"{self.primary_check}--{kind}"
+        elif self.verdict == "timeout":
+            kind = "timeout"
+        else:
+            kind = self.primary_check or self.verdict
+        return f"{case.dialect}--{self.verdict}--{kind}"
+
+
+# -- signature classes ------------------------------------------------------------------
+_PATH = re.compile(r"(?<![\w.])(?:~|\.{1,2})?/[^\s'\"`:,;()\[\]{}<>]+")
+_ADDRESS = re.compile(r"\b0[xX][0-9a-fA-F]+\b")
+_NUMBER = re.compile(r"(?<![A-Za-z_0-9])\d+(?:\.\d+)?")
+_TYPE_AND_MESSAGE = re.compile(r"^([A-Za-z_][\w.]*)(?::\s*(.*))?$")
+
+
+def slug(text: str, limit: int = SLUG_MAX) -> str:
+    """``text`` masked and made a directory-name part: paths → ``PATH``, hex addresses
+    → ``ADDR``, numbers → ``N``, every run of other characters than letters, digits and
+    ``_`` → ``-``; at most ``limit`` characters (cut at a ``-``)."""
+    text = _PATH.sub("PATH", text)
+    text = _ADDRESS.sub("ADDR", text)
+    text = _NUMBER.sub("N", text)
+    text = re.sub(r"[^A-Za-z0-9_]+", "-", text).strip("-")
+    if len(text) > limit:
+        cut = text[:limit + 1]
+        text = cut[:cut.rfind("-")] if "-" in cut else text[:limit]
+    return text.strip("-")
+
+
+def error_class(text: str) -> str:
+    """``<ExceptionType>--<message slug>`` of a raised ``"Type: message"`` (the first
+    line; a dotted type keeps its last part), e.g. ``RuntimeError--padded_num_experts-
+    must-be-less-than-N``; a text that names no type gives its slug alone."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    match = _TYPE_AND_MESSAGE.match(first)
+    if match and (match.group(2) is not None or " " not in first):
+        kind, message = match.group(1).rsplit(".", 1)[-1], match.group(2) or ""
+        rest = slug(message)
+        return f"{slug(kind)}--{rest}" if rest else slug(kind)
+    return slug(first) or "exception"
+
+
+# CUDA error texts as torch and the runtime print them → the kind of a crash.
+_CUDA_KINDS = (
+    ("illegal memory access", "cuda-illegal-address"),
+    ("illegal address", "cuda-illegal-address"),
+    ("illegal instruction", "cuda-illegal-instruction"),
+    ("misaligned address", "cuda-misaligned-address"),
+    ("unspecified launch failure", "cuda-launch-failure"),
+    ("launch failure", "cuda-launch-failure"),
+    ("device-side assert", "cuda-device-side-assert"),
+)
+_SIGNALS = {"SIGSEGV": "sigsegv", "SIGBUS": "sigbus", "SIGABRT": "sigabrt", "SIGKILL": "killed"}
+
+
+def crash_kind(detail: str) -> str:
+    """The kind of a crash from its detail: the CUDA error (``cuda-illegal-address``,
+    ``cuda-illegal-instruction``, ``cuda-misaligned-address``, ``cuda-launch-failure``,
+    ``cuda-<other error>``), else the signal that killed the worker (``sigsegv``,
+    ``sigbus``, ``sigabrt``, ``killed`` for SIGKILL, ``sig<name>``) or its exit code
+    (``exit-N``); ``crash`` when the detail says none of these."""
+    text = detail or ""
+    lowered = text.lower()
+    for marker, kind in _CUDA_KINDS:
+        if marker in lowered:
+            return kind
+    named = re.search(r"cudaError([A-Z]\w*)", text)
+    if named:
+        return "cuda-" + re.sub(r"(?<!^)(?=[A-Z])", "-", named.group(1)).lower()
+    cuda = re.search(r"CUDA error:\s*([^\n]+)", text)
+    if cuda:
+        message = re.sub(r"\s*was encountered.*$", "", cuda.group(1).strip())
+        message = re.sub(r"^(an?|the)\s+", "", message, flags=re.IGNORECASE)
+        return "cuda-" + (slug(message.lower(), 40) or "error")
+    signal = re.search(r"killed by signal (SIG[A-Z0-9]+|\d+)", text)
+    if signal:
+        name = signal.group(1)
+        return _SIGNALS.get(name, name.lower() if name.startswith("SIG") else f"signal-{name}")
+    code = re.search(r"exit code (-?\d+)", text)
+    if code:
+        return f"exit-{code.group(1)}"
+    return "crash"
 
 
 def expected_by_rank(case: Case) -> dict[int | None, Any]:
@@ -58,11 +174,20 @@ def expected_by_rank(case: Case) -> dict[int | None, Any]:
 
 
 def evaluate(case: Case, outcome: Any, *, stable: bool,
-             expected: dict[int | None, Any] | None = None) -> Evaluation:
-    """Every check of SPEC §9 over every repeat and rank of one case."""
+             expected: dict[int | None, Any] | None = None,
+             limits: Mapping[str, tuple[int, int]] | None = None) -> Evaluation:
+    """Every check of SPEC §9 over every repeat and rank of one case.
+
+    ``limits`` is the implementation's declared domain: a case outside it may be
+    rejected (an exception, nothing written) — the verdict ``rejected``.
+    """
+    outside = violations(case, limits)
     if outcome.verdict in ("crash", "timeout"):
-        return Evaluation(outcome.verdict, [Mismatch(outcome.verdict, outcome.detail)],
-                          outcome.detail)
+        found = [Mismatch(outcome.verdict, outcome.detail)]
+        if outside:
+            found.append(_unclean(outside, None, f"the worker did not survive it "
+                                  f"({outcome.verdict})"))
+        return Evaluation(outcome.verdict, found, outcome.detail)
     expected = expected if expected is not None else expected_by_rank(case)
     found: list[Mismatch] = []
     seen: set[tuple] = set()
@@ -108,10 +233,27 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
                 seen.add(key)
                 found.append(m)
         disagree = []
+    raised = [run for runs in outcome.runs for run in runs if run.error is not None]
     if fatal is not None:
         crash = Mismatch("crash", f"sticky device error (the context is unusable): {fatal.error}",
                          fatal.rank)
+        if outside:
+            found.append(_unclean(outside, fatal.rank, "left the device unusable"))
         return Evaluation("crash", [crash] + found, fatal.error or "")
+    if outside:  # an exception is allowed here, if nothing was written
+        found = [m for m in found if m.check != "exception"]
+        ranks_seen: set = set()
+        for run in raised:
+            reason = _dirty(run)
+            if reason and run.rank not in ranks_seen:
+                ranks_seen.add(run.rank)
+                found.append(_unclean(outside, run.rank, reason))
+        if not found:
+            if not raised:
+                return Evaluation("pass")
+            return Evaluation("rejected", detail=(
+                f"outside the declared limits ({', '.join(outside)}): rejected with "
+                f"{raised[0].error}"), error=raised[0].error or "")
     if not found:
         return Evaluation("pass")
     # the detail is the first record of the check the signature is named after
@@ -119,7 +261,33 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
     verdict = "error" if first.check in ("exception", "launch_error") else "mismatch"
     frames = next((run.frames for runs in outcome.runs for run in runs
                    if run.error is not None and getattr(run, "frames", None)), "")
-    return Evaluation(verdict, found, first.message, frames if verdict == "error" else "")
+    return Evaluation(verdict, found, first.message, frames if verdict == "error" else "",
+                      error=raised[0].error or "" if raised else "")
+
+
+def _unclean(outside: list[str], rank: int | None, reason: str) -> Mismatch:
+    return Mismatch("unclean_rejection",
+                    f"{breadcrumb(rank) or 'call'}: an input outside the declared limits "
+                    f"({', '.join(outside)}) was not rejected cleanly: {reason}", rank)
+
+
+def _dirty(run: Any) -> str:
+    """What a call that raised changed although it should have left everything alone
+    (empty when it left outputs at the sentinel, guard bands and inputs intact)."""
+    if getattr(run, "launch_error", False) or "left a launch error pending" in (run.error or ""):
+        return "it left a CUDA launch error pending"
+    if run.guard_damage:
+        name, places = next(iter(run.guard_damage.items()))
+        return f"it wrote outside {name} (offset {places[0][0]})"
+    if run.mutated_inputs:
+        name, (i, before, after) = next(iter(run.mutated_inputs.items()))
+        return f"it modified input {name}[{i}] ({before} -> {after})"
+    for name, value in run.outputs.items():
+        written = np.flatnonzero(value.reshape(-1) != SENTINEL)
+        if written.size:
+            return (f"it wrote {name}[{int(written[0])}] = {int(value.reshape(-1)[written[0]])} "
+                    f"({written.size} element(s) written) before raising")
+    return ""
 
 
 def _same_bytes(run: Any, first: Any) -> bool:

@@ -534,9 +534,7 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
             if watch is not None:
                 back = watch.after(index, back)
             suspects = _calls_with_stray_changes(done, pristine[lo:hi], back, lo)
-            for k, call in enumerate(done):
-                if call.run.error is not None:
-                    continue
+            for k, call in enumerate(done):  # a call that raised too: did it write?
                 if k in suspects:
                     call.staged.inspect(back, call.base - lo, call.run)
                 else:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from . import limits as domain
 from . import oplib, signatures
 from .case import DIALECTS
 from .dialects import DIALECT_INFO
@@ -38,6 +39,16 @@ class Implementation:
     fault: str | None = None
     target: str | None = None  # "module:function" for py:, "NAMESPACE::NAME" for op:
     libraries: tuple[str, ...] = ()  # --load paths (absolute), loaded before anything else
+    #: the declared input domain (difftest.limits): name -> inclusive (min, max)
+    limits: dict[str, tuple[int, int]] = field(default_factory=dict, hash=False)
+
+    def with_limits(self, overrides: dict[str, tuple[int, int]] | None) -> Implementation:
+        """This implementation with ``overrides`` (``--limit``, ``limits=``) over its
+        declared limits."""
+        if not overrides:
+            return self
+        return Implementation(**{**self.__dict__,
+                                 "limits": domain.merged(self.limits, overrides)})
 
     def repeats(self, device: str) -> int:
         """Runs per case: CUDA kernels run repeatedly so a race shows itself."""
@@ -145,7 +156,8 @@ def resolve(name: str, dialect: str | None = None, load: Sequence[str] = ()) -> 
         impl = Implementation(name, "py", (found,), ("cpu", "cuda"),
                               stable=bool(getattr(fn, "difftest_stable", False)),
                               summary=(fn.__doc__ or "user callable").strip().splitlines()[0],
-                              target=rest)
+                              target=rest,
+                              limits=domain.declared(fn, f"--impl {name}: {domain.ATTRIBUTE}"))
     elif kind == "op":
         op = oplib.find_op(oplib.check_qualname(rest), libraries)
         found = dialect or dialect_of(op, name)
@@ -183,12 +195,14 @@ def _resolve_builtin(kind: str, fault: str | None, name: str) -> Implementation:
                 f"--impl {name!r}: {kind} has no fault {fault!r}; allowed: {', '.join(allowed)}")
         dialects, summary = tuple(info.dialects), info.summary
     devices = ("cpu", "cuda") if kind == "torch" else ("cuda",)
-    stable = _stable(kind)
-    return Implementation(name, kind, tuple(dialects), devices, stable, summary, fault)
+    module = _backend(kind)
+    return Implementation(name, kind, tuple(dialects), devices,
+                          bool(getattr(module, "STABLE", False)), summary, fault,
+                          limits=domain.declared(module, f"{module.__name__}"))
 
 
-def _stable(kind: str) -> bool:
-    # the modules' STABLE constants, read without importing torch-heavy code paths
-    module = importlib.import_module("cuda_impl.torch_impl" if kind == "torch"
-                                     else "cuda_impl.cuda")
-    return bool(getattr(module, "STABLE", False))
+def _backend(kind: str) -> Any:
+    # the backend module, for its STABLE and difftest_limits constants; importing it
+    # builds nothing and initialises no CUDA
+    return importlib.import_module("cuda_impl.torch_impl" if kind == "torch"
+                                   else "cuda_impl.cuda")

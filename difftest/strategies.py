@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from hypothesis import reject
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
@@ -71,6 +72,7 @@ from .classify import (
 )
 from .dialects import DIALECT_INFO
 from .errors import UsageError
+from .limits import UNBOUNDED, Limits, in_domain, validate, violations
 
 __all__ = [
     "BLOCK_SIZES",
@@ -87,6 +89,7 @@ __all__ = [
     "expert_counts",
     "focus_classes",
     "lora_layouts",
+    "probes_possible",
     "topk_ids_arrays",
 ]
 
@@ -138,29 +141,59 @@ class LoraLayout(NamedTuple):
 
 # -- focus ----------------------------------------------------------------------
 def focus_classes(dialect: str, contract: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                  allow_large: bool = True) -> tuple[str, ...]:
+                  allow_large: bool = True,
+                  limits: Limits | None = None) -> tuple[str, ...]:
     """The classes :func:`cases` builds cases of ``dialect`` and ``contract`` around.
 
     :data:`EDGE_FOCUS` of the dialect, without :data:`DEFENSIVE_ONLY` classes
     for ``production``, and without the classes the size limits rule out
     (``huge-batch`` needs ``allow_large``; ``path-boundary`` needs
     ``allow_large`` or ``max_tokens >= 128``; LoRA ``full-slots-with-base``
-    needs ``max_tokens >= 2``).
+    needs ``max_tokens >= 2``), nor those the declared ``limits``
+    (:mod:`difftest.limits`) rule out (``many-experts`` needs
+    ``num_experts`` up to :data:`MANY_EXPERTS_MIN`, ``empty-batch`` allows
+    ``T = 0``, ``huge-batch`` and ``path-boundary`` need their sizes).
     """
     _check_choice("dialect", dialect, DIALECTS)
     _check_choice("contract", contract, CONTRACTS)
+    limits = validate(limits)
     out = []
     for name in EDGE_FOCUS[dialect]:
         if contract == "production" and name in DEFENSIVE_ONLY[dialect]:
             continue
-        if name == "huge-batch" and not allow_large:
+        if name == "huge-batch" and not (allow_large and _huge_topks(limits)):
             continue
-        if name == "path-boundary" and not (allow_large or _boundary_topks(max_tokens)):
+        limit = max(MEDIUM_MAX_TOKENS, max_tokens) if allow_large else max_tokens
+        if name == "path-boundary" and not _boundary_topks(limit, 1, limits):
             continue
         if name == "full-slots-with-base" and max_tokens < 2:
             continue
+        if not _reachable(name, limits):
+            continue
         out.append(name)
     return tuple(out)
+
+
+def _bounds(limits: Limits, name: str) -> tuple[int, int]:
+    return limits.get(name, (0, UNBOUNDED))
+
+
+def _reachable(name: str, limits: Limits) -> bool:
+    """Whether focus ``name`` can be built inside ``limits`` (sizes aside, see callers)."""
+    if not limits:
+        return True
+    if name == "many-experts":
+        return _bounds(limits, "num_experts")[1] >= MANY_EXPERTS_MIN
+    if name == "empty-batch":
+        return _bounds(limits, "num_tokens")[0] == 0 == _bounds(limits, "num_routes")[0]
+    if name == "duplicate-route":
+        return _bounds(limits, "topk")[1] >= 2
+    return True
+
+
+def probes_possible(limits: Limits | None) -> bool:
+    """Whether ``limits`` have a bound an out-of-domain probe can cross (see :func:`cases`)."""
+    return any(_probe_values(name, bounds) for name, bounds in validate(limits).items())
 
 
 # -- component strategies -----------------------------------------------------------
@@ -301,7 +334,9 @@ def cases(dialects: Sequence[str] | None = None,
           contracts: Sequence[str] = CONTRACTS, *,
           max_tokens: int = DEFAULT_MAX_TOKENS,
           allow_large: bool = True,
-          classes: Sequence[str] | None = None) -> SearchStrategy[Case]:
+          classes: Sequence[str] | None = None,
+          limits: Limits | None = None,
+          out_of_domain: int = 0) -> SearchStrategy[Case]:
     """Cases of the given ``dialects`` (default: all) and ``contracts``, each built
     around a focus edge class (see the module docstring).
 
@@ -317,6 +352,16 @@ def cases(dialects: Sequence[str] | None = None,
     and contracts that can reach one of them are drawn. A class that is not an
     edge class, or that none of ``dialects`` × ``contracts`` can focus on, is a
     :class:`~difftest.errors.UsageError`.
+    ``limits`` (:mod:`difftest.limits`) is the implementation's declared domain:
+    every case is inside it, and the boundary classes aim at its bounds
+    (``many-experts`` at ``E = max`` and ``max - 1``, ``huge-batch`` and
+    ``path-boundary`` within the ``T``/``K``/``N`` bounds; plain cases often
+    get ``E = max``). With ``out_of_domain = n`` one case in ``n`` (``1``:
+    every case) is instead an *out-of-domain probe*: a broad case with one
+    declared bound of ``num_tokens``, ``topk``, ``num_experts``,
+    ``block_size``, ``max_loras`` or ``num_routes`` crossed by one (never
+    ``max_num_tokens_padded`` or ``ep_size``), its note
+    ``"out-of-domain probe: num_experts=993 > 992"``.
 
     Shrinks towards the first dialect and contract, a ``"broad"`` focus, one
     token with one route to expert 0, ``B = 1``, int32 ids, no EP, one
@@ -334,16 +379,24 @@ def cases(dialects: Sequence[str] | None = None,
         _check_choice("contracts", name, CONTRACTS)
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise UsageError(f"max_tokens={max_tokens!r}: must be an integer >= 1")
+    if not isinstance(out_of_domain, int) or out_of_domain < 0:
+        raise UsageError(f"out_of_domain={out_of_domain!r}: must be an integer >= 0 "
+                         "(one case in that many is a probe; 0: none)")
+    limits = validate(limits)
+    probes = out_of_domain if probes_possible(limits) else 0
+    items = tuple(sorted(limits.items()))
     if classes is None:
-        return _cases(dialects, contracts, max_tokens, bool(allow_large))
-    focus = _focus_of(classes, dialects, contracts, max_tokens, bool(allow_large))
+        return _cases(dialects, contracts, max_tokens, bool(allow_large),
+                      limit_items=items, out_of_domain=probes)
+    focus = _focus_of(classes, dialects, contracts, max_tokens, bool(allow_large), limits)
     return st.sampled_from(sorted(focus)).flatmap(
         lambda pair: _cases((pair[0],), (pair[1],), max_tokens, bool(allow_large),
-                            focus[pair]))
+                            focus[pair], limit_items=items, out_of_domain=probes))
 
 
 def _focus_of(classes: Sequence[str], dialects: tuple[str, ...], contracts: tuple[str, ...],
-              max_tokens: int, allow_large: bool) -> dict[tuple[str, str], tuple[str, ...]]:
+              max_tokens: int, allow_large: bool,
+              limits: Limits | None = None) -> dict[tuple[str, str], tuple[str, ...]]:
     """Per (dialect, contract) that can reach one of ``classes``, the ones it can reach."""
     classes = tuple(classes)
     if not classes:
@@ -354,14 +407,14 @@ def _focus_of(classes: Sequence[str], dialects: tuple[str, ...], contracts: tupl
     for dialect in dialects:
         for contract in contracts:
             reachable = focus_classes(dialect, contract, max_tokens=max_tokens,
-                                      allow_large=allow_large)
+                                      allow_large=allow_large, limits=limits)
             wanted = tuple(c for c in reachable if c in classes)
             if wanted:
                 focus[(dialect, contract)] = wanted
     missed = [c for c in classes if not any(c in w for w in focus.values())]
     if not focus or missed:
         reachable = sorted({c for d in dialects for k in contracts for c in focus_classes(
-            d, k, max_tokens=max_tokens, allow_large=allow_large)})
+            d, k, max_tokens=max_tokens, allow_large=allow_large, limits=limits)})
         raise UsageError(
             f"classes={list(classes)}: no case of {', '.join(dialects)} "
             f"({', '.join(contracts)}) can be built around {', '.join(missed or classes)}; "
@@ -417,6 +470,12 @@ class _Plan:
     direct_map: bool = False
     ingredients: frozenset[str] = frozenset()
     lora_features: set[str] = field(default_factory=set)
+    limits: Limits = field(default_factory=dict)
+    probe: bool = False  # an out-of-domain probe (see cases)
+
+    def bounds(self, name: str) -> tuple[int, int]:
+        """The declared ``(min, max)`` of limit ``name`` (``(0, UNBOUNDED)`` when none)."""
+        return _bounds(self.limits, name)
 
     @property
     def num_routes(self) -> int:
@@ -433,28 +492,35 @@ class _Plan:
 
 @st.composite
 def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...],
-           max_tokens: int, allow_large: bool, only: tuple[str, ...] | None = None) -> Case:
+           max_tokens: int, allow_large: bool, only: tuple[str, ...] | None = None,
+           limit_items: tuple = (), out_of_domain: int = 0) -> Case:
     dialect = draw(st.sampled_from(dialects))
     contract = draw(st.sampled_from(contracts))
+    limits: Limits = dict(limit_items)
+    probe = bool(out_of_domain) and (out_of_domain == 1 or
+                                     draw(st.integers(0, out_of_domain - 1)) == out_of_domain - 1)
     # Hypothesis does not draw one sampled_from evenly: over a few hundred
     # examples some options get a third of their share.  So a case gets up to
     # three foci — one of any class, two more of the classes random data seldom
     # hits (not in _OFTEN) — each kept when it fits those before it.  With
     # ``only`` (cases(classes=...)) the first focus is one of those, never broad.
-    options = focus_classes(dialect, contract, max_tokens=max_tokens, allow_large=allow_large)
+    options = focus_classes(dialect, contract, max_tokens=max_tokens, allow_large=allow_large,
+                            limits=limits)
     if only is not None:
         options = tuple(f for f in options if f in only)
     seldom = tuple(f for f in options if f not in _OFTEN)
-    drawn = [draw(st.sampled_from(options if only is not None else ("broad",) + options))]
-    drawn += [draw(st.sampled_from(("broad",) + seldom)) for _ in range(2)]
     chosen: list[str] = []
-    for name in drawn:
-        if name != "broad" and all(_compatible(name, other, dialect) for other in chosen):
-            chosen.append(name)
+    if not probe:  # a probe is a broad case with one size out of the domain
+        drawn = [draw(st.sampled_from(options if only is not None else ("broad",) + options))]
+        drawn += [draw(st.sampled_from(("broad",) + seldom)) for _ in range(2)]
+        for name in drawn:
+            if name != "broad" and all(_compatible(name, other, dialect) for other in chosen):
+                chosen.append(name)
     foci = frozenset(chosen)
-    plan = _Plan(dialect, contract, foci)
+    plan = _Plan(dialect, contract, foci, limits=limits, probe=probe)
     _draw_ingredients(draw, plan)
     _draw_sizes(draw, plan, max_tokens, allow_large)
+    crossed = _cross_a_limit(draw, plan) if probe else None
     _draw_ep(draw, plan)
 
     large = plan.num_routes > ELEMENTWISE_MAX_ROUTES or plan.num_tokens > max_tokens
@@ -502,7 +568,12 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
         raise AssertionError(  # a bug of this module, never of the input
             f"generated a {actual} case for contract={contract!r} ({note}, "
             f"reasons={defensive_reasons(case)})")
-    return case.replace(edge_classes=edge_classes_of(case), case_id=case.case_id)
+    outside = violations(case, limits) if crossed else []
+    if outside:
+        note = f"out-of-domain probe: {', '.join(outside)}; {note}"
+    elif limits and not in_domain(case, limits):
+        reject()  # a size derived from the others (P, N, a rank's E) left the domain
+    return case.replace(edge_classes=edge_classes_of(case), note=note, case_id=case.case_id)
 
 
 def _loose_padded_size(draw: st.DrawFn, plan: _Plan) -> int:
@@ -513,52 +584,72 @@ def _loose_padded_size(draw: st.DrawFn, plan: _Plan) -> int:
 
 
 def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool) -> None:
-    """``T``, ``K``, ``E``, ``B``, ``L``, dtype and routing for the plan's foci."""
+    """``T``, ``K``, ``E``, ``B``, ``L``, dtype and routing for the plan's foci, inside
+    the plan's limits."""
     foci = plan.foci
-    plan.num_tokens = draw(st.integers(1, max_tokens))
+    plan.num_tokens = _within(draw, plan, "num_tokens", 1, max_tokens)
     if not foci and allow_large and _sometimes(draw, 10):
-        plan.num_tokens = draw(st.integers(max_tokens + 1, max(MEDIUM_MAX_TOKENS, max_tokens + 1)))
-    plan.topk = draw(st.integers(1, 8))
-    plan.num_experts = draw(expert_counts(1, 256))
-    plan.block_size = draw(block_sizes())
+        plan.num_tokens = _within(draw, plan, "num_tokens", max_tokens + 1,
+                                  max(MEDIUM_MAX_TOKENS, max_tokens + 1))
+    plan.topk = _within(draw, plan, "topk", 1, 8)
+    plan.num_experts = draw(_expert_counts_within(plan))
+    plan.block_size = draw(_block_sizes_within(plan, BLOCK_SIZES))
     plan.dtype = np.int64 if "int64-ids" in foci or _sometimes(draw, 25) else np.int32
     plan.routing = "uniform" if foci else draw(st.sampled_from(ROUTINGS))
     if plan.lora:
-        plan.max_loras = draw(st.integers(1, 8))
+        plan.max_loras = _within(draw, plan, "max_loras", 1, 8)
         if _sometimes(draw, 10):
-            plan.max_loras = draw(st.integers(9, 32))
+            plan.max_loras = _within(draw, plan, "max_loras", 9, 32)
 
     # Sizes: at most one of these foci (see _CONFLICTS).
     if "empty-batch" in foci:
         plan.num_tokens = 0
     elif "huge-batch" in foci:
-        plan.topk = draw(st.integers(4, 8))
+        topks = _huge_topks(plan.limits)
+        plan.topk = draw(st.integers(4, 8) if topks == (4, 5, 6, 7, 8)
+                         else st.sampled_from(topks))
         fewest = max(HUGE_MIN_TOKENS, -(-HUGE_BATCH_MIN_ROUTES // plan.topk))
-        most = HUGE_MAX_TOKENS if _sometimes(draw, 25) else fewest + 1024
-        plan.num_tokens = draw(st.integers(fewest, most))
-        plan.block_size = draw(st.sampled_from(BLOCK_SIZES[:-1]))
+        most = min(plan.bounds("num_tokens")[1], plan.bounds("num_routes")[1] // plan.topk)
+        if most <= HUGE_MAX_TOKENS and _sometimes(draw, 25):
+            plan.num_tokens = most  # at the declared bound
+        else:
+            most = min(most, HUGE_MAX_TOKENS if _sometimes(draw, 25) else fewest + 1024)
+            plan.num_tokens = draw(st.integers(max(fewest, plan.bounds("num_tokens")[0]),
+                                               most))
+        plan.block_size = draw(_block_sizes_within(plan, BLOCK_SIZES[:-1]))
     elif "path-boundary" in foci:
         limit = max(MEDIUM_MAX_TOKENS, max_tokens) if allow_large else max_tokens
         least_topk = 2 if "duplicate-route" in foci else 1
-        routes, topk = draw(st.sampled_from(_boundary_topks(limit, least_topk)))
+        routes, topk = draw(st.sampled_from(
+            _boundary_topks(limit, least_topk, plan.limits) or
+            _boundary_topks(limit, 1, plan.limits)))
         plan.topk, plan.num_tokens = topk, routes // topk
     # the kernel of a dialect with a -1 segment sees E + 1 buckets
     extra = int(DIALECT_INFO[plan.dialect].sentinel_segment)
+    low_e, high_e = plan.bounds("num_experts")
     if "many-experts" in foci:
-        plan.num_experts = draw(st.integers(MANY_EXPERTS_MIN, KERNEL_MAX_EXPERTS)) - extra
+        if high_e != UNBOUNDED and _sometimes(draw, 75):
+            plan.num_experts = draw(st.sampled_from(  # at the declared bound
+                tuple(e for e in (high_e, high_e - 1)
+                      if e >= max(low_e, MANY_EXPERTS_MIN - extra))))
+        else:
+            top = KERNEL_MAX_EXPERTS - extra if high_e == UNBOUNDED else high_e
+            plan.num_experts = draw(st.integers(max(MANY_EXPERTS_MIN - extra, low_e), top))
     elif "path-boundary" in foci and _sometimes(draw, 75):
-        plan.num_experts = draw(st.sampled_from(
-            (SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS + 1))) - extra
+        options = tuple(e - extra for e in (SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS + 1)
+                        if low_e <= e - extra <= high_e)
+        if options:
+            plan.num_experts = draw(st.sampled_from(options))
     wide_block = False
     if "block-edges" in foci:
         kind = draw(st.sampled_from(("one", "odd", "wide")))
         if kind == "one":
             plan.block_size = 1
         elif kind == "odd":
-            plan.block_size = draw(st.sampled_from(ODD_BLOCK_SIZES))
+            plan.block_size = draw(_block_sizes_within(plan, ODD_BLOCK_SIZES))
         else:  # B > N: few routes, a wide block
             wide_block = True
-            plan.block_size = draw(st.sampled_from((16, 32, 64, 128)))
+            plan.block_size = draw(_block_sizes_within(plan, (16, 32, 64, 128)))
             if plan.num_tokens:  # an empty batch has B > N already
                 plan.topk = draw(st.integers(1, min(8, plan.block_size - 1)))
                 most = max(1, min(max_tokens, (plan.block_size - 1) // plan.topk))
@@ -581,20 +672,134 @@ def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool
         # A slot no request uses, or a lora_ids entry beside the disabled one.
         plan.max_loras = max(plan.max_loras, 2)
     if plan.routing == "hot" and plan.num_routes < 2:
-        plan.topk = max(plan.topk, 2)
+        _at_least_routes(plan, 2)
     if plan.routing == "missing" or "empty-expert" in foci:
         plan.num_experts = max(plan.num_experts, 2)
-    if plan.wants("invalid-expert-id") and plan.num_routes < 4:
-        plan.topk = max(plan.topk, 4)  # room beside the routes a focus protects
+    if plan.wants("invalid-expert-id"):
+        # room beside the routes the foci protect: two to the hot expert, a duplicate pair
+        _at_least_routes(plan, int(_protected_routes(plan).sum())
+                         + 2 * ("duplicate-route" in foci) + 1)
     if plan.dialect == "ep-remap":
         plan.block_size = 1  # ep-remap has no block size; keep the field canonical
     elif wide_block and plan.block_size <= plan.num_routes:
-        plan.block_size = draw(st.sampled_from(ODD_BLOCK_SIZES))  # still block-edges
+        plan.block_size = draw(_block_sizes_within(plan, ODD_BLOCK_SIZES))  # still block-edges
     if plan.lora and (plan.num_routes > ELEMENTWISE_MAX_ROUTES
                       or plan.num_experts >= MANY_EXPERTS_MIN):
         plan.max_loras = min(plan.max_loras, LARGE_CASE_MAX_LORAS)
+    if plan.limits:
+        _fit_routes(plan)
 
 
+# -- sizes inside declared limits ---------------------------------------------------------
+def _within(draw: st.DrawFn, plan: _Plan, name: str, low: int, high: int) -> int:
+    """An integer of ``[low, high]`` inside the declared bounds of ``name``; when the
+    two do not meet, of the declared range's nearest stretch as wide. Without limits
+    exactly ``st.integers(low, high)``."""
+    lo, hi = plan.bounds(name)
+    a, b = max(low, lo), min(high, hi)
+    if a > b:
+        a, b = (hi, hi) if hi < low else (lo, min(hi, lo + high - low))
+    return draw(st.integers(a, b))
+
+
+def _expert_counts_within(plan: _Plan) -> SearchStrategy[int]:
+    """:func:`expert_counts` of ``1..256`` inside the ``num_experts`` bounds; a declared
+    maximum and the count below it are notable counts (drawn often)."""
+    lo, hi = plan.bounds("num_experts")
+    if not plan.limits or (lo, hi) == (0, UNBOUNDED):
+        return expert_counts(1, 256)
+    a, b = max(1, lo), min(256, hi)
+    if a > b:
+        a, b = (hi, hi) if hi < 1 else (max(1, lo), min(hi, max(1, lo) + 255))
+    edge = tuple(e for e in (hi, hi - 1) if hi != UNBOUNDED and max(1, lo) <= e)
+    return st.one_of(expert_counts(a, b), st.sampled_from(edge)) if edge else expert_counts(a, b)
+
+
+def _block_sizes_within(plan: _Plan, options: Sequence[int]) -> SearchStrategy[int]:
+    """One of ``options`` inside the ``block_size`` bounds (the nearest bound if none)."""
+    lo, hi = plan.bounds("block_size")
+    inside = tuple(b for b in options if lo <= b <= hi)
+    if inside:
+        return st.sampled_from(inside)
+    return st.just(max(1, lo) if options[0] < lo else hi)
+
+
+def _at_least_routes(plan: _Plan, routes: int) -> None:
+    """Raise ``K`` (within its bounds, at most 8), then ``T``, until ``N >= routes``."""
+    if plan.num_routes >= routes or plan.num_tokens == 0:
+        return
+    k_high = min(max(8, plan.topk), plan.bounds("topk")[1])
+    plan.topk = max(plan.topk, min(k_high, -(-routes // plan.num_tokens)))
+    if plan.num_routes < routes:
+        plan.num_tokens = -(-routes // plan.topk)
+
+
+def _fit_routes(plan: _Plan) -> None:
+    """``T`` moved into the ``num_routes`` bounds where ``K`` allows it (a case that
+    cannot fit is rejected after it is built)."""
+    lo, hi = plan.bounds("num_routes")
+    if plan.num_tokens and plan.num_routes > hi:
+        plan.num_tokens = max(1, hi // plan.topk)
+    elif plan.num_routes < lo:
+        plan.num_tokens = -(-lo // plan.topk)
+
+
+def _huge_topks(limits: Limits) -> tuple[int, ...]:
+    """The ``K`` of ``4..8`` (or below, when ``topk`` is bounded so) a ``huge-batch`` case
+    can have inside ``limits``."""
+    k_lo, k_hi = _bounds(limits, "topk")
+    t_hi = min(_bounds(limits, "num_tokens")[1], HUGE_MAX_TOKENS)
+    n_hi = _bounds(limits, "num_routes")[1]
+    ks = [k for k in range(max(1, k_lo), min(8, k_hi) + 1)]
+    preferred = tuple(k for k in ks if k >= 4) or tuple(ks)
+    return tuple(k for k in preferred
+                 if max(HUGE_MIN_TOKENS, -(-HUGE_BATCH_MIN_ROUTES // k)) <= t_hi
+                 and max(HUGE_MIN_TOKENS, -(-HUGE_BATCH_MIN_ROUTES // k)) * k <= n_hi)
+
+
+#: Out-of-domain probes cross one of these limits (P and R are derived or drawn late).
+_PROBED = ("num_experts", "num_tokens", "topk", "block_size", "max_loras", "num_routes")
+#: Least allowed value and the most a probe goes to (a probe stays a cheap case).
+_PROBE_RANGE = {"num_experts": (1, 1 << 16), "num_tokens": (1, 1 << 16), "topk": (1, 64),
+                "block_size": (1, 1 << 12), "max_loras": (1, 64), "num_routes": (1, 1 << 20)}
+
+
+def _probe_values(name: str, bounds: tuple[int, int]) -> tuple[int, ...]:
+    """The values just outside ``bounds`` a probe of ``name`` can take."""
+    if name not in _PROBED:
+        return ()
+    least, most = _PROBE_RANGE[name]
+    low, high = bounds
+    return tuple(v for v in (high + 1, low - 1) if least <= v <= most)
+
+
+def _cross_a_limit(draw: st.DrawFn, plan: _Plan) -> str | None:
+    """Put one size of a probe just outside its declared bound; returns the limit's
+    name, or None when no bound applies to the plan."""
+    options = [(name, value) for name, bounds in sorted(plan.limits.items())
+               for value in _probe_values(name, bounds)
+               if not (name == "max_loras" and not plan.lora)
+               and not (name == "block_size" and plan.dialect == "ep-remap")]
+    if not options:
+        return None
+    name, value = draw(st.sampled_from(options))
+    plan.routing = "uniform"  # nothing protected: defensive ingredients always fit
+    if name == "num_experts":
+        plan.num_experts = value
+    elif name == "num_tokens":
+        plan.num_tokens = value
+    elif name == "topk":
+        plan.topk = value
+    elif name == "block_size":
+        plan.block_size = value
+    elif name == "max_loras":
+        plan.max_loras = value
+    else:
+        plan.num_tokens = max(1, -(-value // plan.topk))
+        if plan.num_routes != value and value % plan.topk:
+            plan.topk, plan.num_tokens = 1, value
+    plan.limits = {}  # the rest is drawn as for any case (without EP, see _draw_ep)
+    return name
 def _draw_ingredients(draw: st.DrawFn, plan: _Plan) -> None:
     """Defensive inputs for a defensive case none of whose foci is one."""
     self_defensive = set(DEFENSIVE_ONLY[plan.dialect])
@@ -612,6 +817,8 @@ def _draw_ep(draw: st.DrawFn, plan: _Plan) -> None:
     """An EP group (or a case-level ``expert_map``) when a focus needs one, or by chance."""
     foci = plan.foci
     dispatches: tuple[str, ...] = DISPATCH_FORMS
+    if plan.probe and plan.dialect != "ep-remap":
+        return  # a rank's local expert count would hide a crossed num_experts
     if plan.dialect == "ep-remap":
         wanted, dispatches = True, ("expert_map",)  # dispatch plays no part in remap
     elif "ep-sentinel" in foci:
@@ -641,15 +848,25 @@ def _draw_ep(draw: st.DrawFn, plan: _Plan) -> None:
         plan.num_experts = max(plan.num_experts, 3 if non_divisible else 2)
     if non_divisible and not any(plan.num_experts % r for r in range(2, 9)):
         plan.num_experts += 1  # e.g. 840 is divisible by every ep_size in 2..8
-    plan.ep = draw(_ep_groups(plan.num_experts, min_ranks, tuple(dispatches), non_divisible))
+    max_ranks = 8
+    if plan.limits:  # ep_size inside its declared bounds, or no EP where none fits
+        low, high = plan.bounds("ep_size")
+        min_ranks, max_ranks = max(min_ranks, low), min(max_ranks, high)
+        if not any(_rank_counts(plan.num_experts, d, min_ranks, max_ranks, non_divisible)
+                   for d in dispatches):
+            if plan.dialect == "ep-remap" or foci & ep_foci:
+                reject()
+            return
+    plan.ep = draw(_ep_groups(plan.num_experts, min_ranks, tuple(dispatches), non_divisible,
+                              max_ranks))
 
 
 @functools.lru_cache(maxsize=4096)
 def _ep_groups(num_experts: int, min_ranks: int, dispatches: tuple[str, ...],
-               non_divisible: bool | None) -> SearchStrategy[EPGroup]:
+               non_divisible: bool | None, max_ranks: int = 8) -> SearchStrategy[EPGroup]:
     # building a composite strategy inspects its function: once per argument set
-    return ep_groups(num_experts, min_ranks=min_ranks, dispatches=dispatches,
-                     non_divisible=non_divisible)
+    return ep_groups(num_experts, min_ranks=min_ranks, max_ranks=max_ranks,
+                     dispatches=dispatches, non_divisible=non_divisible)
 
 
 def _lora_features(plan: _Plan) -> None:
@@ -965,12 +1182,21 @@ def _sometimes(draw: st.DrawFn, percent: int) -> bool:
     return draw(st.integers(0, 99)) >= 100 - percent
 
 
-def _boundary_topks(max_tokens: int, least_topk: int = 1) -> tuple[tuple[int, int], ...]:
+def _boundary_topks(max_tokens: int, least_topk: int = 1,
+                    limits: Limits | None = None) -> tuple[tuple[int, int], ...]:
     """``(N, K)`` with ``N`` at the small-path switch, ``K >= least_topk`` and
-    ``N // K <= max_tokens``."""
+    ``N // K <= max_tokens``, inside the ``num_routes``/``topk``/``num_tokens`` bounds
+    of ``limits``."""
+    limits = limits or {}
     routes = (SMALL_PATH_MAX_ROUTES - 1, SMALL_PATH_MAX_ROUTES, SMALL_PATH_MAX_ROUTES + 1)
+
+    def inside(name: str, value: int) -> bool:
+        low, high = _bounds(limits, name)
+        return low <= value <= high
+
     return tuple((n, k) for n in routes for k in range(least_topk, 9)
-                 if n % k == 0 and n // k <= max_tokens)
+                 if n % k == 0 and n // k <= max_tokens and inside("num_routes", n)
+                 and inside("topk", k) and inside("num_tokens", n // k))
 
 
 def _rank_counts(num_global: int, dispatch: str, min_ranks: int, max_ranks: int,

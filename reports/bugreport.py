@@ -57,6 +57,7 @@ _OPTIONAL = (
     "culprit_case",
     "verdict",
     "traceback",
+    "limits",
 )
 _MAX_MISMATCH_ROWS = 20
 # verdicts with no output to compare, and what each means
@@ -87,8 +88,10 @@ def write_bug_report(
     verbatim); it may have ``edge_classes``, ``inputs``, ``first_difference``,
     ``mismatches``, ``expected_actual``, ``environment``, ``sanitizer``,
     ``shrink_log``, ``cases_until_failure``, ``confirmation`` (lines: what re-running
-    the failure alone found) and ``culprit_case`` (a case dict, written to
-    ``culprit.json``).  A missing required key or an
+    the failure alone found), ``culprit_case`` (a case dict, written to
+    ``culprit.json``) and ``limits`` (the implementation's declared domain,
+    ``{name: [min, max or None]}``; shown, and given to the replay command as
+    ``--limit``).  A missing required key or an
     unknown key raises ``ValueError``.  An existing report of the same
     signature is overwritten.
     """
@@ -159,6 +162,7 @@ def _what_failed(info: Mapping[str, Any]) -> str:
         f"- Implementation: {code(info['impl'])}",
         f"- Dialect: {code(info['dialect'])}",
         f"- Contract: {code(info['contract'])}",
+        f"- Declared domain: {_domain(info.get('limits'))}",
     ]
     first = info.get("first_difference") or {}
     verdict = info.get("verdict")
@@ -285,10 +289,22 @@ def _reproduce(info: Mapping[str, Any]) -> str:
                            "before it)" if pair else "") + ":",
         "",
         "```sh",
-        f"difftest replay case.json --impl {impl}",
+        f"difftest replay case.json --impl {impl}"
+        + "".join(f" --limit {arg}" for arg in _limit_args(info.get("limits"))),
         "```",
     ]
     return "\n".join(lines)
+
+
+def _limit_args(limits: Mapping[str, Any] | None) -> list[str]:
+    """``NAME=MIN:MAX`` of each declared limit (an open max left empty)."""
+    return [f"{one_line(name)}={low}:{'' if high is None else high}"
+            for name, (low, high) in (limits or {}).items()]
+
+
+def _domain(limits: Mapping[str, Any] | None) -> str:
+    args = _limit_args(limits)
+    return ", ".join(f"`{arg}`" for arg in args) if args else "none declared (unbounded)"
 
 
 def _environment(env: Mapping[str, Any] | None) -> str:

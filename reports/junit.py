@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from reports.schema import NO_EDGE_CLASS
+from reports.schema import NO_EDGE_CLASS, PASSING_VERDICTS
 
 __all__ = ["write_junit"]
 
@@ -107,7 +107,7 @@ def _passing_groups(cases_rows: Iterable[Mapping[str, Any]]
         for edge_class in _edge_classes(row.get("edge_classes")):
             key = (impl, dialect, edge_class, contract)
             groups[key].append(row)
-            if row.get("verdict") != "pass":
+            if row.get("verdict") not in PASSING_VERDICTS:
                 failed.add(key)
     return {key: rows for key, rows in groups.items() if key not in failed}
 

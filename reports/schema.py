@@ -34,13 +34,18 @@ __all__ = [
     "MISMATCH_COLUMNS",
     "MISMATCHES_SCHEMA",
     "NO_EDGE_CLASS",
+    "PASSING_VERDICTS",
     "VERDICTS",
     "normalise_case",
     "normalise_mismatch",
 ]
 
-#: The verdicts of SPEC §9 item 7, ``pass`` first.
-VERDICTS = ("pass", "mismatch", "error", "crash", "timeout")
+#: The verdicts of SPEC §9 item 7, ``pass`` first; ``rejected`` is an input outside the
+#: implementation's declared limits that it rejected cleanly.
+VERDICTS = ("pass", "mismatch", "error", "crash", "timeout", "rejected")
+
+#: The verdicts that are not failures (a case with any other verdict failed).
+PASSING_VERDICTS = ("pass", "rejected")
 
 #: The edge class under which summaries count cases that carry none.
 NO_EDGE_CLASS = "no-edge-class"

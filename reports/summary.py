@@ -13,6 +13,7 @@ A run with no cases still gives a valid page.
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from reports._files import replace_text_atomically
 from reports._plots import plots
 from reports.contracts import contract_split
 from reports.log import read_tables
-from reports.schema import NO_EDGE_CLASS, VERDICTS
+from reports.schema import NO_EDGE_CLASS, PASSING_VERDICTS, VERDICTS
 
 __all__ = ["write_summary"]
 
@@ -58,12 +59,12 @@ def write_summary(out_dir: str | os.PathLike[str]) -> Path:
         raise ValueError(f"out_dir={str(out_dir)!r} is not a directory")
     case_table, mismatch_table = read_tables(out_dir)
     cases, mismatches = _frame(case_table), _frame(mismatch_table)
-    cases["failed"] = cases["verdict"] != "pass"
+    cases["failed"] = ~cases["verdict"].isin(PASSING_VERDICTS)
     by_class = cases.assign(edge_class=cases["edge_classes"].map(_classes)).explode("edge_class")
 
     body = [
         f"<h1>difftest run summary: {_esc(out_dir.resolve().name)}</h1>",
-        _headline(cases, mismatches),
+        _headline(cases, mismatches, _run_info(out_dir)),
         _contract_split(cases),
         "<h2>Bug reports</h2>",
         _bug_list(out_dir),
@@ -99,7 +100,16 @@ def _classes(value: Any) -> list[str]:
     return classes or [NO_EDGE_CLASS]
 
 
-def _headline(cases: pd.DataFrame, mismatches: pd.DataFrame) -> str:
+def _run_info(out_dir: Path) -> dict[str, Any]:
+    """``run.json`` of the run (its declared domain, capped signatures), or ``{}``."""
+    try:
+        info = json.loads((out_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _headline(cases: pd.DataFrame, mismatches: pd.DataFrame, run: dict[str, Any]) -> str:
     total = len(cases)
     failed = int(cases["failed"].sum())
     counts = cases["verdict"].value_counts()
@@ -115,13 +125,38 @@ def _headline(cases: pd.DataFrame, mismatches: pd.DataFrame) -> str:
         f"<li>Verdicts: {verdicts}</li>\n"
         f"<li>Implementations: {impls}</li>\n"
         f"<li>Mismatch rows: {len(mismatches)}</li>\n"
-        f"<li>Time in cases: {elapsed:.2f} s</li>\n</ul>"
+        f"<li>Time in cases: {elapsed:.2f} s</li>\n"
+        + _domain_line(run, int(counts.get("rejected", 0)))
+        + _capped_line(run)
+        + "</ul>"
     )
 
 
 def _contract_split(cases: pd.DataFrame) -> str:
     sentences = contract_split(cases[["impl", "contract", "verdict"]].to_dict("records"))
     return "\n".join(f'<p class="bad">{_esc(s)}.</p>' for s in sentences)
+def _domain_line(run: dict[str, Any], rejected: int) -> str:
+    limits = run.get("limits") or {}
+    if not isinstance(limits, dict) or not limits:
+        return "<li>Declared domain: none (unbounded)</li>\n"
+    spans = ", ".join(
+        f"{_esc(name)} {_esc(bounds[0])}..{'' if bounds[1] is None else _esc(bounds[1])}"
+        for name, bounds in limits.items()
+        if isinstance(bounds, (list, tuple)) and len(bounds) == 2
+    )
+    return (f"<li>Declared domain: {spans}; out-of-domain probes rejected cleanly: "
+            f"{rejected}</li>\n")
+
+
+def _capped_line(run: dict[str, Any]) -> str:
+    capped = run.get("signatures_over_cap") or {}
+    if not isinstance(capped, dict) or not capped:
+        return ""
+    names = ", ".join(_esc(name) for name in sorted(capped)[:10])
+    more = f" and {len(capped) - 10} more" if len(capped) > 10 else ""
+    return (f'<li class="bad">{len(capped)} failure signature(s) past the per-dialect cap '
+            f"({sum(int(n) for n in capped.values())} case(s), not reported): "
+            f"{names}{more}</li>\n")
 
 
 def _pass_fail_table(by_class: pd.DataFrame) -> str:

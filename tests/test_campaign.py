@@ -53,8 +53,9 @@ def test_align_callable_without_expert_map_support_is_an_error(tmp_path):
         campaign.generate(dialects=impl.dialects, contracts=("production",), max_examples=None,
                           seconds=BUDGET_S, stop_on_failure=True)
         campaign.close()
-    assert list(campaign.result.failures) == ["align--error--exception"]
-    failure = campaign.result.failures["align--error--exception"]
+    sig = "align--error--NotImplementedError--expert_map-is-not-supported"
+    assert list(campaign.result.failures) == [sig]
+    failure = campaign.result.failures[sig]
     assert "NotImplementedError: expert_map is not supported" in failure.evaluation.detail
 
 
@@ -78,7 +79,8 @@ def test_crashing_or_hanging_callable_runs_to_the_end_of_its_budget(name, verdic
     assert verdict in verdicts
     first_bad = verdicts.index(verdict)
     assert "pass" in verdicts[first_bad + 1:], "the campaign went on after the failure"
-    bug = out / "bugs" / f"vllm-lora--{verdict}--{verdict}"
+    kind = "sigsegv" if verdict == "crash" else "timeout"  # the crash's kind: its signal
+    bug = out / "bugs" / f"vllm-lora--{verdict}--{kind}"
     minimal = Case.from_json((bug / "case.json").read_text())
     if verdict == "crash":
         # the smallest empty batch: T = 0 (K, E, B, L at their floor)
