@@ -534,6 +534,8 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
     if plan.wants("invalid-expert-id"):
         _inject_invalid_ids(draw, ids, protected, plan.num_experts, rng,
                             _invalid_ids(plan.num_experts, plan.dtype, sentinel_ok))
+        flat = ids.reshape(-1)
+        protected |= (flat < 0) | (flat >= plan.num_experts)  # not undone by the -1 below
     if sentinel_ok and plan.ep is None and _sometimes(draw, 25):
         _inject_invalid_ids(draw, ids, protected, plan.num_experts, rng, (-1,))  # production
 

@@ -96,8 +96,8 @@ def test_cases_stay_inside_declared_limits_and_boundary_classes_aim_at_them(dial
         foci = set(case.note.removeprefix("focus=").split("+")) - {"broad"}
         assert foci <= set(case.edge_classes), (case.note, case.edge_classes)
     many = [c.num_experts for c in drawn if "many-experts" in c.note]
-    if dialect != "ep-remap" or many:
-        assert many and collections.Counter(many).most_common(1)[0][0] in (991, 992)
+    assert many and max(many) <= 992
+    assert sum(e in (991, 992) for e in many) >= len(many) / 3  # at the bound, not 1,024
 
 
 def test_probes_cross_one_declared_bound_and_say_so():
