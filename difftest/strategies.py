@@ -678,7 +678,10 @@ def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool
     if plan.routing == "missing" or "empty-expert" in foci:
         plan.num_experts = max(plan.num_experts, 2)
     if plan.wants("invalid-expert-id"):
-        # room beside the routes the foci protect: two to the hot expert, a duplicate pair
+        # room beside the routes the foci protect: two to the hot expert, a duplicate
+        # pair (with both, four routes may all be protected: five then)
+        if plan.num_routes < 4:
+            plan.topk = max(plan.topk, min(4, plan.bounds("topk")[1]))
         _at_least_routes(plan, int(_protected_routes(plan).sum())
                          + 2 * ("duplicate-route" in foci) + 1)
     if plan.dialect == "ep-remap":
