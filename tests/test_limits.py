@@ -14,10 +14,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import limit_impls
 import numpy as np
 import pytest
 
-import limit_impls
 from difftest import limits as domain
 from difftest import registry
 from difftest.api import check_callable
@@ -159,7 +159,8 @@ def test_a_long_message_is_cut_at_a_word():
 @pytest.mark.parametrize("detail, kind", [
     ("sticky: torch.AcceleratorError: CUDA error: an illegal memory access was encountered",
      "cuda-illegal-address"),
-    ("RuntimeError: CUDA error: an illegal instruction was encountered", "cuda-illegal-instruction"),
+    ("RuntimeError: CUDA error: an illegal instruction was encountered",
+     "cuda-illegal-instruction"),
     ("CUDA error: misaligned address", "cuda-misaligned-address"),
     ("CUDA error: unspecified launch failure", "cuda-launch-failure"),
     ("CUDA error: too many resources requested for launch",
@@ -197,7 +198,6 @@ def test_a_limit_declaring_kernel_is_clean_and_its_probes_are_rejected(tmp_path)
     verdicts = check.result.verdicts
     assert verdicts.get("rejected", 0) >= PROBES_PER_RUN
     assert set(verdicts) == {"pass", "rejected"}
-    rows = check.result  # the run log knows every case's sizes
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "cases.parquet").to_pandas()
@@ -209,7 +209,7 @@ def test_a_limit_declaring_kernel_is_clean_and_its_probes_are_rejected(tmp_path)
     summary = (tmp_path / "summary.html").read_text()
     assert (f"Declared domain: num_experts 1..{limit_impls.LIMIT_E}; out-of-domain probes "
             f"rejected cleanly: {verdicts['rejected']}") in summary
-    assert rows.cases == len(table)
+    assert check.result.cases == len(table)
 
 
 def test_the_undeclared_twin_fails_with_an_error_signature_naming_the_message(tmp_path):
@@ -244,9 +244,7 @@ def test_limit_on_the_command_line(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"declared domain: num_experts 1..{limit_impls.LIMIT_E} (" in done.stdout
     assert "out-of-domain probe(s) rejected cleanly" in done.stdout
-    probe = next(p for p in sorted((out).glob("cases/*.json"))) if list(
-        out.glob("cases/*.json")) else None
-    assert probe is None  # a rejected probe is no failing case
+    assert not list(out.glob("cases/*.json"))  # a rejected probe is no failing case
 
 
 @pytest.mark.parametrize("args, message", [
@@ -278,8 +276,6 @@ def test_an_unknown_name_in_difftest_limits_is_a_usage_error(tmp_path):
 _SITECUSTOMIZE = textwrap.dedent('''
     import os, sys
     seed = os.environ.get("BREAK_SEED", "")
-    if "difftest" in " ".join(sys.argv) or sys.argv[:1] == ["-m"]:
-        pass
     if os.environ.get("BREAK_AT") and (not seed or seed in sys.argv):
         import difftest.strategies as strategies
         calls = [0]
