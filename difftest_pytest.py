@@ -7,13 +7,17 @@ Gives a kernel developer one line to check a callable against the oracle::
 
 and, with ``--difftest-impl NAME``, one extra test item per dialect of a
 registered implementation (``torch``, ``cuda:<fault>``, ``py:mod:fn``...).
-Heavy imports (torch, hypothesis, pandas) happen only when a check runs.
+The callable runs in a sandbox worker: a crash or hang fails its test (with
+the minimal case and the bug report's path) and the session goes on. That
+needs the callable importable by name (defined at module level); pass
+``in_process=True`` to run it in the test's own process instead (any
+callable; no isolation). Heavy imports (torch, hypothesis, pandas) happen
+only when a check runs. Per-run state lives in ``config.stash``.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -25,24 +29,12 @@ def pytest_addoption(parser):
     group.addoption("--difftest-impl", action="append", default=[], metavar="NAME",
                     help="also test this registered implementation (repeatable)")
     group.addoption("--difftest-seconds", type=float, default=None, metavar="S",
-                    help="budget per check (default: the profile's, else 5)")
+                    help="budget of each check, shrinking and reports included (default: "
+                    "the test's, else the profile's, else 5)")
     group.addoption("--difftest-profile", choices=("ci", "dev", "nightly"), default=None,
                     help="budget profile: ci (bounded, deterministic), dev, nightly")
     group.addoption("--difftest-out", default=".difftest/pytest", metavar="DIR",
                     help="where run directories and bug reports go")
-
-
-def _budget(config, seconds=None, max_examples=None, seed=0):
-    profile_name = config.getoption("--difftest-profile")
-    cli_seconds = config.getoption("--difftest-seconds")
-    if profile_name:
-        from difftest.profiles import PROFILES
-
-        profile = PROFILES[profile_name]
-        return (cli_seconds or seconds or profile.seconds,
-                max_examples or profile.max_examples,
-                seed if profile.seed is None else profile.seed, profile.shrink_seconds)
-    return cli_seconds or seconds or 5.0, max_examples, seed, 20.0
 
 
 def _out_dir(config, label):
@@ -53,25 +45,33 @@ def _out_dir(config, label):
 
 @pytest.fixture
 def difftest_check(request):
-    """``difftest_check(fn, dialect, seconds=None, max_examples=None, **kw)``.
+    """``difftest_check(fn, dialect, seconds=None, max_examples=None, in_process=False, **kw)``.
 
-    Runs a campaign against ``fn`` (a callable, or a name such as
-    ``"op:ns::name"`` with ``load=[library paths]``) and fails the test with the
-    minimal case and the path of its bug report; returns the
-    :class:`difftest.api.CheckResult`. ``kw`` are :func:`difftest.api.check_callable`'s,
-    e.g. ``limits={"num_experts": (1, 992)}`` for the callable's declared input domain.
+    Runs a campaign against ``fn`` (a callable, or a name such as ``"op:ns::name"``
+    with ``load=[library paths]``; in a sandbox worker unless ``in_process``) and
+    fails the test with the minimal case and the path of its bug report; returns the
+    :class:`difftest.api.CheckResult`. ``--difftest-seconds`` overrides ``seconds``.
+    ``kw`` are :func:`difftest.api.check_callable`'s, e.g.
+    ``limits={"num_experts": (1, 992)}`` for the callable's declared input domain.
     """
 
-    def check(fn, dialect, *, seconds=None, max_examples=None, seed=0, **kwargs):
+    def check(fn, dialect, *, seconds=None, max_examples=None, seed=0, in_process=False,
+              **kwargs):
         from difftest.api import check_callable
+        from difftest.errors import UsageError
 
-        secs, examples, seed_, shrink = _budget(request.config, seconds, max_examples, seed)
+        config = request.config
         label = fn if isinstance(fn, str) else (
             f"py:{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}")
-        kwargs.setdefault("out_dir", _out_dir(request.config, f"{request.node.name}-{label}"))
-        kwargs.setdefault("shrink_seconds", shrink)
-        result = check_callable(fn, dialect, seconds=secs, max_examples=examples, seed=seed_,
-                                **kwargs)
+        kwargs.setdefault("out_dir", _out_dir(config, f"{request.node.name}-{label}"))
+        try:
+            result = check_callable(
+                fn, dialect, seconds=config.getoption("--difftest-seconds") or seconds,
+                max_examples=max_examples, seed=seed,
+                profile=config.getoption("--difftest-profile"), in_process=in_process,
+                **kwargs)
+        except UsageError as exc:
+            pytest.fail(f"difftest_check: {exc}", pytrace=False)
         _remember(request.node, result)
         if not result.passed:
             pytest.fail(str(result), pytrace=False)
@@ -96,26 +96,25 @@ class DifftestItem(pytest.Item):
         self.impl_name, self.dialect = impl_name, dialect
 
     def runtest(self):
+        from pathlib import Path
+
         from difftest import registry
-        from difftest.campaign import Campaign, FailureDatabase
+        from difftest.api import DEFAULT_CHECK_SECONDS, check_result
+        from difftest.budget import resolve_budget
+        from difftest.campaign import FailureDatabase, run_campaign
         from difftest.cli import default_device
         from difftest.sandbox import SandboxRunner
 
         impl = registry.resolve(self.impl_name, self.dialect)
         device = "cuda" if "cpu" not in impl.devices else default_device()
-        secs, examples, seed, shrink = _budget(self.config)
+        budget = resolve_budget(self.config.getoption("--difftest-profile"),
+                                seconds=self.config.getoption("--difftest-seconds"), seed=0,
+                                default_seconds=DEFAULT_CHECK_SECONDS)
         out = _out_dir(self.config, f"{self.impl_name}-{self.dialect}")
         with SandboxRunner(impl, device) as runner:
-            campaign = Campaign(impl, runner, out, seed=seed,
-                                database=FailureDatabase(Path(".difftest/db")))
-            campaign.replay_database()
-            campaign.generate(dialects=(self.dialect,), contracts=("production", "defensive"),
-                              max_examples=examples, seconds=secs)
-            campaign.shrink_and_report(shrink_seconds=shrink)
-            result = campaign.close()
-        from difftest.api import check_result
-
-        check = check_result(self.impl_name, self.dialect, result)
+            campaign = run_campaign(impl, runner, Path(out), budget,
+                                    database=FailureDatabase(Path(".difftest/db")))
+        check = check_result(self.impl_name, self.dialect, campaign.result)
         _remember(self, check)
         if not check.passed:
             raise DifftestFailure(str(check))
@@ -149,31 +148,46 @@ def pytest_collection_modifyitems(session, config, items):
                 session, name=f"difftest[{name}:{dialect}]", impl_name=name, dialect=dialect))
 
 
+class _Section:
+    """The ``difftest`` section of the terminal summary: one row per check of this run."""
+
+    def __init__(self):
+        self.rows = []
+
+    def pytest_runtest_logreport(self, report):
+        if report.when != "call":
+            return
+        for key, value in getattr(report, "user_properties", ()):
+            if key == _KEY:
+                self.rows.append((report.nodeid, report.outcome, value))
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if not self.rows:
+            return
+        tr = terminalreporter
+        tr.section("difftest")
+        for nodeid, outcome, row in self.rows:
+            tr.write_line(f"{outcome.upper():7s} {row['impl']} [{row['dialect']}] "
+                          f"{row['cases']} cases  ({nodeid})")
+            for sig, path in zip(row["failures"],
+                                 row["reports"] or [""] * len(row["failures"])):
+                tr.write_line(f"        {sig}: {path}")
+
+
+_SECTION = pytest.StashKey[_Section]()
+
+
 def pytest_configure(config):
     if config.getoption("--difftest-profile", default=None):
         from difftest.profiles import register_hypothesis_profiles
 
         register_hypothesis_profiles()
+    config.stash[_SECTION] = section = _Section()
+    config.pluginmanager.register(section, "difftest-section")
 
 
-def pytest_runtest_logreport(report):
-    if report.when != "call":
-        return
-    for key, value in getattr(report, "user_properties", ()):
-        if key == _KEY:
-            _ROWS.append((report.nodeid, report.outcome, value))
-
-
-_ROWS: list = []
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _ROWS:
-        return
-    tr = terminalreporter
-    tr.section("difftest")
-    for nodeid, outcome, row in _ROWS:
-        tr.write_line(f"{outcome.upper():7s} {row['impl']} [{row['dialect']}] "
-                      f"{row['cases']} cases  ({nodeid})")
-        for sig, path in zip(row["failures"], row["reports"] or [""] * len(row["failures"])):
-            tr.write_line(f"        {sig}: {path}")
+def pytest_unconfigure(config):
+    section = config.stash.get(_SECTION, None)
+    if section is not None:
+        del config.stash[_SECTION]
+        config.pluginmanager.unregister(section)

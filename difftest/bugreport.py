@@ -9,7 +9,7 @@ from .case import Case, rank_inputs
 from .checks import describe
 from .evaluate import Evaluation
 from .limits import as_json as limits_json
-from .repro import repro_script
+from .repro import repro_files
 from .shrink import compressed_log
 
 
@@ -52,6 +52,8 @@ def confirmation_lines(failure: Any, case: Case, culprit: Case | None) -> list[s
         if failure is not None and failure.evaluation.verdict == "flaky":
             return ["Counted as flaky without a re-run of its own: the first cases of its "
                     "signature did not fail alone."]
+        if failure is not None:
+            return ["Not confirmed alone: the run's budget left no time to re-run it."]
         return []
     if c.reproduced:
         if c.attempts == 0:
@@ -117,6 +119,8 @@ def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
     import reports
 
     title = title_of(impl.name, case, evaluation)
+    repro_py, case_json = repro_files(case, impl.name, impl.stable, title, signature,
+                                      culprit=culprit, libraries=impl.libraries)
     first = evaluation.mismatches[0] if evaluation.mismatches else None
     info = {
         "title": title,
@@ -124,14 +128,13 @@ def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
         "dialect": case.dialect,
         "contract": case.contract,
         "edge_classes": list(case.edge_classes),
-        "case": case.to_dict(),
+        "case": case_json,
         "inputs": case_inputs(case),
         "verdict": evaluation.verdict,
         "first_difference": first.as_row() if first else {},
         "mismatches": [m.as_row() for m in evaluation.mismatches],
         "environment": reports.environment(),
-        "repro_py": repro_script(case, impl.name, impl.stable, title, signature,
-                                 culprit=culprit, libraries=impl.libraries),
+        "repro_py": repro_py,
         "limits": limits_json(getattr(impl, "limits", None)),
     }
     confirmation = confirmation_lines(failure, case, culprit)

@@ -33,6 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .budget import (
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_SHRINK_SECONDS,
+    SANITIZER_SHARE,
+    TIMEOUT_PURSUIT,
+    Budget,
+    BudgetSpent,
+    Clock,
+)
 from .case import Case
 from .errors import DifftestError, InternalError, UsageError
 from .evaluate import Evaluation, evaluate
@@ -40,8 +49,19 @@ from .limits import as_json as limits_json
 from .limits import describe as describe_limits
 from .registry import Implementation
 
-DEFAULT_MAX_EXAMPLES = 1000
-DEFAULT_SHRINK_SECONDS = 30.0
+__all__ = ["DEFAULT_MAX_EXAMPLES", "DEFAULT_SHRINK_SECONDS", "Campaign", "CampaignResult",
+           "FailureDatabase", "Progress", "run_campaign"]
+
+# Bounded output: per signature the first CASE_FILES_PER_SIGNATURE failing cases (and the
+# minimal one) as cases/<id>.json; per case at most MISMATCH_ROWS_PER_CASE mismatch rows;
+# in the failure database, a "first" case of at most DB_CASE_BYTES of JSON.
+CASE_FILES_PER_SIGNATURE = 20
+MISMATCH_ROWS_PER_CASE = 50
+DB_CASE_BYTES = 256 * 1024
+LOG_INTERVAL_S = 10.0  # a progress line this often when stderr is not a terminal
+SANITIZER_TIMEOUT_S = 300.0
+SANITIZER_SKIPPED = ("(compute-sanitizer re-run skipped: the run's budget was spent; run "
+                     "repro.py under compute-sanitizer by hand, see its --exact-buffers)")
 # Generated cases go to the worker in batches of at most this many cases and routes
 # (a large case is a batch of its own). The first batch is one case and each next one
 # twice as many, so a failure in the first cases is seen as soon as it would be unbatched.
@@ -144,6 +164,8 @@ class CampaignResult:
     failures: dict[str, Failure] = field(default_factory=dict)
     bug_dirs: dict[str, Path] = field(default_factory=dict)
     minimal: dict[str, tuple[Case, Evaluation]] = field(default_factory=dict)
+    shrink_s: dict[str, float] = field(default_factory=dict)  # signature -> seconds shrinking
+    internal: InternalError | None = None  # a bug of ours that ended the run (run_campaign)
     elapsed_s: float = 0.0
     replayed: int = 0
     confirm_s: float = 0.0  # spent re-running failures alone and looking for culprits
@@ -178,33 +200,74 @@ class CampaignResult:
 
 
 class Progress:
-    """A one-line progress bar on a terminal; silent otherwise."""
+    """Live progress on ``stream`` (stderr): a one-line bar on a terminal; elsewhere (a CI
+    log) one plain line about every ``interval_s`` seconds. Silent when not ``enabled``.
 
-    def __init__(self, enabled: bool | None = None, stream: Any = None) -> None:
+    A line reads ``difftest: 12/60 s  generate  143 cases  12 failures  2 signatures``.
+    """
+
+    def __init__(self, enabled: bool = True, stream: Any = None, *, tty: bool | None = None,
+                 interval_s: float = LOG_INTERVAL_S,
+                 now: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self._last = 0.0
+        self.enabled = enabled
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = tty if tty is not None else bool(isatty and isatty())
+        self.interval_s = interval_s if not self.tty else 0.2
+        self.now = now
+        self._last = now()
+        self._drawn = False
 
-    def update(self, result: CampaignResult, budget: str, force: bool = False) -> None:
+    def update(self, result: CampaignResult, phase: str, clock: Clock,
+               force: bool = False) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2:
+        t = self.now()
+        if not force and t - self._last < self.interval_s:
             return
-        self._last = now
-        bad = ", ".join(f"{v} {n}" for v, n in sorted(result.verdicts.items())
-                        if v not in ("pass", "rejected"))
-        self.stream.write(f"\r\033[K{result.cases} cases {budget} | failing: {bad or 'none'}")
+        self._last = t
+        budget = clock.budget.seconds
+        elapsed = f"{clock.elapsed():.0f}" + (f"/{budget:g}" if budget is not None else "")
+        if self.tty:
+            bad = ", ".join(f"{v} {n}" for v, n in sorted(result.verdicts.items())
+                            if v not in ("pass", "rejected"))
+            self.stream.write(f"\r\033[K{phase} {elapsed} s | {result.cases} cases | "
+                              f"failing: {bad or 'none'}")
+            self._drawn = True
+        else:
+            self.stream.write(f"difftest: {elapsed} s  {phase}  {result.cases} cases  "
+                              f"{result.failed} failures  {len(result.failures)} signatures\n")
         self.stream.flush()
 
     def done(self) -> None:
-        if self.enabled:
+        if self.enabled and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+            self._drawn = False
+
+
+@dataclass(frozen=True)
+class SavedCase:
+    """One case of the failure database: ``role`` is ``minimal``, ``first`` or ``legacy``
+    (a file of the flat layout of earlier versions; ``signature`` then ``None``)."""
+
+    path: Path
+    signature: str | None
+    role: str
+    case: Case
 
 
 class FailureDatabase:
-    """Cases that failed before, replayed first until they pass (``.difftest/db``)."""
+    """Cases that failed before, replayed first until they pass (``.difftest/db``).
+
+    ``<root>/<impl>/<signature>/minimal-<case_id>.json`` and ``first-<case_id>.json``:
+    per signature the minimal case and the first failing one (the first of at most
+    ``DB_CASE_BYTES`` of JSON), nothing else, so the database stays small however
+    many cases fail. Files directly under ``<root>/<impl>/`` (the earlier layout) are
+    replayed once and removed; those that still fail are saved in the new layout.
+    """
+
+    ROLES = ("minimal", "first")
 
     def __init__(self, root: Path | None) -> None:
         self.root = root
@@ -212,40 +275,83 @@ class FailureDatabase:
     def _dir(self, impl: str) -> Path | None:
         if self.root is None:
             return None
-        slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in impl)
-        return self.root / slug
+        return self.root / _slug(impl)
 
-    def load(self, impl: str, dialects: tuple[str, ...]) -> list[tuple[Path, Case]]:
+    def load(self, impl: str, dialects: tuple[str, ...]) -> list[SavedCase]:
+        """Every saved case of ``impl`` in ``dialects``: signature by signature, the minimal
+        case first; then the legacy files."""
         folder = self._dir(impl)
         if folder is None or not folder.is_dir():
             return []
+        found = []
+        for sig_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            for role in self.ROLES:
+                for path in sorted(sig_dir.glob(f"{role}-*.json")):
+                    found.append((path, sig_dir.name, role))
+        found += [(path, None, "legacy") for path in sorted(folder.glob("*.json"))]
         out = []
-        for path in sorted(folder.glob("*.json")):
+        for path, sig, role in found:
             try:
                 case = Case.from_json(path.read_text())
             except (OSError, UsageError):
                 continue
             if case.dialect in dialects:
-                out.append((path, case))
+                out.append(SavedCase(path, sig, role, case))
         return out
 
-    def save(self, impl: str, case: Case) -> None:
+    def has(self, impl: str, signature: str, role: str) -> bool:
+        folder = self._dir(impl)
+        return folder is not None and any((folder / signature).glob(f"{role}-*.json"))
+
+    def save(self, impl: str, signature: str, role: str, case: Case) -> bool:
+        """Keep ``case`` as the ``role`` case of ``signature`` (replacing the one there).
+        A ``first`` case of more than ``DB_CASE_BYTES`` is not kept (returns ``False``)."""
         folder = self._dir(impl)
         if folder is None:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{case.case_id}.json").write_text(case.to_json())
+            return False
+        text = case.to_json()
+        if role == "first" and len(text) > DB_CASE_BYTES:
+            return False
+        target = folder / signature
+        target.mkdir(parents=True, exist_ok=True)
+        for old in target.glob(f"{role}-*.json"):
+            old.unlink(missing_ok=True)
+        if role == "minimal":  # one file for a first case that is minimal too
+            (target / f"first-{case.case_id}.json").unlink(missing_ok=True)
+        (target / f"{role}-{case.case_id}.json").write_text(text)
+        return True
 
     def forget(self, path: Path) -> None:
         path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only when it is now empty
+
+    def size_bytes(self, impl: str) -> int:
+        folder = self._dir(impl)
+        if folder is None or not folder.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in folder.rglob("*.json"))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+class _StopPursuit(Exception):
+    """A signature timed out ``TIMEOUT_PURSUIT`` times while shrinking: no more candidates."""
 
 
 class Campaign:
-    """Runs cases for one implementation and records every one of them."""
+    """Runs cases for one implementation and records every one of them.
+
+    ``budget`` (a :class:`~difftest.budget.Budget`) starts the run's clock; the
+    phases' deadlines come from it (:func:`run_campaign` is the whole recipe).
+    A case id runs at most once: replay and generation share :attr:`ran`.
+    """
 
     def __init__(self, impl: Implementation, runner: Any, out_dir: Path, *, seed: int | None,
                  database: FailureDatabase | None = None, progress: Progress | None = None,
-                 log: Any = None) -> None:
+                 log: Any = None, budget: Budget | None = None) -> None:
         import reports
 
         self.impl, self.runner, self.seed = impl, runner, seed
@@ -254,11 +360,19 @@ class Campaign:
         self.log = log if log is not None else reports.RunLog(self.out_dir)
         self.database = database or FailureDatabase(None)
         self.progress = progress or Progress(enabled=False)
+        self.budget = budget or Budget(seed=seed)
+        self.clock = self.budget.start()
         self.result = CampaignResult(self.out_dir)
         self.case_rows: list[dict] = []
         self.mismatch_rows: list[dict] = []
+        self.phase = "generate"
+        self.ran: dict[str, str | None] = {}  # case_id -> its signature (None: it passed)
+        self._queued: set[str] = set()
+        self._db_first: set[str] = set()  # signatures whose first case the database holds
+        self._case_files: dict[str, int] = {}  # failing cases recorded per signature
         self._inflight: list[Case] = []
-        self._start = time.monotonic()
+        self._start = self.clock.started
+        self._deadline: float | None = None
         # confirmation state: recent cases per worker (with their batch number), failures
         # recorded while a batch was in flight, and what each signature turned out to be
         self._history: dict[str, deque[tuple[Case, int]]] = {}
@@ -268,6 +382,20 @@ class Campaign:
         self._confirmed: set[str] = set()
         self._tries: dict[str, int] = {}
         self._flaky_ids: set[str] = set()
+
+    # -- deadlines --------------------------------------------------------------
+    def _until(self, deadline: float | None, cut: float | None = None) -> None:
+        """Nothing new starts after ``deadline``; the runner's waits are cut at ``cut``
+        (default: ``deadline``)."""
+        self._deadline = deadline
+        if hasattr(self.runner, "deadline"):
+            self.runner.deadline = deadline if cut is None else cut
+
+    def _spent(self) -> bool:
+        return self._deadline is not None and self.clock.now() >= self._deadline
+
+    def _show(self, force: bool = False) -> None:
+        self.progress.update(self.result, self.phase, self.clock, force=force)
 
     # -- one case -------------------------------------------------------------
     def check(self, case: Case) -> Evaluation:
@@ -310,7 +438,9 @@ class Campaign:
         collected cases are recorded first, so that the crash is on record
         before the worker restarts. :meth:`drain` runs whatever is in flight.
         Failures recorded while a batch is in flight are confirmed
-        (:meth:`confirm`) at the next call, while the worker is idle.
+        (:meth:`confirm`) at the next call, while the worker is idle. Past the
+        deadline nothing new starts: the collected cases are recorded and
+        :class:`BudgetSpent` raised (the rest never ran and is not recorded).
         """
         previous, number = self._inflight, self._inflight_batch
         outcomes = self.runner.collect() if previous else []
@@ -323,13 +453,16 @@ class Campaign:
                     for case, outcome in zip(previous, outcomes)]
 
         recorded = None
-        if rest:  # a submit after a crash restarts the worker
+        if rest or self._spent():  # a submit after a crash restarts the worker
             recorded = record()
             self._settle()
-        self._inflight = rest + list(batch)
-        if self._inflight:
+        pending = rest + list(batch)
+        if pending and self._spent():
+            raise BudgetSpent(f"{len(pending)} case(s) not run: the phase's budget ended")
+        self._inflight = pending
+        if pending:
             self._inflight_batch = self._next_batch()
-            self.runner.submit(self._inflight)
+            self.runner.submit(pending)
         return recorded if recorded is not None else record()
 
     def drain(self) -> list[Evaluation]:
@@ -344,6 +477,8 @@ class Campaign:
     def _record(self, case: Case, evaluation: Evaluation, outcome: Any, seed: int | None,
                 batch: int = 0) -> None:
         r = self.result
+        sig = evaluation.signature(case)
+        self.ran[case.case_id] = sig
         r.cases += 1
         r.verdicts[evaluation.verdict] = r.verdicts.get(evaluation.verdict, 0) + 1
         sizes = case.sizes()
@@ -360,11 +495,12 @@ class Campaign:
         self.case_rows.append(row)
         if not evaluation.failed:
             return
-        rows = [{"case_id": case.case_id, "impl": self.impl.name, "dialect": case.dialect,
-                 "verdict": evaluation.verdict, **m.as_row()} for m in evaluation.mismatches]
+        rows = mismatch_rows(case, evaluation, self.impl.name)
         self.log.add_mismatches(rows)
         self.mismatch_rows += rows
-        self._save_case(case)
+        self._case_files[sig] = self._case_files.get(sig, 0) + 1
+        if self._case_files[sig] <= CASE_FILES_PER_SIGNATURE:
+            self._save_case(case)
         neighbours = tuple(Neighbour(c, b == batch)
                            for c, b in reversed(self._history.get(outcome.worker, ())))
         self._unsettled.append((case, evaluation, neighbours, r.cases,
@@ -440,14 +576,37 @@ class Campaign:
             if sig not in self._confirmed:
                 if self._tries.get(sig, 0) < CONFIRM_CASES:
                     self._tries[sig] = self._tries.get(sig, 0) + 1
-                    confirmation = self.confirm(case, evaluation, neighbours)
+                    try:
+                        confirmation = self._confirm_within_budget(case, evaluation, neighbours)
+                    except BudgetSpent:  # no time left to confirm it: entered unconfirmed
+                        self._enter(sig, case, evaluation, None, cases, seconds)
+                        continue
                     if confirmation.reproduced:
                         self._confirmed.add(sig)
                 if confirmation is None or confirmation.flaky:
                     self._enter_flaky(case, evaluation, confirmation, cases, seconds)
                     continue
-            self.database.save(self.impl.name, case)
+            self._save_first(sig, case)
             self._enter(sig, case, evaluation, confirmation, cases, seconds)
+
+    def _confirm_within_budget(self, case: Case, evaluation: Evaluation,
+                               neighbours: tuple[Neighbour, ...]) -> Confirmation:
+        """:meth:`confirm`, its waits cut at the run's end (not the phase's)."""
+        cut = getattr(self.runner, "deadline", None)
+        if hasattr(self.runner, "deadline"):
+            self.runner.deadline = self.clock.end
+        try:
+            return self.confirm(case, evaluation, neighbours)
+        finally:
+            if hasattr(self.runner, "deadline"):
+                self.runner.deadline = cut
+
+    def _save_first(self, sig: str, case: Case) -> None:
+        """The failure database keeps the first failing case of each signature."""
+        if sig not in self._db_first and (
+                self.database.has(self.impl.name, sig, "first")
+                or self.database.save(self.impl.name, sig, "first", case)):
+            self._db_first.add(sig)
 
     def _enter_flaky(self, case: Case, evaluation: Evaluation,
                      confirmation: Confirmation | None, cases: int, seconds: float) -> None:
@@ -494,38 +653,73 @@ class Campaign:
         return self._batches
 
     # -- the loop -------------------------------------------------------------
-    def replay_database(self) -> None:
-        for path, case in self.database.load(self.impl.name, self.impl.dialects):
-            self.result.replayed += 1
-            if not self.run_one(case).failed or case.case_id in self._flaky_ids:
-                self.database.forget(path)  # fixed, or a failure it does not show alone
+    def replay_database(self, *, deadline: float | None = None,
+                        max_cases: int | None = None) -> None:
+        """Replay the saved failures (minimal case first, per signature) until ``deadline``
+        or ``max_cases``; forget those that pass, and a case saved under a signature it
+        no longer has (it is saved under its new one, if that has none) or does not show
+        alone (flaky)."""
+        self.phase = "replay"
+        self._until(deadline)
+        try:
+            for saved in self.database.load(self.impl.name, self.impl.dialects):
+                if saved.case.case_id in self.ran:
+                    continue  # the minimal case can be the first one too
+                if self._spent() or (max_cases is not None and self.result.cases >= max_cases):
+                    break
+                try:
+                    evaluation = self.run_one(saved.case)
+                except BudgetSpent:
+                    break
+                self.result.replayed += 1
+                if (saved.signature is None or saved.case.case_id in self._flaky_ids
+                        or not evaluation.failed
+                        or evaluation.signature(saved.case) != saved.signature):
+                    self.database.forget(saved.path)  # fixed, moved, or not failing alone
+                self._show()
+        finally:
+            self._until(None)
 
     def generate(self, *, dialects: tuple[str, ...], contracts: tuple[str, ...],
-                 max_examples: int | None, seconds: float | None,
+                 max_examples: int | None, seconds: float | None = None,
+                 deadline: float | None = None, drain_deadline: float | None = None,
                  stop_on_failure: bool = False, classes: tuple[str, ...] | None = None) -> None:
+        """Generate and run cases until ``max_examples`` cases were run in this campaign
+        (replayed ones included), ``seconds`` from now or ``deadline`` (whichever comes
+        first; with none of them, ``DEFAULT_MAX_EXAMPLES``), or the first failure with
+        ``stop_on_failure``; the batch in flight may finish until ``drain_deadline``.
+        A case id already run or queued is skipped, not run. ``classes`` focuses the
+        cases (:func:`difftest.strategies.cases`)."""
         from hypothesis import HealthCheck, Phase, Verbosity, given, settings
         from hypothesis import seed as hseed
         from hypothesis import strategies as st
 
         from .strategies import cases, probes_possible
 
-        limit = max_examples if max_examples is not None else (
-            10**9 if seconds is not None else DEFAULT_MAX_EXAMPLES)
-        deadline = time.monotonic() + seconds if seconds is not None else None
-        budget = (f"of {limit}" if max_examples is not None or seconds is None else "") + (
-            f" in {seconds:g}s" if seconds is not None else "")
-
+        if seconds is not None:
+            ends = time.monotonic() + seconds
+            deadline = ends if deadline is None else min(deadline, ends)
+        if max_examples is None and deadline is None:
+            max_examples = DEFAULT_MAX_EXAMPLES
+        self.phase = "generate"
+        # the first generated case may run until the end of the run (not only of
+        # generation), so that a run on a slow machine still runs a case
+        self._until(None, self.clock.end)
+        before = self.result.cases
         queue: list[Case] = []
-        state = {"routes": 0, "size": 1, "stopped": False, "drawn": 0}
+        state = {"routes": 0, "size": 1, "stopped": False, "drawn": 0, "armed": False}
         limits = self.impl.limits
         strategy = cases(dialects=dialects, contracts=contracts, classes=classes,
                          limits=limits, out_of_domain=PROBE_ONE_IN)
         # with declared limits, a run starts with a few out-of-domain probes (a run of
-        # their own: which strategy draws must not depend on state outside Hypothesis)
-        probes = min(PROBES_PER_RUN, limit) if probes_possible(limits) else 0
+        # their own: which strategy draws must not depend on state outside Hypothesis);
+        # the count of cases is ours (max_examples, replayed ones included): Hypothesis
+        # may draw a case again, which is skipped
+        room = 10**9 if max_examples is None else max(0, max_examples - self.result.cases)
+        probes = min(PROBES_PER_RUN, room) if probes_possible(limits) else 0
         runs = [(cases(dialects=dialects, contracts=contracts, limits=limits,
                        out_of_domain=1), probes)] if probes else []
-        runs.append((strategy, limit - probes))
+        runs.append((strategy, 10**9))
         failed: list[InternalError] = []
 
         def internal(exc: Exception, where: str, *, broken: bool) -> _BudgetExhausted:
@@ -538,11 +732,17 @@ class Campaign:
         def dispatch(batch: list[Case]) -> None:
             try:
                 evaluations = self.dispatch(batch)
+            except BudgetSpent:
+                state["stopped"] = True
+                raise _BudgetExhausted from None
             except DifftestError:
                 raise  # the implementation cannot be loaded: the caller's
             except Exception as exc:  # noqa: BLE001 - running and recording cases is ours
                 raise internal(exc, "running and recording cases", broken=True) from None
-            self.progress.update(self.result, budget)
+            if not state["armed"] and self.result.cases > before:
+                self._until(deadline, drain_deadline)
+                state["armed"] = True
+            self._show()
             if stop_on_failure and any(e.failed for e in evaluations):
                 state["stopped"] = True
                 raise _BudgetExhausted
@@ -565,8 +765,13 @@ class Campaign:
                 state["drawn"] += 1
                 if sigint["sigint"]:
                     raise _Interrupted
-                if deadline is not None and time.monotonic() >= deadline:
+                if self._spent() or (max_examples is not None
+                                     and self.result.cases + len(self._inflight) + len(queue)
+                                     >= max_examples):
                     raise _BudgetExhausted
+                if case.case_id in self.ran or case.case_id in self._queued:
+                    return  # Hypothesis drew it again: run once only
+                self._queued.add(case.case_id)
                 queue.append(case)
                 state["routes"] += case.num_routes * len(case.ranks())
                 if len(queue) >= state["size"] or state["routes"] >= BATCH_ROUTES:
@@ -605,17 +810,21 @@ class Campaign:
                 except _BudgetExhausted:
                     self._drain_or_fail(failed)
                 finally:
-                    self.progress.update(self.result, budget, force=True)
-                    self.progress.done()
+                    self._inflight = []
+                    self._until(None)
+                    self._show(force=True)
         if failed:
             raise failed[0]
         if sigint["sigint"]:
             raise KeyboardInterrupt
 
     def _drain_or_fail(self, failed: list[InternalError]) -> None:
-        """:meth:`drain`; a bug of ours while doing it is added to ``failed``."""
+        """:meth:`drain`; a bug of ours while doing it is added to ``failed`` (the budget
+        ending is not one: the cases in flight are then not run)."""
         try:
             self.drain()
+        except BudgetSpent:
+            self._inflight = []
         except DifftestError:
             raise
         except Exception as exc:  # noqa: BLE001 - see generate
@@ -624,42 +833,123 @@ class Campaign:
                                              seed=self.seed))
 
     # -- after the budget -------------------------------------------------------
-    def shrink_and_report(self, *, shrink_seconds: float = DEFAULT_SHRINK_SECONDS,
-                          extra: Callable[[Failure, Case], dict] | None = None) -> None:
-        """Shrink each failure and write its bug report.
+    def shrink_and_report(self, *, shrink_seconds: float | None = None,
+                          shrink: bool = True) -> None:
+        """Shrink each signature within its share of the budget (see :mod:`difftest.budget`),
+        re-run crashes of a CUDA implementation under compute-sanitizer, and write the
+        bug reports. ``shrink_seconds`` overrides the budget's cap per signature;
+        ``shrink=False`` reports the first failing cases as they are.
 
         A confirmed failure shrinks alone, and its minimal case is confirmed
         alone as the original was (else the report keeps the original), so
         every report's ``case.json`` fails alone with its signature. A flaky
-        failure with a culprit shrinks as the pair: the victim with the
-        culprit fixed, then the culprit with the victim fixed, each half of
-        ``shrink_seconds``; one without a culprit keeps its case.
+        failure with a culprit shrinks as the pair within its share: the victim
+        with the culprit fixed, then the culprit with the victim fixed, each
+        half; one without a culprit keeps its case.
         """
         from .bugreport import write_failure_report
-        from .shrink import shrink
+        from .sanitizer import run_sanitizer, wants_sanitizer
 
         self._settle()
-        if extra is None and str(getattr(self.runner, "device", "")).startswith("cuda"):
-            from .sanitizer import sanitizer_extra
-
-            extra = sanitizer_extra(self.impl)  # crashes get a compute-sanitizer re-run
-
-        for sig, failure in sorted(self.result.failures.items()):
+        cap = self.budget.shrink_seconds if shrink_seconds is None else shrink_seconds
+        on_cuda = str(getattr(self.runner, "device", "")).startswith("cuda")
+        signatures = sorted(self.result.failures)
+        for i, sig in enumerate(signatures):
+            failure = self.result.failures[sig]
+            share = self.clock.signature_seconds(len(signatures) - i, cap=cap)
+            self.phase = "shrink"
+            self._show()
             if failure.evaluation.verdict == "flaky":
-                self._report_pair(sig, failure, shrink_seconds)
+                self._report_pair(sig, failure, share if shrink else 0.0)
                 continue
-
-            def same_signature(candidate: Case, sig: str = sig) -> bool:
-                return self.check(candidate).signature(candidate) == sig
-
-            shrunk = shrink(failure.case, same_signature, max_seconds=shrink_seconds)
-            minimal, final = shrunk.case, self._reproduced_alone(shrunk.case, sig)
-            if final is None:  # the minimal case does not fail alone: keep the original
-                minimal, final = failure.case, failure.evaluation
+            slot_end = None if self.clock.end is None else self.clock.now() + share
+            sanitize = on_cuda and wants_sanitizer(failure)
+            minimal, final, shrunk = failure.case, failure.evaluation, None
+            shrink_s = share * (SANITIZER_SHARE if sanitize else 1.0)
+            if shrink and shrink_s > 0:
+                minimal, final, shrunk = self._shrink(failure, shrink_s)
+                self.result.shrink_s[sig] = shrunk.elapsed_s
+                if minimal is not failure.case:
+                    alone = self._alone_within_budget(minimal, sig)
+                    if alone is None:  # the minimal case does not fail alone: keep the original
+                        shrunk.passes_applied.append(
+                            f"the minimal case {minimal.case_id} was not confirmed alone (or "
+                            "the budget left no time to): the first failing case is reported")
+                        minimal, final = failure.case, failure.evaluation
+                    else:
+                        final = alone
+            self.phase = "report"
+            self._show()
+            extra = {}
+            if sanitize:
+                left = min(SANITIZER_TIMEOUT_S, self.clock.left(slot_end))
+                extra = {"sanitizer": run_sanitizer(minimal, self.impl, timeout_s=left)
+                         if left >= 1.0 else SANITIZER_SKIPPED}
             self.result.minimal[sig] = (minimal, final)
             self.result.bug_dirs[sig] = write_failure_report(
                 self.out_dir, sig, self.impl, minimal, final, failure=failure, shrink=shrunk,
-                extra=extra(failure, minimal) if extra else None)
+                extra={k: v for k, v in extra.items() if v})
+            if shrunk is not None:
+                self._save_case(minimal)
+                self.database.save(self.impl.name, sig, "minimal", minimal)
+
+    def _shrink(self, failure: Failure, seconds: float) -> tuple[Case, Evaluation, Any]:
+        """Shrink ``failure`` for at most ``seconds`` (cut at the deadline too): the minimal
+        case, its evaluation, the :class:`~difftest.shrink.ShrinkResult`. Every failing
+        candidate is kept with its evaluation, so the minimal case is not run again."""
+        from .shrink import ShrinkResult, shrink
+
+        sig = failure.signature
+        found = {failure.case.case_id: (failure.case, failure.evaluation)}
+        best = [failure.case]
+        counts = {"calls": 0, "timeouts": 0}
+
+        def same_signature(candidate: Case) -> bool:
+            counts["calls"] += 1
+            if candidate.case_id in self.ran:  # run in this campaign already
+                return self.ran[candidate.case_id] == sig and candidate.case_id in found
+            if counts["timeouts"] >= TIMEOUT_PURSUIT:
+                raise _StopPursuit
+            evaluation = self.check(candidate)
+            self._show()
+            counts["timeouts"] += evaluation.verdict == "timeout"
+            if evaluation.signature(candidate) != sig:
+                return False
+            found[candidate.case_id] = (candidate, evaluation)
+            best[0] = candidate
+            return True
+
+        # A hang's candidates are not confirmed one by one (each costs one timeout, not
+        # five); the minimal one is confirmed alone at the end (_reproduced_alone).
+        confirms = getattr(self.runner, "confirm_timeouts", False)
+        hang = failure.evaluation.verdict == "timeout" and confirms
+        start = time.monotonic()
+        self._until(None if self.clock.end is None else self.clock.now() + seconds)
+        if hang:
+            self.runner.confirm_timeouts = False
+        try:
+            shrunk = shrink(failure.case, same_signature, max_seconds=seconds)
+        except (BudgetSpent, _StopPursuit) as exc:
+            why = (f"stopped: {TIMEOUT_PURSUIT} candidates timed out"
+                   if isinstance(exc, _StopPursuit) else "stopped: the run's budget ended")
+            shrunk = ShrinkResult(best[0], [why], counts["calls"],
+                                  time.monotonic() - start, False)
+        finally:
+            self._until(None)
+            if hang:
+                self.runner.confirm_timeouts = True
+        case, evaluation = found.get(shrunk.case.case_id, (failure.case, failure.evaluation))
+        return case, evaluation, shrunk
+
+    def _alone_within_budget(self, case: Case, sig: str) -> Evaluation | None:
+        """:meth:`_reproduced_alone`, cut at the run's end (``None`` also when cut)."""
+        self._until(self.clock.end)
+        try:
+            return self._reproduced_alone(case, sig)
+        except BudgetSpent:
+            return None
+        finally:
+            self._until(None)
 
     def _reproduced_alone(self, case: Case, sig: str) -> Evaluation | None:
         """The evaluation of ``case`` re-run alone failing with ``sig`` (as
@@ -678,7 +968,7 @@ class Campaign:
         confirmation = failure.confirmation
         culprit = confirmation.culprit if confirmation is not None else None
         victim, final, shrunk = failure.case, failure.evaluation, None
-        if culprit is not None:
+        if culprit is not None and shrink_seconds > 0:
             original = confirmation.original
 
             def victim_fails(candidate: Case) -> bool:
@@ -711,6 +1001,9 @@ class Campaign:
     def close(self) -> CampaignResult:
         import reports
 
+        self.phase = "report"
+        self._show(force=True)
+        self.progress.done()
         self.log.close()
         self.result.elapsed_s = time.monotonic() - self._start
         flaky = {sig: {"case": f.case.case_id, "original": f.confirmation.original,
@@ -729,6 +1022,8 @@ class Campaign:
             "elapsed_s": self.result.elapsed_s, "confirm_s": self.result.confirm_s,
             "flaky": flaky, "pid": os.getpid(),
             "failures": self.result.failure_records(self.impl.name),
+            "budget": {"seconds": self.budget.seconds, "max_examples": self.budget.max_examples,
+                       "shrink_seconds": self.budget.shrink_seconds},
         }, indent=1))
         reports.write_summary(self.out_dir)  # shows run.json's domain and capped signatures
         return self.result
@@ -738,3 +1033,50 @@ def flaky_evaluation(evaluation: Evaluation) -> Evaluation:
     """The evaluation of a failure that did not reproduce alone: verdict ``flaky``, the
     same failed checks (its signature is ``<dialect>--flaky--<primary check>``)."""
     return Evaluation("flaky", list(evaluation.mismatches), evaluation.detail)
+
+
+def mismatch_rows(case: Case, evaluation: Evaluation, impl: str) -> list[dict]:
+    """The mismatch rows kept of one case: at most ``MISMATCH_ROWS_PER_CASE``, the last
+    kept one saying how many more there were."""
+    kept = evaluation.mismatches[:MISMATCH_ROWS_PER_CASE]
+    rows = [{"case_id": case.case_id, "impl": impl, "dialect": case.dialect,
+             "verdict": evaluation.verdict, **m.as_row()} for m in kept]
+    more = len(evaluation.mismatches) - len(kept)
+    if more:
+        rows[-1]["message"] += f" (and {more} more failed check(s) of this case, not kept)"
+    return rows
+
+
+def run_campaign(impl: Implementation, runner: Any, out_dir: Path, budget: Budget, *,
+                 dialects: tuple[str, ...] | None = None,
+                 contracts: tuple[str, ...] = ("production", "defensive"),
+                 database: FailureDatabase | None = None, progress: Progress | None = None,
+                 shrink: bool = True, stop_on_failure: bool = False,
+                 classes: tuple[str, ...] | None = None,
+                 raise_internal: bool = True) -> Campaign:
+    """The campaign recipe, within ``budget`` (:mod:`difftest.budget` has the rules):
+    replay the failure database, generate, shrink each signature and write its bug
+    report, then close (parquet, summary, ``run.json``) — also when interrupted.
+    Returns the closed :class:`Campaign` (``.result`` is its :class:`CampaignResult`).
+    An :class:`~difftest.errors.InternalError` (a bug of ours) is raised after the close,
+    or, with ``raise_internal=False``, kept in ``result.internal``.
+    """
+    if hasattr(runner, "warm_up"):
+        runner.warm_up()  # start-up (loading, a CUDA build) is not in the budget
+    campaign = Campaign(impl, runner, out_dir, seed=budget.seed, database=database,
+                        progress=progress, budget=budget)
+    clock = campaign.clock
+    try:
+        campaign.replay_database(deadline=clock.replay_end, max_cases=budget.max_examples)
+        campaign.generate(dialects=dialects or impl.dialects, contracts=contracts,
+                          max_examples=budget.max_examples, deadline=clock.generate_end,
+                          drain_deadline=clock.drain_end,
+                          stop_on_failure=stop_on_failure, classes=classes)
+        campaign.shrink_and_report(shrink=shrink)
+    except InternalError as exc:
+        campaign.result.internal = exc
+        if raise_internal:
+            raise
+    finally:  # interrupted or not: parquet and summary hold every recorded case
+        campaign.close()
+    return campaign

@@ -31,6 +31,9 @@ LORA_DIALECTS = ("vllm-lora", "sglang-lora")
 CONTRACTS = ("production", "defensive")
 STRATEGIES = ("linear", "round_robin")
 DISPATCH_FORMS = ("expert_map", "local_ids")
+# A bug report's case.json of a large case also carries its repro.py's call records under
+# this key (difftest/repro.py); loading a case ignores it.
+REPRO_CALLS = "repro_calls"
 
 # SPEC §8, plus the classes this project adds.
 EDGE_CLASSES = (
@@ -235,6 +238,7 @@ class Case:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Case:
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k != REPRO_CALLS}
         unknown = set(data) - known
         if unknown:
             raise CaseError(f"case has unknown field(s) {sorted(unknown)}: allowed {sorted(known)}")

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .budget import DEFAULT_SHRINK_SECONDS, resolve_budget
 from .errors import DifftestError, InternalError, LoadError, UsageError
+from .profiles import PROFILES
 
 EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 # where an internal error's traceback goes when the command has no run directory
@@ -114,14 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a campaign against the oracle")
     common_impl(run)
     run.add_argument("--contract", choices=("production", "defensive", "all"), default="all")
-    run.add_argument("--max-examples", type=_positive_int)
-    run.add_argument("--seconds", type=_positive_float)
+    run.add_argument("--max-examples", type=_positive_int,
+                     help="at most this many cases, replayed ones included")
+    run.add_argument("--seconds", type=_positive_float,
+                     help="budget of the whole run: replay, generation (to 70%%), shrinking "
+                     "and reports; it ends within 1.25x plus start-up (README: Budgets)")
     run.add_argument("--seed", type=int)
     run.add_argument("--out", type=Path)
-    run.add_argument("--profile", choices=("ci", "dev", "nightly"),
-                     help="budget preset: ci (bounded, derandomised), dev, nightly (long)")
-    run.add_argument("--shrink-seconds", type=_positive_float, default=30.0,
-                     help="shrinking budget per failure signature (default 30)")
+    run.add_argument("--profile", choices=tuple(PROFILES),
+                     help="budget preset: " + "; ".join(p.describe() for p in PROFILES.values()))
+    run.add_argument("--shrink-seconds", type=_positive_float, default=None,
+                     help="shrinking budget per failure signature, within --seconds "
+                     f"(default: the profile's, else {DEFAULT_SHRINK_SECONDS:g})")
     run.add_argument("--no-shrink", action="store_true", help="report failures unshrunk")
     run.add_argument("--junit", type=Path, help="also write JUnit XML here")
     run.add_argument("--db", type=Path, default=Path(".difftest/db"),
@@ -134,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", type=_shard, help="i/n: this CI shard (seed derived from it)")
     run.add_argument("--in-process", action="store_true",
                      help="run the implementation in this process (no crash isolation)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress (bar on a terminal, a line every 10 s elsewhere)")
     run.add_argument("--classes", type=_edge_class_list,
                      help="comma-separated edge classes: every case is built around one of "
                      "them (see `difftest list`)")
@@ -160,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("selfcheck", help="run every shipped fault, show what was caught")
     sc.add_argument("--device", choices=("cpu", "cuda"))
     sc.add_argument("--seconds", type=_positive_float, default=30.0,
-                    help="budget per fault (default 30)")
+                    help="budget per fault, shrinking and its report included (default 30)")
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--out", type=Path)
     sc.add_argument("--faults", help="comma-separated subset of fault names")
@@ -443,45 +450,33 @@ def _check_classes(impl: Any, contracts: tuple[str, ...], classes: tuple[str, ..
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from .campaign import Campaign, FailureDatabase, Progress
+    from dataclasses import replace
+
+    from .campaign import FailureDatabase, Progress, run_campaign
 
     impl = _resolve(ns, ns.dialect)
     device = _device_for(impl, ns.device)
     contracts = ("production", "defensive") if ns.contract == "all" else (ns.contract,)
-    max_examples, seconds, seed = ns.max_examples, ns.seconds, ns.seed
-    if ns.profile:
-        from .profiles import PROFILES
-
-        profile = PROFILES[ns.profile]
-        max_examples = max_examples or profile.max_examples
-        seconds = seconds or profile.seconds
-        if seed is None:
-            seed = profile.seed
-    seed = shard_seed(seed, ns.shard)
+    budget = resolve_budget(ns.profile, seconds=ns.seconds, max_examples=ns.max_examples,
+                            shrink_seconds=ns.shrink_seconds, seed=ns.seed)
+    budget = replace(budget, seed=shard_seed(budget.seed, ns.shard))
     workers = _worker_count(ns, device)
     out = _out_dir(ns.out, ns.impl)
     _check_outputs(ns, out)
     _check_classes(impl, contracts, ns.classes)
-    seed = _seed_of_run(ns, seed)
+    budget = replace(budget, seed=_seed_of_run(ns, budget.seed))
     ns._run_dir = out
     if workers > 1:
-        return _run_parallel(ns, workers, out, seed, device)
+        return _run_parallel(ns, workers, out, budget.seed, device)
     database = None if ns.no_db else FailureDatabase(ns.db)
-    progress = Progress(enabled=False if ns.quiet else None)
     cuda_device = int(os.environ["DIFFTEST_GPU"]) if os.environ.get("DIFFTEST_GPU") else None
-    internal = None
     with _runner(impl, device, ns.timeout, ns.in_process, cuda_device) as runner:
-        campaign = Campaign(impl, runner, out, seed=seed, database=database, progress=progress)
-        try:
-            campaign.replay_database()
-            campaign.generate(dialects=impl.dialects, contracts=contracts,
-                              max_examples=max_examples, seconds=seconds, classes=ns.classes)
-            if not ns.no_shrink:
-                campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
-        except InternalError as exc:  # the cases recorded before it are kept
-            internal = exc
-        finally:  # interrupted or not: parquet and summary hold every recorded case
-            result = campaign.close()
+        campaign = run_campaign(impl, runner, out, budget, contracts=contracts,
+                                database=database, progress=Progress(enabled=not ns.quiet),
+                                shrink=not ns.no_shrink, classes=ns.classes,
+                                raise_internal=False)
+    result = campaign.result
+    internal = result.internal  # the cases recorded before it are kept
     code = EXIT_FAILURES if result.failed else EXIT_CLEAN
     if internal is not None:
         code = EXIT_INTERNAL
@@ -642,6 +637,7 @@ def cmd_replay(ns: argparse.Namespace) -> int:
 
 
 def cmd_minimize(ns: argparse.Namespace) -> int:
+    from .budget import Budget
     from .campaign import Campaign
 
     case = _load_case(ns.case)
@@ -651,7 +647,8 @@ def cmd_minimize(ns: argparse.Namespace) -> int:
     _check_outputs(ns, out)
     ns._run_dir = out
     with _runner(impl, device, ns.timeout) as runner:
-        campaign = Campaign(impl, runner, out, seed=None)
+        campaign = Campaign(impl, runner, out, seed=None,
+                            budget=Budget(shrink_seconds=ns.shrink_seconds))
         evaluation = campaign.run_one(case)
         if not evaluation.failed:
             campaign.close()
@@ -659,7 +656,7 @@ def cmd_minimize(ns: argparse.Namespace) -> int:
                    else "is rejected cleanly (outside the declared limits)")
             print(f"case {case.case_id} {how} on {impl.name}: nothing to minimise")
             return EXIT_CLEAN
-        campaign.shrink_and_report(shrink_seconds=ns.shrink_seconds)
+        campaign.shrink_and_report()
         result = campaign.close()
     for sig, path in result.bug_dirs.items():
         print(f"{sig}: minimal case and report in {path}")

@@ -1,29 +1,34 @@
 """Budget profiles: ``ci`` (bounded, deterministic), ``dev``, ``nightly`` (long).
 
-The same names are registered as Hypothesis settings profiles
-(``difftest-ci`` …) for a user's own property tests; the ``ci`` one is
-derandomised, and the seed it uses is recorded in every run directory.
+A profile is a :class:`~difftest.budget.Budget` with a name: its seconds are
+the whole run (see :mod:`difftest.budget` for the split), and
+:meth:`Profile.describe` states the total it holds. The same names are
+registered as Hypothesis settings profiles (``difftest-ci`` …) for a user's
+own property tests; the ``ci`` one is derandomised, and the seed it uses is
+recorded in every run directory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .budget import Budget
+
 
 @dataclass(frozen=True)
 class Profile:
     name: str
-    max_examples: int | None
-    seconds: float | None
-    seed: int | None  # None: a fresh random seed per run
-    shrink_seconds: float
+    budget: Budget
+
+    def describe(self) -> str:
+        seed = "a fresh seed" if self.budget.seed is None else f"seed {self.budget.seed}"
+        return f"{self.name}: {self.budget.describe()}; {seed}"
 
 
 PROFILES = {
-    "ci": Profile("ci", max_examples=500, seconds=60.0, seed=0, shrink_seconds=20.0),
-    "dev": Profile("dev", max_examples=None, seconds=20.0, seed=None, shrink_seconds=30.0),
-    "nightly": Profile("nightly", max_examples=None, seconds=3600.0, seed=None,
-                       shrink_seconds=120.0),
+    "ci": Profile("ci", Budget(seconds=60.0, max_examples=500, shrink_seconds=20.0, seed=0)),
+    "dev": Profile("dev", Budget(seconds=20.0, shrink_seconds=30.0)),
+    "nightly": Profile("nightly", Budget(seconds=3600.0, shrink_seconds=120.0)),
 }
 
 

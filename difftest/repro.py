@@ -8,20 +8,29 @@ checks what the campaign checks per call. It exits 1 while the bug is
 present, 0 once it is fixed, 2 when it cannot run. For a flaky failure with
 a culprit it runs the pair: the culprit's calls, then the victim's, in each
 run, and only the victim's checks decide (the culprit's own are shown).
+
+A large case (more than ``INLINE_ELEMENTS`` array elements in its calls) would
+make a script of megabytes: its ``repro.py`` reads the call records from the
+``case.json`` next to it instead (key ``repro_calls``, arrays deflated; loading
+the case ignores it), and needs nothing else either.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
+import zlib
 from typing import Any
 
 import numpy as np
 
-from .case import Case
+from .case import REPRO_CALLS, Case
 from .dialects import DIALECT_INFO, RemapExpected, TensorArg
 from .execute import GUARD, GUARD_LEN, SENTINEL
+
+INLINE_ELEMENTS = 4096
 
 
 def _array(a: np.ndarray) -> dict[str, Any]:
@@ -76,10 +85,12 @@ Exit 1 while the bug is present, 0 when every check passes, 2 if it cannot run.
 Needs torch and the implementation; the expected outputs are carried below.__PAIR_NOTE__
 """
 import argparse
+import base64
 import importlib
 import json
 import os
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -89,7 +100,7 @@ LIBRARIES = __LIBRARIES_JSON__  # op libraries loaded first (--load overrides th
 DIALECT = __DIALECT_JSON__
 STABLE = __STABLE__
 SENTINEL, GUARD, GUARD_LEN = __SENTINEL__, __GUARD__, __GUARD_LEN__
-CALLS = json.loads(__CALLS_JSON__)
+CALLS = __CALLS__  # None: the call records are in the case.json next to this file
 CULPRIT = json.loads(__CULPRIT_JSON__)  # calls run before CALLS in each run (a pair)
 # where a py: implementation's module was imported from when the bug was found
 MODULE_PATH = __MODULE_PATH__
@@ -127,7 +138,19 @@ def load(name):
     raise SystemExit(f"unknown --impl {name!r}")
 
 
+def calls():
+    if CALLS is not None:
+        return CALLS
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "case.json")
+    with open(path) as f:
+        return json.load(f)["__REPRO_CALLS__"]
+
+
 def array(rec):
+    if "zlib" in rec:  # little-endian bytes, deflated, base64 (case.json of a large case)
+        raw = zlib.decompress(base64.b64decode(rec["zlib"]))
+        dtype = np.dtype(rec["dtype"]).newbyteorder("<")
+        return np.frombuffer(raw, dtype=dtype).astype(rec["dtype"]).reshape(rec["shape"])
     return np.asarray(rec["data"], dtype=rec["dtype"]).reshape(rec["shape"])
 
 
@@ -232,6 +255,11 @@ def main():
     except Exception as exc:
         print(f"cannot load {ns.impl}: {exc}", file=sys.stderr)
         return 2
+    try:
+        records = calls()
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"cannot read the case next to repro.py (case.json): {exc!r}", file=sys.stderr)
+        return 2
     problems, culprit = [], []
     for k in range(repeats):
         for call in CULPRIT:
@@ -241,7 +269,7 @@ def main():
                 culprit += [f"{where}: {p}" for p in run(fn, call, ns.device, ns.exact_buffers)]
             except Exception as exc:
                 culprit.append(f"{where}: raised {type(exc).__name__}: {exc}")
-        for call in CALLS:
+        for call in records:
             where = f"run {k + 1}" + (f", rank {call['rank']}" if call["rank"] is not None else "")
             try:
                 problems += [f"{where}: {p}" for p in run(fn, call, ns.device, ns.exact_buffers)]
@@ -285,9 +313,53 @@ def module_path(impl_name: str) -> list[str]:
 
 def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature: str,
                  culprit: Case | None = None, libraries: tuple[str, ...] = ()) -> str:
-    """The script's text; with ``culprit``, each run calls the culprit's case first;
-    ``libraries``: the op libraries the implementation needs (loaded first)."""
-    calls = json.dumps(call_records(case), separators=(",", ":"))
+    """The script's text, every call record inline; with ``culprit``, each run calls the
+    culprit's case first; ``libraries``: the op libraries the implementation needs
+    (loaded first)."""
+    return _script(call_records(case), case, impl_name, stable, title, signature, culprit,
+                   libraries)
+
+
+def repro_files(case: Case, impl_name: str, stable: bool, title: str, signature: str,
+                culprit: Case | None = None,
+                libraries: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
+    """A bug report's ``repro.py`` text and ``case.json`` content: the call records inline
+    for a case of at most ``INLINE_ELEMENTS`` array elements, else in ``case.json``."""
+    records = call_records(case)
+    case_json = case.to_dict()
+    if _elements(records) <= INLINE_ELEMENTS:
+        return (_script(records, case, impl_name, stable, title, signature, culprit,
+                        libraries), case_json)
+    case_json[REPRO_CALLS] = [_deflated(r) for r in records]
+    return (_script(None, case, impl_name, stable, title, signature, culprit, libraries),
+            case_json)
+
+
+def _elements(records: list[dict[str, Any]]) -> int:
+    arrays = [a for r in records for part in ("inputs", "expected")
+              for a in r[part].values() if isinstance(a, dict)]
+    return sum(len(a["data"]) for a in arrays)
+
+
+def _deflated(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its arrays as deflated little-endian bytes (the script's ``array``)."""
+    def pack(a: dict[str, Any]) -> dict[str, Any]:
+        little = np.dtype(a["dtype"]).newbyteorder("<")
+        raw = np.asarray(a["data"], dtype=a["dtype"]).astype(little)
+        return {"dtype": a["dtype"], "shape": a["shape"],
+                "zlib": base64.b64encode(zlib.compress(raw.tobytes(), 6)).decode()}
+
+    out = dict(record)
+    for part in ("inputs", "expected"):
+        out[part] = {k: pack(v) if isinstance(v, dict) else v for k, v in record[part].items()}
+    return out
+
+
+def _script(records: list[dict[str, Any]] | None, case: Case, impl_name: str, stable: bool,
+            title: str, signature: str, culprit: Case | None,
+            libraries: tuple[str, ...]) -> str:
+    calls = ("None" if records is None
+             else f"json.loads({json.dumps(records, separators=(',', ':'))!r})")
     before = json.dumps(call_records(culprit) if culprit is not None else [],
                         separators=(",", ":"))
     note = ("" if culprit is None else "\n\nA pair: every run calls the culprit's case "
@@ -306,7 +378,8 @@ def repro_script(case: Case, impl_name: str, stable: bool, title: str, signature
         "__SENTINEL__": str(SENTINEL),
         "__GUARD__": str(GUARD),
         "__GUARD_LEN__": str(GUARD_LEN),
-        "__CALLS_JSON__": repr(calls),
+        "__REPRO_CALLS__": REPRO_CALLS,
+        "__CALLS__": calls,
         "__CULPRIT_JSON__": repr(before),
         "__PAIR_NOTE__": note,
         "__MODULE_PATH__": repr(module_path(impl_name)),

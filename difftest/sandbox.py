@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Iterator
 
+from .budget import BudgetSpent
 from .case import Case
 from .errors import ImplementationError, LoadError
 from .registry import Implementation
@@ -528,6 +529,8 @@ class SandboxRunner:
         self._forks_asked = 0  # forks requested from the zygote, not yet among the spares
         self._started = False  # the first worker is up: any later new one is a cold start
         self._pending: tuple[list[Case], _Worker | None, float] = ([], None, 0.0)
+        # time.monotonic() at which every wait is cut (BudgetSpent): the campaign's budget
+        self.deadline: float | None = None
         self.restarts = 0
         self.cold_starts = 0
 
@@ -654,7 +657,12 @@ class SandboxRunner:
         hangs too (a loaded machine can make a slow case look hung)."""
         if outcome.verdict != "timeout" or not self.confirm_timeouts:
             return outcome
-        retry = self._run_once(case, self.timeout_s * CONFIRM_FACTOR)
+        try:
+            retry = self._run_once(case, self.timeout_s * CONFIRM_FACTOR)
+        except BudgetSpent:
+            outcome.detail += (f"; not confirmed: the run's budget ended during the "
+                               f"{CONFIRM_FACTOR:g}x re-run")
+            return outcome
         if retry.verdict == "timeout":
             retry.detail = (f"no answer within {self.timeout_s:g} s, nor within "
                             f"{self.timeout_s * CONFIRM_FACTOR:g} s on a fresh worker; "
@@ -662,6 +670,8 @@ class SandboxRunner:
         return retry
 
     def _run_once(self, case: Case, timeout_s: float) -> Outcome:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise BudgetSpent(f"the run's budget ended before {self.impl.name} ran a case")
         worker, since = self._send([case])
         return self._next_outcome(worker, since, timeout_s)[0]
 
@@ -706,9 +716,16 @@ class SandboxRunner:
         """The outcome of the next case ``worker`` runs, due ``timeout_s`` after ``since``;
         and when it arrived. A crash, hang or sticky error ends the worker."""
         name = f"pid{worker.pid}"
+        due = since + timeout_s - time.perf_counter()
+        left = float("inf") if self.deadline is None else self.deadline - time.monotonic()
         try:
-            got = worker.inbox.get(timeout=max(0.0, since + timeout_s - time.perf_counter()))
+            got = worker.inbox.get(timeout=max(0.0, min(due, left)))
         except queue.Empty:
+            if left < due:  # cut by the budget, not a timeout: the case did not run
+                worker.kill()
+                if self._worker is worker:
+                    self._worker = None
+                raise BudgetSpent(f"the run's budget ended while waiting for {self.impl.name}")
             self._lose(worker)
             now = time.perf_counter()
             return Outcome(verdict="timeout", worker=name, elapsed_s=now - since,
@@ -743,12 +760,18 @@ class SandboxRunner:
         first from the submit). After a crash, a (confirmed) timeout or a
         sticky device error only the cases up to and including the one that
         caused it: the cases after it did not run, and are the caller's to
-        submit again (the spare takes them at once).
+        submit again (the spare takes them at once). :attr:`deadline` cuts the
+        wait: the outcomes up to the cut (:class:`BudgetSpent` when there are none).
         """
         (cases, worker, since), self._pending = self._pending, ([], None, 0.0)
         outcomes: list[Outcome] = []
         for case in cases:
-            outcome, since = self._next_outcome(worker, since, self.timeout_s)
+            try:
+                outcome, since = self._next_outcome(worker, since, self.timeout_s)
+            except BudgetSpent:
+                if not outcomes:
+                    raise
+                break
             outcome = self._confirmed(case, outcome)
             outcomes.append(outcome)
             if worker is not self._worker:  # lost: the rest did not run

@@ -7,17 +7,18 @@ guard-band failures of CUDA implementations, when the tool is on the PATH.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .case import Case
 from .checks import sanitized
-from .repro import repro_script
+from .repro import repro_files
 
 # memcheck's output kept in a report: its first errors (the invalid access itself) and its end
 HEAD, TAIL = 4000, 2000
@@ -54,8 +55,10 @@ def run_sanitizer(case: Case, impl: Any, timeout_s: float = 300.0) -> str | None
         return None
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "repro.py"
-        script.write_text(repro_script(case, impl.name, impl.stable, "sanitizer re-run", "-",
-                                       libraries=impl.libraries))
+        text, case_json = repro_files(case, impl.name, impl.stable, "sanitizer re-run", "-",
+                                      libraries=impl.libraries)
+        script.write_text(text)
+        (Path(tmp) / "case.json").write_text(json.dumps(case_json))
         env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
         cmd = [tool, "--tool", "memcheck", sys.executable, str(script), "--device", "cuda",
                "--repeats", "1", "--exact-buffers"]
@@ -78,11 +81,7 @@ def _head_and_tail(text: str) -> str:
     return f"{text[:HEAD]}\n[… {len(text) - HEAD - TAIL} characters left out …]\n{text[-TAIL:]}"
 
 
-def sanitizer_extra(impl: Any) -> Callable[[Any, Case], dict]:
-    def extra(failure: Any, minimal: Case) -> dict:
-        if not sanitized(failure.evaluation.primary_check):
-            return {}
-        output = run_sanitizer(minimal, impl)
-        return {"sanitizer": output} if output else {}
-
-    return extra
+def wants_sanitizer(failure: Any) -> bool:
+    """Whether a CUDA failure gets a compute-sanitizer re-run: its check asks for one
+    (:func:`difftest.checks.sanitized`) and the tool is here."""
+    return sanitized(failure.evaluation.primary_check) and find_sanitizer() is not None

@@ -1,8 +1,9 @@
 """``difftest selfcheck``: prove the gate catches every shipped fault here.
 
 For each fault of the current device (torch faults always; CUDA faults too
-where a GPU is present) a campaign runs until the first failure or the
-budget, shrinks it and writes the bug report; a clean run of the correct
+where a GPU is present) a campaign (:func:`difftest.campaign.run_campaign`)
+runs until the first failure, shrinks it and writes the bug report, all within
+the budget of that fault; a clean run of the correct
 implementation shows there is no false alarm. The table says, per fault:
 caught or not, cases and seconds until caught, the minimal case, and where
 the report is. Any escaped fault (or a false alarm) makes the exit non-zero.
@@ -10,11 +11,12 @@ the report is. Any escaped fault (or a false alarm) makes the exit non-zero.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .case import Case
+
+SHRINK_SECONDS = 60.0  # per signature, within each fault's budget
 
 
 @dataclass
@@ -46,31 +48,26 @@ def minimal_size(case: Case) -> str:
 def _run_one(name: str, device: str, seconds: float, seed: int, out: Path,
              expect_failure: bool, clean_examples: int) -> SelfcheckRow:
     from . import registry
-    from .campaign import Campaign
+    from .budget import Budget
+    from .campaign import run_campaign
     from .sandbox import SandboxRunner
 
     impl = registry.resolve(name)
+    budget = Budget(seconds=seconds, max_examples=None if expect_failure else clean_examples,
+                    shrink_seconds=SHRINK_SECONDS, seed=seed)
     with SandboxRunner(impl, device, timeout_s=30.0) as runner:
-        campaign = Campaign(impl, runner, out / name.replace(":", "_"), seed=seed)
-        start = time.monotonic()
-        campaign.generate(dialects=impl.dialects, contracts=("production", "defensive"),
-                          max_examples=None if expect_failure else clean_examples,
-                          seconds=seconds, stop_on_failure=expect_failure)
-        found = time.monotonic() - start
-        result = campaign.result
-        caught = bool(result.failures)
-        minimal, shrink_s, report = "-", 0.0, "-"
-        if caught:
-            t0 = time.monotonic()
-            campaign.shrink_and_report(shrink_seconds=60.0)
-            shrink_s = time.monotonic() - t0
-            sig = sorted(result.failures)[0]
-            report = str(result.bug_dirs.get(sig, "-"))
-            minimal = minimal_size(Case.from_json(
-                (Path(report) / "case.json").read_text())) if report != "-" else "-"
-        first = min((f.cases_until_failure for f in result.failures.values()), default=0)
-        secs = min((f.seconds_until_failure for f in result.failures.values()), default=found)
-        campaign.close()
+        result = run_campaign(impl, runner, out / name.replace(":", "_"), budget,
+                              stop_on_failure=expect_failure).result
+    caught = bool(result.failures)
+    minimal, shrink_s, report = "-", 0.0, "-"
+    if caught:
+        sig = sorted(result.failures)[0]
+        shrink_s = sum(result.shrink_s.values())
+        report = str(result.bug_dirs.get(sig, "-"))
+        minimal = minimal_size(result.minimal[sig][0]) if sig in result.minimal else "-"
+    first = min((f.cases_until_failure for f in result.failures.values()), default=0)
+    secs = min((f.seconds_until_failure for f in result.failures.values()),
+               default=result.elapsed_s)
     return SelfcheckRow(name, expect_failure, caught, first if caught else result.cases,
                         secs, minimal, shrink_s, report)
 

@@ -145,8 +145,12 @@ def test_failure_database_replays_a_failure_first(tmp_path):
     first = _difftest("run", "--impl", "torch:uneven-ep-truncates", "--seconds", "20",
                       "--seed", "0", "--out", tmp_path / "a", "--db", db, "--no-shrink")
     assert first.returncode == 1
-    saved = sorted(p.stem for p in (db / "torch_uneven-ep-truncates").glob("*.json"))
-    assert saved
+    # per signature the first failing case (no shrinking: no minimal one)
+    folder = db / "torch_uneven-ep-truncates"
+    saved = [p.stem.partition("-")[2] for p in sorted(folder.glob("*/*.json"))]
+    assert saved and all(p.name.startswith("first-") for p in folder.glob("*/*.json"))
+    assert {p.name for p in folder.iterdir()} == set(
+        json.loads((tmp_path / "a" / "run.json").read_text())["signatures"])
     second = _difftest("run", "--impl", "torch:uneven-ep-truncates", "--max-examples", "1",
                        "--seed", "5", "--out", tmp_path / "b", "--db", db, "--no-shrink")
     assert second.returncode == 1

@@ -183,3 +183,25 @@ def test_the_sanitizer_re_run_names_a_write_one_element_past_a_row():
     text = run_sanitizer(_slot_past_the_rows(1), impl, timeout_s=240)
     assert text.startswith("$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer"), text
     assert "Invalid __global__ write of size 4" in text, text[-3000:]
+
+
+def test_a_crashing_cuda_kernel_holds_the_whole_run_budget(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from difftest.budget import Budget
+
+    out, seconds = tmp_path / "run", 20.0
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "difftest", "run", "--impl",
+                           "cuda:no-slot-upper-guard", "--seconds", str(seconds), "--seed", "0",
+                           "--out", str(out), "--no-db"],
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 1, done.stdout + done.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["elapsed_s"] <= Budget(seconds=seconds).limit_s, run  # start-up (build) aside
+    assert any((out / "bugs").iterdir())

@@ -79,3 +79,42 @@ def test_a_long_sanitizer_output_keeps_its_first_error_and_its_end():
     assert f"[… {left_out} characters left out …]" in kept
     assert len(kept) < sanitizer.HEAD + sanitizer.TAIL + 100
     assert sanitizer._head_and_tail(first) == first
+def test_a_large_case_repro_reads_its_case_json_and_still_fails_on_the_faulty_kernel(tmp_path):
+    import json
+
+    from difftest.repro import INLINE_ELEMENTS, repro_files
+
+    T = 2048  # 8192 routes: far more array elements than INLINE_ELEMENTS
+    case = Case("vllm-lora", "production", np.zeros((T, 4), dtype=np.int32), 1, 1,
+                max_loras=1, token_lora_mapping=np.zeros(T, dtype=np.int32))
+    assert case.topk_ids.size > INLINE_ELEMENTS
+    text, case_json = repro_files(case, "py:user_impls:writes_past_last_row", False, "t", "s")
+    assert "CALLS = None" in text and len(text) < 20_000  # no arrays inline
+    # the call records travel deflated: smaller than the case's own arrays
+    assert len(json.dumps(case_json["repro_calls"])) < len(case.to_json())
+    script = tmp_path / "repro.py"
+    script.write_text(text)
+    (tmp_path / "case.json").write_text(json.dumps(case_json))
+    # case.json is still a case (its call records aside)
+    assert Case.from_json((tmp_path / "case.json").read_text()).case_id == case.case_id
+    banded = _run(script)
+    assert banded.returncode == 1, banded.stdout + banded.stderr
+    assert "run 1: sorted_token_ids: guard band overwritten" in banded.stdout
+    fixed = _run(script, "--impl", "torch")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    # without the case.json next to it, it cannot run: exit 2 and why
+    (tmp_path / "case.json").unlink()
+    alone = _run(script)
+    assert alone.returncode == 2 and "case.json" in alone.stderr
+
+
+def test_a_small_case_repro_carries_its_calls_inline(tmp_path):
+    from difftest.repro import repro_files
+
+    case = Case("vllm-lora", "production", np.zeros((4, 1), dtype=np.int32), 1, 1, max_loras=1,
+                token_lora_mapping=np.zeros(4, dtype=np.int32))
+    text, case_json = repro_files(case, "py:user_impls:writes_past_last_row", False, "t", "s")
+    assert "CALLS = json.loads(" in text and case_json == case.to_dict()
+    script = tmp_path / "repro.py"
+    script.write_text(text)
+    assert _run(script).returncode == 1  # no case.json needed

@@ -181,3 +181,19 @@ def test_the_smallest_case_of_every_dialect_is_production_and_the_oracle_takes_i
         assert (case.num_tokens, case.topk) == (1, 1)
         for rank in case.ranks():
             DIALECT_INFO[dialect].reference(case, rank)
+
+
+def test_a_deadline_cuts_a_hang_and_no_case_of_it_is_run():
+    import time
+
+    from difftest.budget import BudgetSpent
+
+    impl = registry.resolve("py:user_impls:hangs_on_disabled_adapter", "vllm-lora")
+    with SandboxRunner(impl, "cpu", timeout_s=6) as runner:
+        runner.warm_up()
+        runner.deadline = time.monotonic() + 1.0
+        start = time.monotonic()
+        with pytest.raises(BudgetSpent):
+            runner.run(_vllm_case(1, enabled=(0, 1, 1)))
+        assert time.monotonic() - start < 5.0  # cut at the deadline, not the 6 s timeout
+        assert runner.worker_pid is None  # the hung worker was killed

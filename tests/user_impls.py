@@ -198,3 +198,27 @@ def segfaults_on_large_path_with_invalid_route(topk_ids, num_experts, block_size
         ctypes.string_at(0)
     _OK["align"](topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
                  num_tokens_post_pad, expert_map)
+
+
+def segfaults_on_odd_tokens(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                            max_num_tokens_padded, max_num_m_blocks, sorted_token_ids,
+                            expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,
+                            expert_map=None):
+    """Dereferences NULL when T is odd: a kernel that crashes on about half the cases."""
+    if topk_ids.shape[0] % 2 == 1:
+        ctypes.string_at(0)
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+
+
+def fails_every_written_slot(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                             max_num_tokens_padded, max_num_m_blocks, sorted_token_ids,
+                             expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,
+                             expert_map=None):
+    """Correct, then one block too many in every written total: fails nearly every case."""
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+    written = num_tokens_post_pad != -559038737  # the harness's sentinel: a row not written
+    num_tokens_post_pad[written] += block_size
