@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .case import LORA_DIALECTS, Case, rank_inputs
+from .classify import kernel_num_experts
 from .errors import UsageError
 
 #: Every limit name and the size letter of ``Case.sizes()`` (``N`` is ``T * K``).
@@ -128,14 +129,16 @@ def merged(declared_limits: Mapping[str, tuple[int, int]] | None,
 
 def sizes(case: Case) -> dict[str, tuple[int, ...]]:
     """The case's value of every limit name that applies to it, one per rank's call
-    where calls differ (``num_experts``, ``max_num_tokens_padded``)."""
+    where calls differ (``num_experts``, ``max_num_tokens_padded``); ``num_experts``
+    is what the call passes the kernel (:func:`difftest.classify.kernel_num_experts`)."""
     letters = case.sizes()
     out: dict[str, tuple[int, ...]] = {
         "num_tokens": (letters["T"],), "topk": (letters["K"],),
         "num_routes": (case.num_routes,),
     }
     calls = [rank_inputs(case, rank) for rank in case.ranks()]
-    out["num_experts"] = tuple(sorted({c["num_experts"] for c in calls}))
+    # as the kernel receives it: E + 1 buckets for sglang-align (its -1 segment)
+    out["num_experts"] = tuple(sorted(set(kernel_num_experts(case))))
     if case.dialect != "ep-remap":
         out["block_size"] = (letters["B"],)
         out["max_num_tokens_padded"] = tuple(sorted({c["max_num_tokens_padded"] for c in calls}))

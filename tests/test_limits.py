@@ -393,3 +393,13 @@ def test_the_console_counts_the_signatures_past_the_cap(tmp_path):
     assert all(line.startswith("FAIL align--error--RuntimeError--code-") for line in fails[:20])
     assert fails[20].startswith("FAIL ") and " more signature(s) past the cap of 20 per " \
         "dialect (" in fails[20]
+
+
+def test_num_experts_is_what_the_kernel_receives_e_plus_one_buckets_for_sglang_align():
+    # the cuda backend's num_experts 1..1024: SGLang's plain align passes E + 1 buckets
+    ids = np.zeros((1, 1), dtype=np.int32)
+    bound = {"num_experts": (1, 1024)}
+    assert domain.violations(Case("align", "production", ids, 1024, 4), bound) == []
+    assert domain.violations(Case("sglang-align", "production", ids, 1024, 4), bound) == [
+        "num_experts=1025 > 1024"]
+    assert domain.in_domain(Case("sglang-align", "production", ids, 1023, 4), bound)
