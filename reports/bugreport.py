@@ -71,8 +71,9 @@ _HAPPENED = {
 }
 
 _CONTRACTS = {
-    "production": "inputs as a serving stack builds them (SPEC §7)",
-    "defensive": "inputs a careful kernel must survive without writing out of bounds (SPEC §7)",
+    "production": "inputs as a serving stack builds them (docs/SPEC.md §7)",
+    "defensive": "inputs a careful kernel must survive without writing out of bounds "
+                 "(docs/SPEC.md §7)",
 }
 
 
@@ -170,7 +171,8 @@ def _what_failed(info: Mapping[str, Any]) -> str:
     if verdict is not None:
         lines.append(f"- Verdict: {code(verdict)}" + (f" — {happened}" if happened else ""))
     if first.get("check") is not None:
-        lines.append(f"- Check: {code(first['check'])}")
+        lines.append(f"- Check: {code(first['check'])} (what each check and verdict means: "
+                     "docs/SPEC.md §9 and §12 of moe-align-difftest)")
     if info.get("cases_until_failure") is not None:
         lines.append(f"- Found after {info['cases_until_failure']} cases")
     message = str(first.get("message") or "")

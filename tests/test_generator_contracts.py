@@ -11,6 +11,7 @@ draws a few thousand cases over many seeds, the slow test 10^5.
 from __future__ import annotations
 
 import collections
+import os
 
 import numpy as np
 import pytest
@@ -53,11 +54,15 @@ def test_drawn_cases_carry_their_contract_over_many_seeds(dialect, contract):
     _check_contract(draw_many(dialect, contract, range(100, 112), 25), contract)
 
 
+# Draws per seed of the slow test: 500 (every combination x 25 seeds x 500 = 125,000
+# draws); CI bounds it with DIFFTEST_CONTRACT_DRAWS_PER_SEED (.ci/run).
+DRAWS_PER_SEED = int(os.environ.get("DIFFTEST_CONTRACT_DRAWS_PER_SEED", "500"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dialect, contract", COMBINATIONS)
 def test_a_hundred_thousand_draws_carry_their_contract(dialect, contract):
-    # 8 combinations x 25 seeds x 500 = 100,000 draws
-    _check_contract(draw_many(dialect, contract, range(25), 500), contract)
+    _check_contract(draw_many(dialect, contract, range(25), DRAWS_PER_SEED), contract)
 
 
 def test_a_defensive_case_whose_foci_protect_every_route_still_gets_an_invalid_id(

@@ -404,7 +404,8 @@ def test_bug_report_markdown_has_every_section_and_truncates_long_rows(tmp_path)
     assert headings == ["## What failed", "## Minimal case", "## Expected vs actual",
                         "## Classes and contract", "## Reproduce", "## Environment",
                         "## compute-sanitizer"]
-    assert "- Check: `num_tokens_post_pad`\n- Found after 17 cases\n" in report
+    assert ("- Check: `num_tokens_post_pad` (what each check and verdict means: "
+            "docs/SPEC.md §9 and §12 of moe-align-difftest)\n- Found after 17 cases\n") in report
     assert "Message:\n\n```\nslot 2: num_tokens_post_pad differs\nexpected: [16]\n" in report
     assert "25 mismatches (first 20 shown):" in report
     assert "| `num_experts` | 4 |\n| `max_num_tokens_padded` | None |\n" in report
