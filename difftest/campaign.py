@@ -166,6 +166,7 @@ class CampaignResult:
     minimal: dict[str, tuple[Case, Evaluation]] = field(default_factory=dict)
     shrink_s: dict[str, float] = field(default_factory=dict)  # signature -> seconds shrinking
     internal: InternalError | None = None  # a bug of ours that ended the run (run_campaign)
+    duplicates: int = 0  # drawn cases skipped: their case id ran (or was queued) already
     elapsed_s: float = 0.0
     replayed: int = 0
     confirm_s: float = 0.0  # spent re-running failures alone and looking for culprits
@@ -770,6 +771,7 @@ class Campaign:
                                      >= max_examples):
                     raise _BudgetExhausted
                 if case.case_id in self.ran or case.case_id in self._queued:
+                    self.result.duplicates += 1
                     return  # Hypothesis drew it again: run once only
                 self._queued.add(case.case_id)
                 queue.append(case)
@@ -1024,6 +1026,7 @@ class Campaign:
             "failures": self.result.failure_records(self.impl.name),
             "budget": {"seconds": self.budget.seconds, "max_examples": self.budget.max_examples,
                        "shrink_seconds": self.budget.shrink_seconds},
+            "duplicates_skipped": self.result.duplicates,
         }, indent=1))
         reports.write_summary(self.out_dir)  # shows run.json's domain and capped signatures
         return self.result

@@ -110,7 +110,7 @@ def test_a_segfault_fails_its_test_and_the_session_goes_on(tmp_path):
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
     assert "1 failed, 1 passed" in out
-    assert "FAILED vllm-lora--crash--crash" in out, out
+    assert "FAILED vllm-lora--crash--sigsegv" in out, out
     assert "first failure: worker died: killed by signal SIGSEGV" in out
     # T odd crashes: the minimal case has one token
     assert "minimal case (vllm-lora, " in out and "topk_ids = [[0]]" in out
