@@ -1140,6 +1140,8 @@ def _draw_sglang_layout(draw: st.DrawFn, num_tokens: int, num_slots: int,
             used = req[busiest: busiest + 1]
         if used.size:
             enabled[draw(st.sampled_from(used.tolist()))] = 0
+        else:  # no request holds a token (all in a gap, or T = 0): defensive already;
+            enabled[draw(st.integers(0, num_slots - 1))] = 0  # a listed slot is disabled
     lora_ids = np.arange(num_slots, dtype=np.int64)
     if "slot-out-of-range" in features:
         keep = _disabled_positions(lora_ids, enabled) if features & _DISABLING else ()
