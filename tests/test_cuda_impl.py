@@ -18,6 +18,7 @@ import torch
 
 from cuda_impl import _build, _variants, cuda
 from cuda_impl.faults import FAULTS
+from difftest.execute import _PendingCudaErrors
 
 SENTINEL = -559038737  # what every output holds before a call (0xDEADBEEF)
 
@@ -532,37 +533,18 @@ def test_fault_vector_tail_overrun_writes_up_to_three_ints_past_sorted_token_ids
     assert row[P:] == [SENTINEL, SENTINEL]
 
 
-def _take_pending_cuda_errors():
-    """Texts of the launch errors pending in every CUDA runtime mapped into this process
-    (torch's and any other shared libcudart), each cleared as it is read."""
-    import ctypes
-
-    with open("/proc/self/maps") as maps:
-        paths = {line.split(None, 5)[5].strip() for line in maps
-                 if len(line.split(None, 5)) == 6 and "libcudart" in line.rsplit("/", 1)[-1]}
-    found = []
-    for path in sorted(paths):
-        lib = ctypes.CDLL(path)
-        lib.cudaGetLastError.restype = ctypes.c_int
-        lib.cudaGetErrorString.restype = ctypes.c_char_p
-        lib.cudaGetErrorString.argtypes = [ctypes.c_int]
-        code = lib.cudaGetLastError()
-        if code:
-            found.append(lib.cudaGetErrorString(code).decode())
-    return found
-
-
 @gpu_test
 def test_fault_zero_grid_launch_leaves_a_launch_error_pending_for_the_next_call():
     correct = cuda.implementation()["align"]
     faulty = cuda.implementation("zero-grid-launch")["align"]
     topk = torch.empty((0, 2), dtype=torch.int32, device="cuda")
-    _take_pending_cuda_errors()
+    pending = _PendingCudaErrors()  # the campaign's reader; binds the runtimes mapped now
+    pending.take()
     correct(topk, 100, 2, _filled(8), _filled(4), _filled(1))
-    assert _take_pending_cuda_errors() == []
+    assert pending.take() is None
     faulty(topk, 100, 2, _filled(8), _filled(4), _filled(1))  # returns normally ...
     # ... but left it pending (CUDA 13 reports a zero-block grid as an invalid value)
-    assert _take_pending_cuda_errors() == ["invalid argument"]
+    assert pending.take() == "invalid argument"
     faulty(topk, 4, 2, _filled(8), _filled(4), _filled(1))  # the small path launches fine
-    assert _take_pending_cuda_errors() == []
+    assert pending.take() is None
     torch.ones(4, device="cuda").add_(1)  # not sticky: the device stays usable
