@@ -12,8 +12,12 @@ building the implementation, is not in the budget):
   at two cases per signature as well.
 * **replay + generation** start no new case after ``GENERATE_SHARE`` (70 %) of
   S (or ``max_examples`` cases run, replayed ones included, whichever comes
-  first); the batch in flight may finish until ``DRAIN_SHARE`` (80 %) of S, so
-  that the worker need not be killed (and restarted for shrinking). The first
+  first). Once failures are on record it ends earlier, as far as their
+  shrinking needs (each signature up to ``--shrink-seconds`` before 90 %), but
+  not before ``FAILING_GENERATE_SHARE`` (50 %) of S: turning the failures found
+  into small reports is then worth more than more cases. The batch in flight
+  may finish until ``DRAIN_SHARE`` (80 %) of S, so that the worker need not be
+  killed (and restarted for shrinking). The first
   generated case may run until S: a run on a slow machine still runs a case
   (a check of no case at all does not pass: :class:`difftest.api.CheckResult`).
 * **confirmations** of a new signature's first cases (re-run alone, see
@@ -22,9 +26,11 @@ building the implementation, is not in the budget):
 * **shrinking** shares the rest, up to ``SHRINK_SHARE`` (90 %) of S, between
   the signatures in turn:
   each gets what is left divided by the signatures still to do, at most
-  ``--shrink-seconds``; what one does not use passes to the next. A
-  signature whose case gets a compute-sanitizer re-run shrinks for at most
-  ``SANITIZER_SHARE`` (half) of its share, and the re-run gets the rest.
+  ``--shrink-seconds``; what one does not use passes to the next.
+* **compute-sanitizer re-runs** of CUDA crashes start in the background as soon
+  as their signature's minimal case is known, while the next signatures shrink
+  (two at a time), and may run until S; one still running then is cut, and its
+  report says so.
 * **reports** (bug reports, summary, parquet, JUnit) are always written,
   whatever is left (the last 10 % of S and the slack below are theirs).
 
@@ -59,7 +65,7 @@ REPLAY_SHARE = 0.25
 GENERATE_SHARE = 0.70
 DRAIN_SHARE = 0.80
 SHRINK_SHARE = 0.90
-SANITIZER_SHARE = 0.5
+FAILING_GENERATE_SHARE = 0.50
 OVERRUN = 1.25
 DEFAULT_MAX_EXAMPLES = 1000
 DEFAULT_SHRINK_SECONDS = 30.0
@@ -123,7 +129,17 @@ class Clock:
 
     @property
     def generate_end(self) -> float | None:
-        return self._at(GENERATE_SHARE)
+        return self.generation_end(0)
+
+    def generation_end(self, signatures: int) -> float | None:
+        """When generation ends with ``signatures`` failure signatures on record: at
+        ``GENERATE_SHARE`` of S, earlier as far as their shrinking needs (each up to
+        ``shrink_seconds`` before ``SHRINK_SHARE``), never before ``FAILING_GENERATE_SHARE``."""
+        end = self._at(GENERATE_SHARE)
+        if signatures and end is not None:
+            room = self._at(SHRINK_SHARE) - signatures * self.budget.shrink_seconds
+            end = min(end, max(self._at(FAILING_GENERATE_SHARE), room))
+        return end
 
     @property
     def drain_end(self) -> float | None:

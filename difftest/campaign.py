@@ -36,7 +36,6 @@ from typing import Any, Callable, Iterator
 from .budget import (
     DEFAULT_MAX_EXAMPLES,
     DEFAULT_SHRINK_SECONDS,
-    SANITIZER_SHARE,
     TIMEOUT_PURSUIT,
     Budget,
     BudgetSpent,
@@ -60,6 +59,7 @@ MISMATCH_ROWS_PER_CASE = 50
 DB_CASE_BYTES = 256 * 1024
 LOG_INTERVAL_S = 10.0  # a progress line this often when stderr is not a terminal
 SANITIZER_TIMEOUT_S = 300.0
+SANITIZER_PARALLEL = 2  # compute-sanitizer re-runs at a time, beside the shrinking
 SANITIZER_SKIPPED = ("(compute-sanitizer re-run skipped: the run's budget was spent; run "
                      "repro.py under compute-sanitizer by hand, see its --exact-buffers)")
 # Generated cases go to the worker in batches of at most this many cases and routes
@@ -393,7 +393,12 @@ class Campaign:
             self.runner.deadline = deadline if cut is None else cut
 
     def _spent(self) -> bool:
-        return self._deadline is not None and self.clock.now() >= self._deadline
+        now = self.clock.now()
+        if self.phase == "generate" and self.result.failures:
+            end = self.clock.generation_end(len(self.result.failures))
+            if end is not None and now >= end:
+                return True  # the failures found need the time to shrink (budget.py)
+        return self._deadline is not None and now >= self._deadline
 
     def _show(self, force: bool = False) -> None:
         self.progress.update(self.result, self.phase, self.clock, force=force)
@@ -849,51 +854,61 @@ class Campaign:
         with the culprit fixed, then the culprit with the victim fixed, each
         half; one without a culprit keeps its case.
         """
-        from .bugreport import write_failure_report
-        from .sanitizer import run_sanitizer, wants_sanitizer
+        from .sanitizer import wants_sanitizer
 
         self._settle()
         cap = self.budget.shrink_seconds if shrink_seconds is None else shrink_seconds
         on_cuda = str(getattr(self.runner, "device", "")).startswith("cuda")
         signatures = sorted(self.result.failures)
-        for i, sig in enumerate(signatures):
-            failure = self.result.failures[sig]
-            share = self.clock.signature_seconds(len(signatures) - i, cap=cap)
-            self.phase = "shrink"
-            self._show()
-            if failure.evaluation.verdict == "flaky":
-                self._report_pair(sig, failure, share if shrink else 0.0)
-                continue
-            slot_end = None if self.clock.end is None else self.clock.now() + share
-            sanitize = on_cuda and wants_sanitizer(failure)
-            minimal, final, shrunk = failure.case, failure.evaluation, None
-            shrink_s = share * (SANITIZER_SHARE if sanitize else 1.0)
-            if shrink and shrink_s > 0:
-                minimal, final, shrunk = self._shrink(failure, shrink_s)
-                self.result.shrink_s[sig] = shrunk.elapsed_s
-                if minimal is not failure.case:
-                    alone = self._alone_within_budget(minimal, sig)
-                    if alone is None:  # the minimal case does not fail alone: keep the original
-                        shrunk.passes_applied.append(
-                            f"the minimal case {minimal.case_id} was not confirmed alone (or "
-                            "the budget left no time to): the first failing case is reported")
-                        minimal, final = failure.case, failure.evaluation
-                    else:
-                        final = alone
+        sanitizing = _Sanitizing(self.impl)
+        try:
+            for i, sig in enumerate(signatures):
+                failure = self.result.failures[sig]
+                share = self.clock.signature_seconds(len(signatures) - i, cap=cap)
+                self.phase = "shrink"
+                self._show()
+                sanitizing.start_queued(self.clock)
+                if failure.evaluation.verdict == "flaky":
+                    self._report_pair(sig, failure, share if shrink else 0.0)
+                    continue
+                minimal, final, shrunk = failure.case, failure.evaluation, None
+                if shrink and share > 0:
+                    minimal, final, shrunk = self._shrink(failure, share)
+                    self.result.shrink_s[sig] = shrunk.elapsed_s
+                    if minimal is not failure.case:
+                        alone = self._alone_within_budget(minimal, sig)
+                        if alone is None:  # the minimal case does not fail alone: keep it
+                            shrunk.passes_applied.append(
+                                f"the minimal case {minimal.case_id} was not confirmed alone "
+                                "(or the budget left no time to): the first failing case is "
+                                "reported")
+                            minimal, final = failure.case, failure.evaluation
+                        else:
+                            final = alone
+                report = (sig, failure, minimal, final, shrunk)
+                if on_cuda and wants_sanitizer(failure):
+                    sanitizing.queue(report)  # reported once its re-run ends
+                    sanitizing.start_queued(self.clock)
+                else:
+                    self._write_report(*report)
             self.phase = "report"
             self._show()
-            extra = {}
-            if sanitize:
-                left = min(SANITIZER_TIMEOUT_S, self.clock.left(slot_end))
-                extra = {"sanitizer": run_sanitizer(minimal, self.impl, timeout_s=left)
-                         if left >= 1.0 else SANITIZER_SKIPPED}
-            self.result.minimal[sig] = (minimal, final)
-            self.result.bug_dirs[sig] = write_failure_report(
-                self.out_dir, sig, self.impl, minimal, final, failure=failure, shrink=shrunk,
-                extra={k: v for k, v in extra.items() if v})
-            if shrunk is not None:
-                self._save_case(minimal)
-                self.database.save(self.impl.name, sig, "minimal", minimal)
+            for report, text in sanitizing.results(self.clock):
+                self._write_report(*report, sanitizer=text)
+        finally:
+            sanitizing.kill()
+
+    def _write_report(self, sig: str, failure: Failure, minimal: Case, final: Evaluation,
+                      shrunk: Any, sanitizer: str | None = None) -> None:
+        from .bugreport import write_failure_report
+
+        self.result.minimal[sig] = (minimal, final)
+        self.result.bug_dirs[sig] = write_failure_report(
+            self.out_dir, sig, self.impl, minimal, final, failure=failure, shrink=shrunk,
+            extra={"sanitizer": sanitizer} if sanitizer else {})
+        if shrunk is not None:
+            self._save_case(minimal)
+            self.database.save(self.impl.name, sig, "minimal", minimal)
 
     def _shrink(self, failure: Failure, seconds: float) -> tuple[Case, Evaluation, Any]:
         """Shrink ``failure`` for at most ``seconds`` (cut at the deadline too): the minimal
@@ -1030,6 +1045,49 @@ class Campaign:
         }, indent=1))
         reports.write_summary(self.out_dir)  # shows run.json's domain and capped signatures
         return self.result
+
+
+class _Sanitizing:
+    """The compute-sanitizer re-runs of a campaign's CUDA failures, in the background:
+    each starts once its signature's minimal case is known, while the next signatures
+    shrink, at most ``SANITIZER_PARALLEL`` at a time, and may run until the end of the
+    run's budget (:mod:`difftest.budget`); one the budget cuts is reported as cut."""
+
+    def __init__(self, impl: Implementation) -> None:
+        self.impl = impl
+        self._waiting: list[tuple] = []
+        self._running: list[tuple[tuple, Any]] = []
+
+    def queue(self, report: tuple) -> None:
+        """``report``'s arguments (signature first, minimal case third) wait for a re-run."""
+        self._waiting.append(report)
+
+    def start_queued(self, clock: Any) -> None:
+        from .sanitizer import SanitizerRun
+
+        while self._waiting and sum(not run.done() for _, run in self._running
+                                    if run is not None) < SANITIZER_PARALLEL:
+            report = self._waiting.pop(0)
+            if clock.left(clock.end) < 1.0:  # no time left for one
+                self._running.append((report, None))
+            else:
+                self._running.append((report, SanitizerRun.start(report[2], self.impl)))
+
+    def results(self, clock: Any) -> Iterator[tuple[tuple, str]]:
+        """Each queued report with its re-run's text, as the re-runs end (waiting at most
+        until the budget's end, else ``SANITIZER_TIMEOUT_S`` each)."""
+        while self._waiting or self._running:
+            self.start_queued(clock)
+            report, run = self._running.pop(0)
+            if run is None:
+                yield report, SANITIZER_SKIPPED
+            else:
+                yield report, run.result(min(SANITIZER_TIMEOUT_S, clock.left(clock.end)))
+
+    def kill(self) -> None:
+        for _, run in self._running:
+            if run is not None:
+                run.kill()
 
 
 def flaky_evaluation(evaluation: Evaluation) -> Evaluation:

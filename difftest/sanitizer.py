@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,32 +46,80 @@ def find_sanitizer() -> str | None:
 
 
 def run_sanitizer(case: Case, impl: Any, timeout_s: float = 300.0) -> str | None:
-    """memcheck's output for one run of ``case`` (``None`` when the tool is absent).
+    """memcheck's output for one run of ``case`` (``None`` when the tool is absent):
+    :class:`SanitizerRun` started and waited for at most ``timeout_s``."""
+    run = SanitizerRun.start(case, impl)
+    return None if run is None else run.result(timeout_s)
+
+
+class SanitizerRun:
+    """One compute-sanitizer re-run of a case, running in the background (the campaign
+    shrinks the next signature meanwhile); :meth:`result` waits for it.
 
     The re-run uses ``repro.py --exact-buffers``: each output is an allocation of
     its own exact size, without the campaign's guard bands, so a write one element
-    past a row's buffer is outside every allocation and memcheck names it.
+    past a row's buffer is outside every allocation and memcheck names it. Its
+    output goes to a file (memcheck can print more than a pipe holds), and it runs
+    in a process group of its own, so that a cut re-run ends with its child.
     """
-    tool = find_sanitizer()
-    if tool is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "repro.py"
+
+    def __init__(self, proc: subprocess.Popen, tmp: tempfile.TemporaryDirectory,
+                 command: str) -> None:
+        self.proc, self._tmp, self.command = proc, tmp, command
+        self.started = time.monotonic()
+
+    @classmethod
+    def start(cls, case: Case, impl: Any) -> SanitizerRun | None:
+        """The re-run of ``case`` under memcheck, started; ``None`` when the tool is absent."""
+        tool = find_sanitizer()
+        if tool is None:
+            return None
+        tmp = tempfile.TemporaryDirectory(prefix="difftest-sanitizer-")
+        folder = Path(tmp.name)
         text, case_json = repro_files(case, impl.name, impl.stable, "sanitizer re-run", "-",
                                       libraries=impl.libraries)
-        script.write_text(text)
-        (Path(tmp) / "case.json").write_text(json.dumps(case_json))
+        (folder / "repro.py").write_text(text)
+        (folder / "case.json").write_text(json.dumps(case_json))
         env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
-        cmd = [tool, "--tool", "memcheck", sys.executable, str(script), "--device", "cuda",
-               "--repeats", "1", "--exact-buffers"]
+        args = ["--device", "cuda", "--repeats", "1", "--exact-buffers"]
+        with open(folder / "output.txt", "wb") as output:
+            proc = subprocess.Popen([tool, "--tool", "memcheck", sys.executable,
+                                     str(folder / "repro.py"), *args],
+                                    env=env, stdout=output, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        command = ("$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "
+                   f"python repro.py {' '.join(args)}")
+        return cls(proc, tmp, command)
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def result(self, timeout_s: float) -> str:
+        """The command and memcheck's output (:func:`_head_and_tail`), waiting at most
+        ``timeout_s`` more; a re-run still going then is killed, and its text says so."""
+        cut = None
         try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                  timeout=timeout_s)
-            text = done.stdout + done.stderr
-        except subprocess.TimeoutExpired as exc:
-            text = f"(compute-sanitizer timed out after {timeout_s:.0f} s)\n{exc.stdout or ''}"
-    return (f"$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python "
-            f"repro.py {' '.join(cmd[5:])}\n" + _head_and_tail(text))
+            self.proc.wait(timeout=max(0.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            cut = time.monotonic() - self.started
+            self.kill()
+        try:
+            text = (Path(self._tmp.name) / "output.txt").read_text(errors="replace")
+        finally:
+            self._tmp.cleanup()
+        if cut is not None:
+            text = (f"(compute-sanitizer cut after {cut:.0f} s: the run's budget ended; run "
+                    f"repro.py under compute-sanitizer by hand, see its --exact-buffers)\n{text}")
+        return f"{self.command}\n" + _head_and_tail(text)
+
+    def kill(self) -> None:
+        """End the re-run and its child (no-op when it has ended)."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
 
 
 def _head_and_tail(text: str) -> str:

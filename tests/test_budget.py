@@ -245,3 +245,59 @@ def test_a_signature_is_not_pursued_after_three_timed_out_candidates(tmp_path):
     assert runner.runs == 1 + TIMEOUT_PURSUIT + 1 == 5
     report = (tmp_path / "bugs" / "align--timeout--timeout" / "report.md").read_text()
     assert "stopped: 3 candidates timed out" in report
+
+
+def test_generation_yields_to_the_shrinking_its_failures_need_but_not_before_half():
+    clock = Budget(seconds=100.0, shrink_seconds=30.0).start(_FakeTime(0.0))
+    assert clock.generation_end(0) == clock.generate_end == 70.0
+    assert clock.generation_end(1) == 60.0  # 90 - 30: one signature's full shrink
+    assert clock.generation_end(2) == 50.0  # 90 - 60 = 30 is below half: half
+    assert Budget(seconds=100.0, shrink_seconds=5.0).start(_FakeTime()).generation_end(3) == 70.0
+    assert Budget(max_examples=5).start(_FakeTime()).generation_end(2) is None
+
+
+class _OneSecondPerCase:
+    """An in-process runner on a fake clock that advances one second per case run;
+    remembers the time each batch was submitted."""
+
+    def __init__(self, runner, now: _FakeTime) -> None:
+        self.runner, self.now, self.submitted = runner, now, []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def submit(self, cases):
+        self.submitted.append(self.now.t)
+        self.now.t += len(cases)
+        self.runner.submit(cases)
+
+    def run(self, case):
+        self.now.t += 1
+        return self.runner.run(case)
+
+
+@pytest.mark.parametrize("impl_name, last_start", [
+    ("torch", (60.0, 70.0)),  # passes: generation goes on to 70 % of S
+    ("py:user_impls:fails_every_written_slot", (50.0, 60.0)),  # one signature: to 60 %
+])
+def test_once_a_failure_is_on_record_generation_ends_earlier(impl_name, last_start, tmp_path,
+                                                              monkeypatch):
+    from difftest import registry
+    from difftest.campaign import Campaign
+    from difftest.sandbox import InProcessRunner
+
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(TESTS))
+    impl = registry.resolve(impl_name, "vllm-lora")
+    now = _FakeTime(0.0)
+    runner = _OneSecondPerCase(InProcessRunner(impl, "cpu"), now)
+    budget = Budget(seconds=100.0, shrink_seconds=30.0, seed=0)
+    campaign = Campaign(impl, runner, tmp_path / "run", seed=0, budget=budget)
+    campaign.clock = budget.start(now)
+    campaign.generate(dialects=("vllm-lora",), contracts=("production",), max_examples=None,
+                      deadline=campaign.clock.generate_end,
+                      drain_deadline=campaign.clock.drain_end)
+    campaign.close()
+    low, high = last_start
+    assert low <= runner.submitted[-1] < high, runner.submitted
+    assert bool(campaign.result.failures) == (impl_name != "torch")

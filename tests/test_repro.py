@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,88 @@ def test_a_small_case_repro_carries_its_calls_inline(tmp_path):
     script = tmp_path / "repro.py"
     script.write_text(text)
     assert _run(script).returncode == 1  # no case.json needed
+
+
+_FAKE_SANITIZER = """#!/bin/sh
+# stands in for compute-sanitizer: prints its arguments; with FAKE_SLEEP, a child hangs
+echo "FAKE MEMCHECK $@"
+if [ -n "$FAKE_SLEEP" ]; then
+    sleep "$FAKE_SLEEP" &
+    echo "child $!"
+    wait
+fi
+"""
+
+
+@pytest.fixture
+def fake_sanitizer(tmp_path, monkeypatch):
+    from difftest import sanitizer
+
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text(_FAKE_SANITIZER)
+    tool.chmod(0o755)
+    monkeypatch.setattr(sanitizer, "find_sanitizer", lambda: str(tool))
+    return tool
+
+
+def _torch_align_case():
+    from difftest import registry
+
+    case = Case("align", "production", np.zeros((2, 1), dtype=np.int32), 1, 1)
+    return case, registry.resolve("torch", "align")
+
+
+def test_a_sanitizer_re_run_runs_in_the_background_and_reports_its_command(fake_sanitizer):
+    from difftest.sanitizer import SanitizerRun
+
+    case, impl = _torch_align_case()
+    run = SanitizerRun.start(case, impl)
+    text = run.result(60.0)
+    assert text.startswith("$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "
+                           "python repro.py --device cuda --repeats 1 --exact-buffers\n")
+    assert "FAKE MEMCHECK --tool memcheck " in text and "--exact-buffers" in text
+    assert "cut after" not in text
+
+
+def test_a_sanitizer_re_run_past_its_time_is_killed_with_its_children(fake_sanitizer,
+                                                                      monkeypatch):
+    from difftest.sanitizer import SanitizerRun
+
+    monkeypatch.setenv("FAKE_SLEEP", "300")
+    case, impl = _torch_align_case()
+    run = SanitizerRun.start(case, impl)
+    deadline = time.monotonic() + 30
+    while "child" not in Path(run._tmp.name, "output.txt").read_text() and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = run.result(0.0)
+    child = int(text.split("child ")[1].split()[0])
+    assert "(compute-sanitizer cut after " in text and "the run's budget ended" in text
+    assert run.proc.returncode is not None
+    time.sleep(0.2)  # the group's SIGKILL is delivered; the child is then gone or a zombie
+    state = Path(f"/proc/{child}/stat")
+    assert not state.exists() or state.read_text().split(") ")[1][0] == "Z"
+
+
+def test_the_campaign_runs_at_most_two_re_runs_at_once_and_skips_them_past_the_budget(
+        fake_sanitizer, monkeypatch):
+    from difftest.budget import Budget
+    from difftest.campaign import SANITIZER_PARALLEL, SANITIZER_SKIPPED, _Sanitizing
+
+    monkeypatch.setenv("FAKE_SLEEP", "1")
+    case, impl = _torch_align_case()
+    now = [0.0]
+    clock = Budget(seconds=100.0).start(lambda: now[0])
+    sanitizing = _Sanitizing(impl)
+    for sig in ("a", "b", "c"):
+        sanitizing.queue((sig, None, case, None, None))
+        sanitizing.start_queued(clock)
+    assert SANITIZER_PARALLEL == 2
+    assert [r[0] for r, run in sanitizing._running] == ["a", "b"]
+    done = list(sanitizing.results(clock))
+    assert [r[0] for r, _ in done] == ["a", "b", "c"]
+    assert all("FAKE MEMCHECK" in text for _, text in done)
+    now[0] = 100.0  # the budget's end: no re-run starts
+    sanitizing.queue(("d", None, case, None, None))
+    assert list(sanitizing.results(clock)) == [(("d", None, case, None, None),
+                                                SANITIZER_SKIPPED)]
