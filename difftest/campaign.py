@@ -42,14 +42,16 @@ from .budget import (
     Clock,
 )
 from .case import Case
+from .classify import SIZE_CLASSES, size_class
 from .errors import DifftestError, InternalError, UsageError
 from .evaluate import Evaluation, evaluate
+from .execute import amended
 from .limits import as_json as limits_json
 from .limits import describe as describe_limits
 from .registry import Implementation
 
 __all__ = ["DEFAULT_MAX_EXAMPLES", "DEFAULT_SHRINK_SECONDS", "Campaign", "CampaignResult",
-           "FailureDatabase", "Progress", "run_campaign"]
+           "FailureDatabase", "Progress", "Stages", "run_campaign"]
 
 # Bounded output: per signature the first CASE_FILES_PER_SIGNATURE failing cases (and the
 # minimal one) as cases/<id>.json; per case at most MISMATCH_ROWS_PER_CASE mismatch rows;
@@ -62,9 +64,11 @@ SANITIZER_TIMEOUT_S = 300.0
 SANITIZER_PARALLEL = 2  # compute-sanitizer re-runs at a time, beside the shrinking
 SANITIZER_SKIPPED = ("(compute-sanitizer re-run skipped: the run's budget was spent; run "
                      "repro.py under compute-sanitizer by hand, see its --exact-buffers)")
-# Generated cases go to the worker in batches of at most this many cases and routes
-# (a large case is a batch of its own). The first batch is one case and each next one
-# twice as many, so a failure in the first cases is seen as soon as it would be unbatched.
+# Generated cases go to the worker in batches of one size class (classify.size_class: a
+# huge case does not hold up the small ones drawn with it) of at most this many cases
+# and routes (a large case is a batch of its own). In each class the first batch is one
+# case and each next one twice as many, so a failure in the first cases is seen as soon
+# as it would be unbatched.
 BATCH_CASES = 64
 BATCH_ROUTES = 1 << 16
 # Confirmation (Campaign.confirm): alone re-runs of a new signature's first case, each in
@@ -81,6 +85,38 @@ MAX_SIGNATURES_PER_DIALECT = 20
 # every run starts with PROBES_PER_RUN of them.
 PROBE_ONE_IN = 50
 PROBES_PER_RUN = 4
+
+
+class Stages:
+    """Seconds per stage and size class of a campaign's cases, for ``bench/campaign.py``.
+
+    A :class:`Campaign` fills one only when given one (``campaign.stages``); otherwise
+    no stage is timed. In this process: ``draw`` (Hypothesis drawing the case, our
+    builder included), ``oracle``, ``compare`` (the rest of evaluation) and ``record``
+    per size class (:func:`~difftest.classify.size_class`); per run, ``dispatch`` (the
+    time generation spends handing batches to the runner and recording what comes
+    back: recording included, so the wait for the worker is ``dispatch`` less
+    ``oracle``, ``compare`` and ``record``). From the worker (each case's
+    :class:`~difftest.execute.RankRun` times): ``stage`` (laying the case out, and its
+    share of the copy to the device), ``run`` (the calls and the copy back) and
+    ``inspect``.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[str, str], float] = {}  # (stage, size class) -> seconds
+        self.cases: dict[str, int] = {}  # size class -> cases recorded
+        self.dispatch_s = 0.0
+
+    def add(self, stage: str, size: str, seconds: float) -> None:
+        self.seconds[stage, size] = self.seconds.get((stage, size), 0.0) + seconds
+
+    def recorded(self, case: Case, outcome: Any) -> None:
+        size = size_class(case)
+        self.cases[size] = self.cases.get(size, 0) + 1
+        for run in (run for runs in outcome.runs for run in runs):
+            self.add("stage", size, run.setup_s)
+            self.add("run", size, run.elapsed_s)
+            self.add("inspect", size, run.inspect_s)
 
 
 class _Interrupted(BaseException):
@@ -383,6 +419,7 @@ class Campaign:
         self._confirmed: set[str] = set()
         self._tries: dict[str, int] = {}
         self._flaky_ids: set[str] = set()
+        self.stages: Stages | None = None  # timed only when given one (bench/campaign.py)
 
     # -- deadlines --------------------------------------------------------------
     def _until(self, deadline: float | None, cut: float | None = None) -> None:
@@ -414,7 +451,7 @@ class Campaign:
         """Run ``first`` then ``second`` as one batch of their own, without recording them;
         ``second``'s evaluation is ``None`` when it did not run (``first`` crashed)."""
         self.runner.submit([first, second])
-        outcomes = self.runner.collect()
+        outcomes = amended(self.runner.collect())
         batch = self._next_batch()
         evaluations: list[Evaluation | None] = []
         for case, outcome in zip((first, second), outcomes):
@@ -429,9 +466,32 @@ class Campaign:
         return evaluation
 
     def _finish(self, case: Case, outcome: Any, seed: int | None, batch: int) -> Evaluation:
+        if self.stages is not None:
+            return self._finish_timed(case, outcome, seed, batch)
         evaluation = evaluate(case, outcome, stable=self.impl.stable, limits=self.impl.limits)
         self._record(case, evaluation, outcome, seed, batch)
         self._ran(case, outcome.worker, batch)
+        return evaluation
+
+    def _finish_timed(self, case: Case, outcome: Any, seed: int | None,
+                      batch: int) -> Evaluation:
+        """:meth:`_finish`, its stages added to :attr:`stages`."""
+        from .evaluate import expected_by_rank
+
+        stages, size = self.stages, size_class(case)
+        start = time.perf_counter()
+        expected = (expected_by_rank(case) if outcome.verdict not in ("crash", "timeout")
+                    else None)
+        oracle_done = time.perf_counter()
+        evaluation = evaluate(case, outcome, stable=self.impl.stable, limits=self.impl.limits,
+                              expected=expected)
+        compared = time.perf_counter()
+        self._record(case, evaluation, outcome, seed, batch)
+        self._ran(case, outcome.worker, batch)
+        stages.add("oracle", size, oracle_done - start)
+        stages.add("compare", size, compared - oracle_done)
+        stages.add("record", size, time.perf_counter() - compared)
+        stages.recorded(case, outcome)
         return evaluation
 
     def dispatch(self, batch: list[Case]) -> list[Evaluation]:
@@ -449,7 +509,7 @@ class Campaign:
         :class:`BudgetSpent` raised (the rest never ran and is not recorded).
         """
         previous, number = self._inflight, self._inflight_batch
-        outcomes = self.runner.collect() if previous else []
+        outcomes = amended(self.runner.collect()) if previous else []
         rest = previous[len(outcomes):]
         self._inflight = []
         self._settle()  # the worker is idle: confirm what was recorded last time
@@ -712,8 +772,9 @@ class Campaign:
         # generation), so that a run on a slow machine still runs a case
         self._until(None, self.clock.end)
         before = self.result.cases
-        queue: list[Case] = []
-        state = {"routes": 0, "size": 1, "stopped": False, "drawn": 0, "armed": False}
+        # one queue per size class: [cases, routes, the size that closes the next batch]
+        queues: dict[str, list[Any]] = {size: [[], 0, 1] for size in SIZE_CLASSES}
+        state = {"stopped": False, "drawn": 0, "armed": False}
         limits = self.impl.limits
         strategy = cases(dialects=dialects, contracts=contracts, classes=classes,
                          limits=limits, out_of_domain=PROBE_ONE_IN)
@@ -736,6 +797,7 @@ class Campaign:
             return _BudgetExhausted()
 
         def dispatch(batch: list[Case]) -> None:
+            start = time.perf_counter()
             try:
                 evaluations = self.dispatch(batch)
             except BudgetSpent:
@@ -745,6 +807,9 @@ class Campaign:
                 raise  # the implementation cannot be loaded: the caller's
             except Exception as exc:  # noqa: BLE001 - running and recording cases is ours
                 raise internal(exc, "running and recording cases", broken=True) from None
+            finally:
+                if self.stages is not None:
+                    self.stages.dispatch_s += time.perf_counter() - start
             if not state["armed"] and self.result.cases > before:
                 self._until(deadline, drain_deadline)
                 state["armed"] = True
@@ -761,6 +826,7 @@ class Campaign:
             def drive(data: Any) -> None:
                 # every example draws its case first: Hypothesis requires the same choices
                 # to draw the same way, and a stop before the draw would not
+                start = time.perf_counter()
                 try:  # drawn here, so that a bug of the generator is caught as ours
                     case = data.draw(source)
                 except Exception as exc:  # noqa: BLE001 - the generator is ours, not the kernel
@@ -769,22 +835,25 @@ class Campaign:
                     state["drawn"] += 1  # the draw that failed
                     raise internal(exc, "the case generator", broken=False) from None
                 state["drawn"] += 1
+                if self.stages is not None:
+                    self.stages.add("draw", size_class(case), time.perf_counter() - start)
                 if sigint["sigint"]:
                     raise _Interrupted
                 if self._spent() or (max_examples is not None
-                                     and self.result.cases + len(self._inflight) + len(queue)
+                                     and self.result.cases + len(self._inflight)
+                                     + sum(len(q[0]) for q in queues.values())
                                      >= max_examples):
                     raise _BudgetExhausted
                 if case.case_id in self.ran or case.case_id in self._queued:
                     self.result.duplicates += 1
                     return  # Hypothesis drew it again: run once only
                 self._queued.add(case.case_id)
-                queue.append(case)
-                state["routes"] += case.num_routes * len(case.ranks())
-                if len(queue) >= state["size"] or state["routes"] >= BATCH_ROUTES:
-                    batch = queue[:]
-                    queue.clear()
-                    state["routes"], state["size"] = 0, min(2 * state["size"], BATCH_CASES)
+                queue = queues[size_class(case)]
+                queue[0].append(case)
+                queue[1] += case.num_routes * len(case.ranks())
+                if len(queue[0]) >= queue[2] or queue[1] >= BATCH_ROUTES:
+                    batch = queue[0]
+                    queue[:] = [[], 0, min(2 * queue[2], BATCH_CASES)]
                     dispatch(batch)
 
             return hseed(self.seed)(drive) if self.seed is not None else drive
@@ -811,8 +880,10 @@ class Campaign:
                 try:
                     # the cases generated but not yet run, then the batch in flight; after
                     # Ctrl-C or an error only the batch in flight (it is running already)
-                    if queue and not (interrupted or state["stopped"]):
-                        dispatch(queue[:])
+                    for queue in queues.values():
+                        if queue[0] and not (interrupted or state["stopped"]):
+                            dispatch(queue[0])
+                            queue[0] = []
                     self._drain_or_fail(failed)
                 except _BudgetExhausted:
                     self._drain_or_fail(failed)

@@ -89,6 +89,7 @@ __all__ = [
     "defensive_reasons",
     "edge_classes_of",
     "kernel_num_experts",
+    "size_class",
 ]
 
 #: Our CUDA kernels take a shared-memory path up to this many routes ...
@@ -104,9 +105,23 @@ MANY_EXPERTS_MIN = 896
 #: ``N`` from here on is ``huge-batch`` (past a 16-bit grid dimension).
 HUGE_BATCH_MIN_ROUTES = 65536
 
+#: The size classes of a case (:func:`size_class`), smallest first.
+SIZE_CLASSES = ("decode", "mid", "huge")
+
 _BOUNDARY_ROUTES = (SMALL_PATH_MAX_ROUTES - 1, SMALL_PATH_MAX_ROUTES, SMALL_PATH_MAX_ROUTES + 1)
 _BOUNDARY_EXPERTS = (SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS + 1)
 _BOUNDARY_ROUTE_WINDOW = (1000, 1100)
+
+
+def size_class(case: Case) -> str:
+    """``decode`` (``N`` up to :data:`SMALL_PATH_MAX_ROUTES`: a decode step, the kernels'
+    small path), ``huge`` (``huge-batch``: ``N`` from :data:`HUGE_BATCH_MIN_ROUTES`, a
+    long prefill) or ``mid`` (between: a short prefill); campaigns batch cases per size
+    class, and ``bench/campaign.py`` reports per class."""
+    n = case.num_routes
+    if n <= SMALL_PATH_MAX_ROUTES:
+        return "decode"
+    return "huge" if n >= HUGE_BATCH_MIN_ROUTES else "mid"
 
 
 def edge_classes_of(case: Case) -> tuple[str, ...]:

@@ -67,6 +67,13 @@ class RankRun:
     # the call's writes into other calls' blocks of the batch (:class:`_Attribution`)
     wild_writes: list[WildWrite] = field(default_factory=list)
     elapsed_s: float = 0.0  # the call; the last call of a case also waits for its copy back
+    # a case's first run: seconds laying the case out (and its share of the copy to the
+    # device), and inspecting what it wrote (bench/campaign.py's worker stages)
+    setup_s: float = 0.0
+    inspect_s: float = 0.0
+    # the batch's last case, when the batch ran again attributed: the other cases' runs
+    # of that second run (:func:`amended` puts them in place)
+    earlier: list[list[list[RankRun]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -409,16 +416,18 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     cases than given. On CUDA a launch error a call leaves pending is pinned
     on that call (``launch_error``) and cleared, so the next call starts clean.
     ``attribute`` (default: on CUDA, where the batch's buffers share one
-    allocation) checks after each case that no other case's bytes changed,
-    and pins a change on the case that just ran (:class:`_Attribution`).
-    ``profile``, when given, gets the seconds of each step added to it
+    allocation) pins a write into another case's bytes, or into the zones
+    around the batch, on the case that made it (:class:`_BatchCheck`: checked
+    once per batch; when something changed that its owner did not write, the
+    batch is run again with :class:`_Attribution`, which checks after each
+    case). ``profile``, when given, gets the seconds of each step added to it
     (``set-up``, ``transfer``, ``kernel``, ``inspection``; the attribution check
     is part of the inspection). ``on_case``, when given, gets each case's runs
     as soon as they are read back, before the next case starts (a sandbox
-    worker streams them to its runner).
+    worker streams them to its runner); with attribution, the last case's only
+    after the batch's check, and when the batch ran again, its first run carries
+    the other cases' runs of the second run (``earlier``, see :func:`amended`).
     """
-    import torch
-
     cuda = str(device).startswith("cuda")
     if not cuda and len(cases) > 1 and not attribute:
         # One block for the batch saves copies to a device; the CPU has none to save, so
@@ -428,131 +437,225 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
         return [runs for case in cases
                 for runs in run_batch([case], callables, device, repeats, profile=profile,
                                       on_case=on_case)]
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    pending = _pending_cuda_errors() if cuda else None
-    clock = [time.perf_counter()]
-
-    def tick(step: str) -> None:
-        if profile is not None:
-            now = time.perf_counter()
-            profile[step] = profile.get(step, 0.0) + now - clock[0]
-            clock[0] = now
-
-    per_case: list[list[_Call]] = []
-    base = 0
-    for case in cases:
-        staged = [Staged(DIALECT_INFO[case.dialect].plan(case, rank)) for rank in case.ranks()]
-        per_case.append([])
-        for repeat in range(repeats):
-            for rank, one in zip(case.ranks(), staged):
-                per_case[-1].append(_Call(repeat, rank, one, base, RankRun(rank)))
-                base += one.nbytes
     attribute = cuda if attribute is None else attribute
-    zone = ZONE_BYTES if attribute else 0
-    # the blocks, between two zones of guard value where attribution is on (on the CPU
-    # the zones are host memory, on CUDA device memory: the host holds the blocks alone)
-    whole = np.empty(base + (0 if cuda else 2 * zone), np.uint8)
-    host = whole if cuda else whole[zone:zone + base]
-    for calls in per_case:
-        for call in calls:
-            host[call.base:call.base + call.staged.nbytes] = call.staged.block
-    # on the CPU the calls write into ``host`` itself: keep the staged bytes apart
-    pristine = host if cuda else host.copy()
-    tick("set-up")
-    if cuda:
-        full = torch.empty(base + 2 * zone, dtype=torch.uint8, device=device)
-        full[zone:zone + base].copy_(torch.from_numpy(host))
-        if zone:
-            full[:zone].view(torch.int32).fill_(GUARD)
-            full[zone + base:].view(torch.int32).fill_(GUARD)
-        storage = _DeviceViews(full[zone:zone + base])
-    else:  # NumPy for the CPU's bulk copies and fills (torch's contend for threads there)
-        whole[:zone].view(np.int32)[:] = GUARD
-        whole[zone + base:].view(np.int32)[:] = GUARD
-        full, storage = torch.from_numpy(whole), host
-    sync()
-    watch = (_Attribution(cases, per_case, pristine, full, zone, views=not cuda)
-             if attribute else None)
-    tick("transfer")
-    runs: list[list[list[RankRun]]] = []
-    for index, calls in enumerate(per_case):
-        fn = callables[cases[index].dialect]
-        # one rank: the calls are one call repeated, run back to back, and the copy
-        # back synchronises them; several ranks: each call synchronised (fatal → rank)
-        each = cuda and len(cases[index].ranks()) > 1
-        done: list[_Call] = []
-        for call in calls:
-            tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
-            args = [tensors[a.name] if isinstance(a, TensorArg) else a
-                    for a in call.staged.plan.arguments]
-            done.append(call)
-            start = time.perf_counter()
-            try:
-                fn(*args)
-                left = pending.take() if pending is not None else None
-                if left is not None:  # before a sync, which could raise it as its own
-                    call.run.error = f"launch error left pending by the call: {left}"
-                    call.run.launch_error = True
-                if each:
-                    sync()
-            except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
-                call.run.error, call.run.launch_error = _describe(exc), False
-                call.run.frames = _frames(exc)
-                call.run.fatal = cuda and _is_sticky_cuda_error(exc)
-                left = pending.take() if pending is not None and not call.run.fatal else None
-                if left is not None:
-                    call.run.error += f" (and it left a launch error pending: {left})"
-            call.run.elapsed_s = time.perf_counter() - start
-            if call.run.fatal:
-                break
-        lo, hi = calls[0].base, calls[-1].base + calls[-1].staged.nbytes
-        back = None
-        if not done[-1].run.fatal:
-            start = time.perf_counter()
-            try:
-                if profile is not None:
-                    sync()  # the kernels' time apart from the copy's
-                tick("kernel")
-                back = storage.storage[lo:hi].cpu().numpy() if cuda else host[lo:hi]
-            except Exception as exc:  # noqa: BLE001 - an error surfacing at the copy
-                if _is_sticky_cuda_error(exc):
-                    _fatal_at_copy(done, exc)
-                else:  # one the peek could not see, raised (and so cleared) by torch
-                    _pinned_call(done).run.error = _launch_error_text(exc)
-                    _pinned_call(done).run.launch_error = True
-                    try:
-                        back = storage.storage[lo:hi].cpu().numpy()
-                    except Exception as again:  # noqa: BLE001 - the context is gone after all
-                        _fatal_at_copy(done, again)
-            done[-1].run.elapsed_s += time.perf_counter() - start
-        else:
-            tick("kernel")
-        if back is None:  # the context is gone: only the calls' errors can be reported
-            done = [call for call in done if call.run.error is not None]
-        tick("transfer")
-        if back is not None:
-            if watch is not None:
-                back = watch.after(index, back)
-            suspects = _calls_with_stray_changes(done, pristine[lo:hi], back, lo)
-            for k, call in enumerate(done):  # a call that raised too: did it write?
-                if k in suspects:
-                    call.staged.inspect(back, call.base - lo, call.run)
-                else:
-                    call.staged.outputs(back, call.base - lo, call.run)
-        tick("inspection")
-        by_repeat: dict[int, list[RankRun]] = {}
-        for call in done:
-            by_repeat.setdefault(call.repeat, []).append(call.run)
-        runs.append(list(by_repeat.values()))
-        if on_case is not None:
-            on_case(runs[-1])
-        if any(call.run.fatal for call in done):
-            break  # the context is unusable: nothing run after this means anything
+    batch = _Batch(cases, repeats, device, ZONE_BYTES if attribute else 0, profile)
+    if not attribute:
+        return batch.run(callables, None, on_case)
+    check = _BatchCheck(batch)
+    held: list[list[list[RankRun]]] = []
+
+    def hold_last(runs: list[list[RankRun]]) -> None:
+        if held and on_case is not None:
+            on_case(held.pop())
+        held.append(runs)
+
+    runs = batch.run(callables, check, hold_last)
+    if not (runs and any(run.fatal for repeat in runs[-1] for run in repeat)) and (
+            check.dirty or not check.intact()):
+        # something changed that its owner did not write: run the batch again, each case
+        # checked after it ran, so that a write is pinned on its writer
+        batch.full = batch.storage = None  # (its device memory, on CUDA)
+        again = _Batch(cases, repeats, device, ZONE_BYTES, profile, staged=batch.staged)
+        rerun = again.run(callables, "each", None)
+        if any(run.wild_writes for case_runs in rerun for repeat in case_runs
+               for run in repeat):
+            if len(rerun) == len(runs) and held:
+                first = rerun[-1][0][0] if rerun[-1] and rerun[-1][0] else None
+                if first is not None:
+                    first.earlier = rerun[:-1]
+                held[-1] = rerun[-1]
+            runs = rerun
+        # else: not seen again (a race; a write its owner overwrote): the first run stands
+    if on_case is not None and held:
+        on_case(held.pop())
     return runs
+
+
+def amended(outcomes: Sequence[Any]) -> list[Any]:
+    """``outcomes`` (one per case, in a batch's order, as a runner collected them) with
+    the runs of a second, attributed run of a batch in place of the first run's
+    (:func:`run_batch`: they come with the batch's last case, streamed last)."""
+    import dataclasses
+
+    out = list(outcomes)
+    for j, outcome in enumerate(out):
+        first = outcome.runs[0][0] if outcome.runs and outcome.runs[0] else None
+        earlier = getattr(first, "earlier", None)
+        if not earlier or len(earlier) > j:
+            continue
+        for k, runs in enumerate(earlier, start=j - len(earlier)):
+            out[k] = dataclasses.replace(out[k], runs=runs, elapsed_s=sum(
+                r.elapsed_s for repeat in runs for r in repeat))
+        first.earlier = None
+    return out
+
+
+class _Batch:
+    """A batch's calls staged in one host array (and, on CUDA, one device allocation)
+    between two zones of guard value of ``zone`` bytes each; :meth:`run` runs them."""
+
+    def __init__(self, cases: Sequence[Case], repeats: int, device: str, zone: int,
+                 profile: dict[str, float] | None,
+                 staged: list[list[Staged]] | None = None) -> None:
+        import torch
+
+        self.cases, self.device, self.zone, self.profile = cases, device, zone, profile
+        self.cuda = cuda = str(device).startswith("cuda")
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.clock = time.perf_counter()
+        self.per_case: list[list[_Call]] = []
+        self.staged = staged or []
+        base = 0
+        for index, case in enumerate(cases):
+            start = time.perf_counter()
+            if staged is None:
+                self.staged.append([Staged(DIALECT_INFO[case.dialect].plan(case, rank))
+                                    for rank in case.ranks()])
+            calls = []
+            for repeat in range(repeats):
+                for rank, one in zip(case.ranks(), self.staged[index]):
+                    calls.append(_Call(repeat, rank, one, base, RankRun(rank)))
+                    base += one.nbytes
+            calls[0].run.setup_s = time.perf_counter() - start
+            self.per_case.append(calls)
+        start = time.perf_counter()
+        # the blocks, between two zones of guard value where attribution is on (on the CPU
+        # the zones are host memory, on CUDA device memory: the host holds the blocks alone)
+        self.base = base
+        whole = np.empty(base + (0 if cuda else 2 * zone), np.uint8)
+        host = whole if cuda else whole[zone:zone + base]
+        for calls in self.per_case:
+            for call in calls:
+                host[call.base:call.base + call.staged.nbytes] = call.staged.block
+        # on the CPU the calls write into ``host`` itself: keep the staged bytes apart
+        self.host, self.pristine = host, host if cuda else host.copy()
+        self.tick("set-up")
+        if cuda:
+            full = torch.empty(base + 2 * zone, dtype=torch.uint8, device=device)
+            full[zone:zone + base].copy_(torch.from_numpy(host))
+            if zone:
+                full[:zone].view(torch.int32).fill_(GUARD)
+                full[zone + base:].view(torch.int32).fill_(GUARD)
+            self.storage: Any = _DeviceViews(full[zone:zone + base])
+        else:  # NumPy for the CPU's bulk copies and fills (torch's contend for threads there)
+            whole[:zone].view(np.int32)[:] = GUARD
+            whole[zone + base:].view(np.int32)[:] = GUARD
+            full, self.storage = torch.from_numpy(whole), host
+        self.full = full
+        self.sync()
+        share = (time.perf_counter() - start) / max(1, len(cases))
+        for calls in self.per_case:
+            calls[0].run.setup_s += share
+        self.tick("transfer")
+
+    def tick(self, step: str) -> None:
+        if self.profile is not None:
+            now = time.perf_counter()
+            self.profile[step] = self.profile.get(step, 0.0) + now - self.clock
+            self.clock = now
+
+    def blocks(self, index: int) -> tuple[int, int]:
+        """Byte range of case ``index``'s blocks."""
+        calls = self.per_case[index]
+        return calls[0].base, calls[-1].base + calls[-1].staged.nbytes
+
+    def run(self, callables: dict[str, Callable[..., Any]], watch: Any,
+            on_case: Callable[[list[list[RankRun]]], None] | None
+            ) -> list[list[list[RankRun]]]:
+        """Run the cases in order; ``watch``: ``None``, a :class:`_BatchCheck`, or
+        ``"each"`` for an :class:`_Attribution` check after each case."""
+        cuda, storage, profile, sync = self.cuda, self.storage, self.profile, self.sync
+        pending = _pending_cuda_errors() if cuda else None
+        if watch == "each":
+            watch = _Attribution(self.cases, self.per_case, self.pristine, self.full,
+                                 self.zone, views=not cuda)
+        runs: list[list[list[RankRun]]] = []
+        for index, calls in enumerate(self.per_case):
+            fn = callables[self.cases[index].dialect]
+            # one rank: the calls are one call repeated, run back to back, and the copy
+            # back synchronises them; several ranks: each call synchronised (fatal → rank)
+            each = cuda and len(self.cases[index].ranks()) > 1
+            lo, hi = self.blocks(index)
+            if isinstance(watch, _BatchCheck):
+                watch.before(lo, hi)
+            done: list[_Call] = []
+            for call in calls:
+                tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
+                args = [tensors[a.name] if isinstance(a, TensorArg) else a
+                        for a in call.staged.plan.arguments]
+                done.append(call)
+                start = time.perf_counter()
+                try:
+                    fn(*args)
+                    left = pending.take() if pending is not None else None
+                    if left is not None:  # before a sync, which could raise it as its own
+                        call.run.error = f"launch error left pending by the call: {left}"
+                        call.run.launch_error = True
+                    if each:
+                        sync()
+                except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
+                    call.run.error, call.run.launch_error = _describe(exc), False
+                    call.run.frames = _frames(exc)
+                    call.run.fatal = cuda and _is_sticky_cuda_error(exc)
+                    left = pending.take() if pending is not None and not call.run.fatal else None
+                    if left is not None:
+                        call.run.error += f" (and it left a launch error pending: {left})"
+                call.run.elapsed_s = time.perf_counter() - start
+                if call.run.fatal:
+                    break
+            back = None
+            if not done[-1].run.fatal:
+                start = time.perf_counter()
+                try:
+                    if profile is not None:
+                        sync()  # the kernels' time apart from the copy's
+                    self.tick("kernel")
+                    back = storage.storage[lo:hi].cpu().numpy() if cuda else self.host[lo:hi]
+                except Exception as exc:  # noqa: BLE001 - an error surfacing at the copy
+                    if _is_sticky_cuda_error(exc):
+                        _fatal_at_copy(done, exc)
+                    else:  # one the peek could not see, raised (and so cleared) by torch
+                        _pinned_call(done).run.error = _launch_error_text(exc)
+                        _pinned_call(done).run.launch_error = True
+                        try:
+                            back = storage.storage[lo:hi].cpu().numpy()
+                        except Exception as again:  # noqa: BLE001 - the context is gone after all
+                            _fatal_at_copy(done, again)
+                done[-1].run.elapsed_s += time.perf_counter() - start
+            else:
+                self.tick("kernel")
+            if back is None:  # the context is gone: only the calls' errors can be reported
+                done = [call for call in done if call.run.error is not None]
+            self.tick("transfer")
+            start = time.perf_counter()
+            if back is not None:
+                if watch is not None:
+                    back = watch.after(index, back)
+                suspects = _calls_with_stray_changes(done, self.pristine[lo:hi], back, lo)
+                for k, call in enumerate(done):  # a call that raised too: did it write?
+                    if k in suspects:
+                        call.staged.inspect(back, call.base - lo, call.run)
+                    else:
+                        call.staged.outputs(back, call.base - lo, call.run)
+            if done:
+                done[0].run.inspect_s = time.perf_counter() - start
+            self.tick("inspection")
+            by_repeat: dict[int, list[RankRun]] = {}
+            for call in done:
+                by_repeat.setdefault(call.repeat, []).append(call.run)
+            runs.append(list(by_repeat.values()))
+            if on_case is not None:
+                on_case(runs[-1])
+            if any(call.run.fatal for call in done):
+                break  # the context is unusable: nothing run after this means anything
+        return runs
 
 
 class _Attribution:
     """Pins a write into another case's bytes of the batch on the case that made it.
+
+    The second run of a batch in which :class:`_BatchCheck` found such a write
+    (a batch runs so only then), and what names the writer.
 
     On CUDA every buffer of a batch lies in one allocation, so a call's wild
     write can land in another case's inputs, outputs or guard bands: before
@@ -659,6 +762,84 @@ class _Attribution:
         return WildWrite(self.cases[case_index].case_id, call.rank, buf.name, buf.role,
                          int(element), int(word.view(buf.dtype)[0]), int(count),
                          band=not 0 <= element < buf.numel)
+
+
+class _BatchCheck:
+    """Pins a write into another case's bytes of the batch on its writer, once per batch.
+
+    The fast path of attribution (:func:`run_batch`): the same guarantee as
+    :class:`_Attribution`, which checks the whole allocation after each case,
+    for two checks per case of the case's own blocks and one of the whole
+    allocation per batch. Right before a case runs, its blocks must hold what
+    was staged (on CUDA an asynchronous copy to pinned host memory, compared
+    once the case's copy back has synchronised it); a difference is a write by
+    a case before it. Once every case ran, the whole allocation must hold the
+    zones' guard value and, for each case, what it read back; a difference is
+    a write by a case after it (or into the zones). Only then, :attr:`dirty` or
+    not :meth:`intact`, is the batch run again with :class:`_Attribution`, which
+    names the writer. Whatever changed in a case's blocks while it ran is its
+    own (the case ran alone on blocks found as staged): its guard bands and
+    inputs are inspected as usual. Not seen: a write between the ranks or
+    repeats of one case (its own failure either way), and, when a case ends the
+    batch with a sticky device error, a write after its owner was read back
+    (the allocation cannot be read any more).
+    """
+
+    def __init__(self, batch: _Batch) -> None:
+        self.batch = batch
+        self.dirty = False
+        self.expect = batch.pristine.copy()  # each case's blocks as it read them back
+        self._before: Any = None
+        if batch.cuda:
+            self._before = _pinned(batch.base)
+
+    def before(self, lo: int, hi: int) -> None:
+        batch = self.batch
+        if batch.cuda:  # compared in after(), once the copy back has synchronised it
+            self._before[lo:hi].copy_(batch.storage.storage[lo:hi], non_blocking=True)
+        elif not np.array_equal(batch.host[lo:hi], batch.pristine[lo:hi]):
+            self.dirty = True
+
+    def after(self, index: int, back: np.ndarray) -> np.ndarray:
+        """Note case ``index``'s bytes read back (``back``); returns ``back``, copied when
+        it is a view of the bytes a later call may change (the CPU's host array)."""
+        batch = self.batch
+        lo, hi = batch.blocks(index)
+        if batch.cuda:
+            if not np.array_equal(self._before.numpy()[lo:hi], batch.pristine[lo:hi]):
+                self.dirty = True
+        else:
+            back = back.copy()
+        self.expect[lo:hi] = back
+        return back
+
+    def intact(self) -> bool:
+        """Whether the zones hold the guard value and every case's blocks what it read
+        back (one copy back of the whole batch on CUDA)."""
+        import torch
+
+        batch, z, base = self.batch, self.batch.zone, self.batch.base
+        if batch.cuda:
+            zones = (batch.full[:z].view(torch.int32).eq(GUARD).all()
+                     & batch.full[z + base:].view(torch.int32).eq(GUARD).all())
+            blocks = batch.storage.storage.cpu().numpy()
+            return bool(zones) and np.array_equal(blocks, self.expect)
+        whole = batch.full.numpy()
+        return bool((whole[:z].view(np.int32) == GUARD).all()
+                    and (whole[z + base:].view(np.int32) == GUARD).all()
+                    and np.array_equal(batch.host, self.expect))
+
+
+_PINNED: list[Any] = []  # one pinned host buffer per process, grown as batches need
+
+
+def _pinned(nbytes: int) -> Any:
+    """A pinned host ``uint8`` tensor of at least ``nbytes`` (reused: one batch at a time)."""
+    import torch
+
+    if not _PINNED or _PINNED[0].numel() < nbytes:
+        _PINNED[:] = [torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)]
+    return _PINNED[0][:nbytes]
 
 
 def _pinned_call(done: list[_Call]) -> _Call:

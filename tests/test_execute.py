@@ -157,3 +157,87 @@ def test_a_sticky_error_at_the_copy_back_goes_to_the_call_that_was_repeated():
     _fatal_at_copy(ranks, RuntimeError("CUDA error: an illegal memory access"))
     assert [c.run.fatal for c in ranks] == [False, True]
     assert ranks[1].run.error == "RuntimeError: CUDA error: an illegal memory access"
+
+
+# -- attribution once per batch, a second attributed run only when needed ----------------
+def _store_two(tensor, offset):
+    import ctypes
+
+    ctypes.memmove(tensor.data_ptr() + offset, (ctypes.c_int32 * 1)(2), 4)
+
+
+def _counted(fn, calls: list):
+    def counted(*args):
+        calls.append(args[1])  # num_experts: which case of the _wild batch
+        return fn(*args)
+
+    return counted
+
+
+def test_a_clean_batch_with_attribution_runs_once_and_gives_what_each_case_gives_alone():
+    import _wild
+
+    calls: list = []
+    fn = _counted(torch_impl.implementation()["align"], calls)
+    runs = run_batch(_wild.CASES, {"align": fn}, "cpu", attribute=True)
+    assert calls == [3, 3, 7, 3, 3]  # no second run
+    for case, case_runs in zip(_wild.CASES, runs):
+        assert not case_runs[0][0].wild_writes
+        _same(case_runs[0][0], run_case(case, {"align": fn}, "cpu")[0][0])
+
+
+def test_a_wild_write_runs_the_batch_again_and_the_streamed_runs_are_amended_to_pin_it():
+    import _wild
+
+    from difftest.evaluate import evaluate
+    from difftest.execute import amended
+    from difftest.sandbox import Outcome
+
+    calls: list = []
+    streamed: list = []
+    fn = _counted(_wild.writer(_store_two), calls)
+    runs = run_batch(_wild.CASES, {"align": fn}, "cpu", attribute=True,
+                     on_case=streamed.append)
+    assert calls == [3, 3, 7, 3, 3] * 2  # the batch, then again attributed
+    assert streamed[-1][0][0].earlier is not None  # the second run comes with the last case
+    for outcomes in ([Outcome(r) for r in runs], amended([Outcome(r) for r in streamed])):
+        verdicts = [evaluate(c, o, stable=False) for c, o in zip(_wild.CASES, outcomes)]
+        assert [v.verdict for v in verdicts] == ["pass", "pass", "mismatch", "pass", "pass"]
+        writes = outcomes[2].runs[0][0].wild_writes
+        assert [(w.case_id, w.buffer, w.role, w.position, w.value)
+                for w in writes] == _wild.WRITES
+    # unamended, the victim whose input was hit before it ran fails, the writer passes
+    first = [evaluate(c, Outcome(r), stable=False) for c, r in zip(_wild.CASES, streamed)]
+    assert [v.verdict for v in first] == ["pass", "pass", "pass", "mismatch", "pass"]
+
+
+def test_a_write_its_victim_overwrites_is_still_the_writers_wild_write():
+    # the third case stores into the fourth's sorted_token_ids[0] before the fourth runs;
+    # the fourth writes that element itself, so only the check before it runs sees it
+    import _wild
+
+    from difftest.evaluate import evaluate
+    from difftest.sandbox import Outcome
+
+    staged = [Staged(DIALECT_INFO["align"].plan(c, None)) for c in _wild.CASES]
+    bases = np.cumsum([0] + [s.nbytes for s in staged])
+
+    def data(k: int) -> int:
+        return int(bases[k] + next(b.data for b in staged[k].buffers
+                                   if b.name == "sorted_token_ids"))
+
+    ok = torch_impl.implementation()["align"]
+
+    def writes_ahead(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
+                     num_tokens_post_pad, expert_map=None):
+        ok(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
+           num_tokens_post_pad, expert_map)
+        if num_experts == 7:
+            _store_two(sorted_token_ids, data(3) - data(2))
+
+    runs = run_batch(_wild.CASES, {"align": writes_ahead}, "cpu", attribute=True)
+    verdicts = [evaluate(c, Outcome(r), stable=False) for c, r in zip(_wild.CASES, runs)]
+    assert [v.verdict for v in verdicts] == ["pass", "pass", "mismatch", "pass", "pass"]
+    [w] = runs[2][0][0].wild_writes
+    assert (w.case_id, w.buffer, w.role, w.position, w.value) == (
+        _wild.CASES[3].case_id, "sorted_token_ids", "output", 0, 2)
