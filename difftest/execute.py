@@ -45,6 +45,11 @@ from .dialects import DIALECT_INFO, SENTINEL, CallPlan, TensorArg  # SENTINEL: o
 GUARD = -1163005939  # 0xBAADF00D as int32: guard band around every buffer
 GUARD_LEN = 64  # elements of guard band at least, before and after every buffer
 ALIGN = 256  # bytes: every buffer's band, and its data, starts on this boundary
+# intra-op threads of torch while an implementation runs on the CPU: the campaign's own
+# process works beside its worker (draws, oracle, comparison) and `--workers N` runs N of
+# each, so more threads only contend (bench/campaign.py on the 2-core machine, loaded:
+# a huge case's calls 238 ms with torch's default 2 threads, 12 ms with 1)
+CPU_THREADS = 1
 # bytes of guard value before and after a batch's blocks (where attribution is on): a write
 # far past a case's buffers lands there when no other case's block is in the way
 ZONE_BYTES = 4 << 20
@@ -429,6 +434,17 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     the other cases' runs of the second run (``earlier``, see :func:`amended`).
     """
     cuda = str(device).startswith("cuda")
+    if not cuda:
+        import torch
+
+        threads = torch.get_num_threads()
+        if threads != CPU_THREADS:  # restored after: an in-process caller keeps its own
+            torch.set_num_threads(CPU_THREADS)
+            try:
+                return run_batch(cases, callables, device, repeats, profile=profile,
+                                 attribute=attribute, on_case=on_case)
+            finally:
+                torch.set_num_threads(threads)
     if not cuda and len(cases) > 1 and not attribute:
         # One block for the batch saves copies to a device; the CPU has none to save, so
         # each case is staged when its turn comes: a worker that dies at one case has
