@@ -543,8 +543,9 @@ class _Batch:
         for calls in self.per_case:
             for call in calls:
                 host[call.base:call.base + call.staged.nbytes] = call.staged.block
-        # on the CPU the calls write into ``host`` itself: keep the staged bytes apart
-        self.host, self.pristine = host, host if cuda else host.copy()
+        # on the CPU the calls write into ``host`` itself: the staged bytes are kept apart
+        # where attribution needs them as one array (elsewhere each call's block has them)
+        self.host, self.pristine = host, host if cuda or not zone else host.copy()
         self.tick("set-up")
         if cuda:
             full = torch.empty(base + 2 * zone, dtype=torch.uint8, device=device)
@@ -647,7 +648,7 @@ class _Batch:
             if back is not None:
                 if watch is not None:
                     back = watch.after(index, back)
-                suspects = _calls_with_stray_changes(done, self.pristine[lo:hi], back, lo)
+                suspects = _calls_with_stray_changes(done, back, lo)
                 for k, call in enumerate(done):  # a call that raised too: did it write?
                     if k in suspects:
                         call.staged.inspect(back, call.base - lo, call.run)
@@ -878,31 +879,23 @@ def _fatal_at_copy(done: list[_Call], exc: BaseException) -> None:
         call.run.error += f" (raised by the copy back after the {len(done)} runs of the call)"
 
 
-def _calls_with_stray_changes(calls: Sequence[_Call], pristine: np.ndarray,
-                              back: np.ndarray, offset: int) -> set[int]:
+def _calls_with_stray_changes(calls: Sequence[_Call], back: np.ndarray,
+                              offset: int) -> set[int]:
     """Indices of the calls whose block changed outside its output and scratch data.
 
-    ``pristine`` and ``back`` are the staged and the returned bytes of the
-    calls' blocks, from byte ``offset`` of the batch. A byte that differs
-    outside what a call may write is guard-band damage or a mutated input, and
-    only those calls get the buffer-by-buffer :meth:`Staged.inspect`. First one
-    comparison of just the bytes no call may change (inputs and bands: a small
-    part of a large case); only when they differ, all the bytes, to find whose.
+    ``back`` holds the returned bytes of the calls' blocks, from byte ``offset``
+    of the batch. A byte that differs from the call's staged block outside what
+    the call may write (its inputs and guard bands: a small part of a large
+    case) is guard-band damage or a mutated input, and only those calls get the
+    buffer-by-buffer :meth:`Staged.inspect`.
     """
-    ranges = [(call.base - offset + lo, call.base - offset + hi)
-              for call in calls for lo, hi in call.staged.fixed]
-    if np.array_equal(np.concatenate([back[lo:hi] for lo, hi in ranges]),
-                      np.concatenate([pristine[lo:hi] for lo, hi in ranges])):
-        return set()
-    changed = back != pristine
-    for call in calls:
-        for lo, hi in call.staged.writable:
-            changed[call.base - offset + lo:call.base - offset + hi] = False
-    stray = np.flatnonzero(changed)
-    if not stray.size:
-        return set()
-    starts = np.array([call.base - offset for call in calls])
-    return set(np.unique(np.searchsorted(starts, stray, side="right") - 1).tolist())
+    found = set()
+    for k, call in enumerate(calls):
+        block, start = call.staged.block, call.base - offset
+        mine = back[start:start + block.size]
+        if not all(np.array_equal(mine[lo:hi], block[lo:hi]) for lo, hi in call.staged.fixed):
+            found.add(k)
+    return found
 
 
 def run_case(case: Case, callables: dict[str, Callable[..., Any]], device: str,
