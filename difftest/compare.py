@@ -397,7 +397,7 @@ def compare_conservation(case: Case, runs: list[Any], expected: dict) -> list[Mi
             inside = (local >= 0) & (local < own.size)
             glob = np.full(route.size, -1, dtype=np.int64)
             glob[inside] = own[local[inside]]
-            np.add.at(hits, route, 1)
+            hits += np.bincount(route, minlength=N)  # route: values in [0, N)
             bad = np.flatnonzero((glob != global_of[route]) | ~want[route])
             if bad.size and wrong is None:
                 i = int(bad[0])

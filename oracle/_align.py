@@ -204,8 +204,8 @@ def fill_sorted_token_ids(
     # A key as narrow as the expert count lets NumPy's stable sort use radix sort.
     order = np.argsort(experts.astype(np.min_scalar_type(counts.size)), kind="stable")
     first_of_expert = np.cumsum(counts) - counts  # in the sorted order
-    rank_in_segment = np.arange(order.size) - np.repeat(first_of_expert, counts)
-    positions = np.repeat(offsets, counts) + rank_in_segment
+    # the i-th route in sorted order, of expert e: offset[e] + (i - first_of_expert[e])
+    positions = np.repeat(offsets - first_of_expert, counts) + np.arange(order.size)
     sorted_token_ids[positions] = routes[order]
 
 
