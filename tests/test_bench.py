@@ -28,6 +28,7 @@ SMOKE = {
     "vs_blockwalk": ["--repeats", "1"],
     "oracle_scaling": ["--repeats", "1"],
     "crash_throughput": ["--count", "60"],
+    "campaign": [],
 }
 
 

@@ -156,3 +156,57 @@ def test_a_batch_stopped_by_a_crash_is_recorded_first_and_its_rest_runs_next(tmp
     assert [row["T"] for row in campaign.case_rows] == [1, 0, 2, 3, 4]
     assert campaign.result.verdicts == {"pass": 4, "crash": 1}
     campaign.log.close()
+
+
+def test_generated_batches_hold_one_size_class_each_and_grow_from_one_case(tmp_path):
+    # one huge case does not hold up the small ones drawn with it: a queue per size class,
+    # each closing at BATCH_CASES cases or BATCH_ROUTES routes, its first batch one case
+    pytest.importorskip("torch")
+    from difftest.campaign import BATCH_CASES, BATCH_ROUTES
+    from difftest.classify import size_class
+    from difftest.sandbox import InProcessRunner
+
+    class Recording(InProcessRunner):
+        batches: list = []
+
+        def submit(self, cases):
+            self.batches.append([size_class(c) for c in cases])
+            self.routes = getattr(self, "routes", []) + [
+                sum(c.num_routes * len(c.ranks()) for c in cases)]
+            super().submit(cases)
+
+    impl = registry.resolve("torch")
+    runner = Recording(impl, "cpu")
+    campaign = Campaign(impl, runner, tmp_path, seed=3)
+    campaign.generate(dialects=impl.dialects, contracts=("production", "defensive"),
+                      max_examples=300)
+    campaign.close()
+    batches = runner.batches
+    assert sum(map(len, batches)) == campaign.result.cases
+    assert all(len(set(b)) == 1 for b in batches), batches
+    firsts: dict[str, int] = {}
+    for batch, routes in zip(batches, runner.routes):
+        firsts.setdefault(batch[0], len(batch))
+        assert len(batch) <= BATCH_CASES and (len(batch) == 1 or routes < 2 * BATCH_ROUTES)
+    assert set(firsts) >= {"decode", "huge"} and set(firsts.values()) == {1}
+    decode = [len(b) for b in batches if b[0] == "decode"]
+    assert decode[:4] == [1, 2, 4, 8]  # growing, while huge cases went in batches between
+
+
+def test_a_campaign_given_stages_times_every_stage_of_every_case_it_records(tmp_path):
+    pytest.importorskip("torch")
+    from difftest.campaign import Stages
+    from difftest.sandbox import InProcessRunner
+
+    impl = registry.resolve("torch", "vllm-lora")
+    campaign = Campaign(impl, InProcessRunner(impl, "cpu"), tmp_path, seed=1)
+    assert campaign.stages is None  # nothing is timed unless asked
+    campaign.stages = stages = Stages()
+    campaign.generate(dialects=impl.dialects, contracts=("production",), max_examples=20)
+    campaign.close()
+    assert sum(stages.cases.values()) == campaign.result.cases == 20
+    for size in stages.cases:
+        for stage in ("draw", "stage", "run", "inspect", "oracle", "compare", "record"):
+            assert stages.seconds[stage, size] > 0, (stage, size)
+    assert stages.dispatch_s > sum(s for (stage, _), s in stages.seconds.items()
+                                   if stage in ("oracle", "compare", "record"))
