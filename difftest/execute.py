@@ -10,8 +10,9 @@ out in one block of bytes (:class:`Staged`); every byte of the block that is
 not a buffer's data belongs to a guard band. A batch of cases is one host
 array of such blocks (every repeat of every rank of every case), so on a GPU
 it costs one copy to the device, whatever the number of calls, and one copy
-back per case (and, with attribution, one of the whole batch at its end). On the CPU each buffer is its own tensor over its part of the
-host array, so a write past a buffer's storage raises as torch does.
+back per case (and, with attribution, one of the whole batch at its end). On
+the CPU each buffer is its own tensor over its part of the host array, so a
+write past a buffer's storage raises as torch does.
 
 Every case is synchronised before the next one starts (its copy back is
 the synchronisation), so a sticky device error (an illegal address poisons
