@@ -474,15 +474,17 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
         batch.full = batch.storage = None  # (its device memory, on CUDA)
         again = _Batch(cases, repeats, device, ZONE_BYTES, profile, staged=batch.staged)
         rerun = again.run(callables, "each", None)
-        if any(run.wild_writes for case_runs in rerun for repeat in case_runs
-               for run in repeat):
+        # a sticky error in the second run ends this worker too (the caller sees it last)
+        if (rerun and any(run.fatal for repeat in rerun[-1] for run in repeat)) or any(
+                run.wild_writes for case_runs in rerun for repeat in case_runs
+                for run in repeat):
             if len(rerun) == len(runs) and held:
                 first = rerun[-1][0][0] if rerun[-1] and rerun[-1][0] else None
                 if first is not None:
                     first.earlier = rerun[:-1]
                 held[-1] = rerun[-1]
             runs = rerun
-        # else: not seen again (a race; a write its owner overwrote): the first run stands
+        # else: not seen again (a race): the first run stands, its failures confirmed alone
     if on_case is not None and held:
         on_case(held.pop())
     return runs
