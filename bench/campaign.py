@@ -44,15 +44,17 @@ MAIN_STAGES = ("draw", "oracle", "compare", "record")
 STAGES = ("draw", "stage", "run", "inspect", "oracle", "compare", "record")
 
 
-def one_campaign(impl_name: str, device: str, seconds: float, seed: int, out: Path) -> dict:
-    """One campaign in this process, its sandboxed worker warm before the clock starts."""
+def one_campaign(impl_name: str, device: str, seconds: float, seed: int, out: Path,
+                 gpu: int | None = None) -> dict:
+    """One campaign in this process, its sandboxed worker warm before the clock starts
+    (on GPU ``gpu``, as ``difftest run --workers`` shares the GPUs round-robin)."""
     from difftest.budget import Budget
     from difftest.campaign import Campaign, Stages
     from difftest.registry import resolve
     from difftest.sandbox import SandboxRunner
 
     impl = resolve(impl_name)
-    with SandboxRunner(impl, device, timeout_s=60.0) as runner:
+    with SandboxRunner(impl, device, timeout_s=60.0, cuda_device=gpu) as runner:
         runner.warm_up()
         budget = Budget(seconds=seconds, seed=seed)
         campaign = Campaign(impl, runner, out, seed=seed, budget=budget)
@@ -74,13 +76,18 @@ def side_by_side(impl: str, device: str, seconds: float, seed: int, workers: int
     """``workers`` campaigns at once, each in a process of its own (``--child``)."""
     from difftest.cli import shard_seed
 
+    gpus = 0
+    if device == "cuda":
+        import torch
+
+        gpus = max(1, torch.cuda.device_count())  # counts devices; creates no context
     with tempfile.TemporaryDirectory(prefix="bench-campaign-") as tmp:
         procs = []
         for i in range(workers):
             out = Path(tmp) / f"worker-{i}"
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--device", device,
                    "--seconds", str(seconds), "--seed", str(shard_seed(seed, (i, workers))),
-                   "--out", str(out)]
+                   "--out", str(out)] + (["--gpu", str(i % gpus)] if gpus else [])
             procs.append((subprocess.Popen(cmd), out))
         results = []
         for proc, out in procs:
@@ -125,11 +132,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse_hidden())
     parser.add_argument("--out", default=None, help=argparse_hidden())
+    parser.add_argument("--gpu", type=int, default=None, help=argparse_hidden())
     args = parser.parse_args()
     impl = args.impl or default_impl(args.device)
     if args.child:
         out = Path(args.out)
-        result = one_campaign(impl, args.device, args.seconds, args.seed, out)
+        result = one_campaign(impl, args.device, args.seconds, args.seed, out, args.gpu)
         (out / "bench-stages.json").write_text(json.dumps(result))
         return
     check_device(args.device)
