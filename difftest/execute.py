@@ -460,11 +460,17 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
         return batch.run(callables, None, on_case)
     check = _BatchCheck(batch)
     held: list[list[list[RankRun]]] = []
+    streamed = [0]
 
     def hold_last(runs: list[list[RankRun]]) -> None:
-        if held and on_case is not None:
-            on_case(held.pop())
-        held.append(runs)
+        # each case as soon as it is read back (a crash in the next one is pinned on that
+        # one), but the last: its message may have to carry the second run
+        if streamed[0] < len(cases) - 1:
+            streamed[0] += 1
+            if on_case is not None:
+                on_case(runs)
+        else:
+            held.append(runs)
 
     runs = batch.run(callables, check, hold_last)
     if not (runs and any(run.fatal for repeat in runs[-1] for run in repeat)) and (

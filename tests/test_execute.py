@@ -178,12 +178,20 @@ def test_a_clean_batch_with_attribution_runs_once_and_gives_what_each_case_gives
     import _wild
 
     calls: list = []
-    fn = _counted(torch_impl.implementation()["align"], calls)
-    runs = run_batch(_wild.CASES, {"align": fn}, "cpu", attribute=True)
+    streamed: list = []
+    counted = _counted(torch_impl.implementation()["align"], calls)
+
+    def fn(*args):  # each case is streamed before the next one runs
+        assert len(streamed) == len(calls)
+        return counted(*args)
+
+    runs = run_batch(_wild.CASES, {"align": fn}, "cpu", attribute=True,
+                     on_case=streamed.append)
     assert calls == [3, 3, 7, 3, 3]  # no second run
+    assert len(streamed) == 5 and all(s is r for s, r in zip(streamed, runs))
     for case, case_runs in zip(_wild.CASES, runs):
         assert not case_runs[0][0].wild_writes
-        _same(case_runs[0][0], run_case(case, {"align": fn}, "cpu")[0][0])
+        _same(case_runs[0][0], run_case(case, torch_impl.implementation(), "cpu")[0][0])
 
 
 def test_a_wild_write_runs_the_batch_again_and_the_streamed_runs_are_amended_to_pin_it():
