@@ -387,16 +387,19 @@ def compare_conservation(case: Case, runs: list[Any], expected: dict) -> list[Mi
             eid = run.outputs["expert_ids"].reshape(L, -1)[row].astype(np.int64)
             pos = np.flatnonzero((srt >= 0) & (srt < N))
             route = srt[pos].astype(np.int64)
-            block = pos // B
-            local = np.where(block < eid.size, eid[np.minimum(block, eid.size - 1)], -1)
+            # each block's local expert (-1 past the expert_ids row), and the global
+            # expert it is on this rank (-1 for a local id this rank does not own)
+            block = np.minimum(pos // B, eid.size)
+            own = owned[run.rank]
+            owned_block = (eid >= 0) & (eid < own.size)
+            block_glob = np.full(eid.size + 1, -1, dtype=np.int64)
+            block_glob[:-1][owned_block] = own[eid[owned_block]]
             if foreign_segment:
                 total = int(run.outputs["num_tokens_post_pad"].reshape(L)[row])
+                local = np.append(eid, -1)[block]
                 keep = ~((local == -1) & (pos < total))  # the rank's -1 segment
-                pos, route, block, local = pos[keep], route[keep], block[keep], local[keep]
-            own = owned[run.rank]
-            inside = (local >= 0) & (local < own.size)
-            glob = np.full(route.size, -1, dtype=np.int64)
-            glob[inside] = own[local[inside]]
+                route, block = route[keep], block[keep]
+            glob = block_glob[block]
             hits += np.bincount(route, minlength=N)  # route: values in [0, N)
             bad = np.flatnonzero((glob != global_of[route]) | ~want[route])
             if bad.size and wrong is None:
