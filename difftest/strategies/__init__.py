@@ -31,12 +31,16 @@ and a case whose contract is not the one asked for is a bug of this module
 Structure and values.  Hypothesis draws only a case's structure — dialect,
 contract, foci, ingredients, sizes (``T``, ``K``, ``E``, ``B``, ``L``, ``P``),
 dtype, routing, EP group, the LoRA layout's decisions (how tokens map to slots,
-how many requests, where a gap goes), the ``sglang-align`` flags — and one seed,
-kept in ``Case.seed``.  Every array is expanded from that seed by NumPy
+how many requests, where a gap goes) — and one seed, kept in ``Case.seed``.
+Every array is expanded from that seed by NumPy
 (:class:`~difftest.strategies._base.Values`): the expert ids, the invalid ids and
 where they go, the forced duplicate, slots, request boundaries, permutations,
-``adapter_enabled`` flags, a case-level ``expert_map``.  So a draw costs a few
-dozen choices, for one route or 40,000 tokens.  A case of up to
+``adapter_enabled`` flags, a case-level ``expert_map``; so are the weighted coin
+flips of the structure (int64 one case in four, EP one in five, the
+``sglang-align`` flags...), which come out at their exact rates and never let two
+choice sequences that differ in a coin's unused bits draw the same case.  So a
+draw costs a dozen or two choices, for one route or 40,000 tokens, and a
+campaign draws few cases twice.  A case of up to
 :data:`ELEMENTWISE_MAX_ROUTES` routes also draws a value style
 (:data:`~difftest.strategies._base.VALUE_STYLES`: values near the low end of
 their range with many repeats — expert 0, slot -1 and 0 —, only the range's

@@ -114,7 +114,7 @@ def cases(dialects: Sequence[str] | None = None,
     """Cases of the given ``dialects`` (default: all) and ``contracts``, each built
     around a focus edge class (see the module docstring).
 
-    ``max_tokens`` bounds ``T`` of ordinary cases (drawn element by element);
+    ``max_tokens`` bounds ``T`` of ordinary cases;
     with ``allow_large`` some cases are larger on purpose (``path-boundary``
     up to 1025 tokens, broad cases up to :data:`MEDIUM_MAX_TOKENS`,
     ``huge-batch`` 16384..40000 tokens with ``K`` 4..8).  Every case has
@@ -139,7 +139,8 @@ def cases(dialects: Sequence[str] | None = None,
 
     Shrinks towards the first dialect and contract, a ``"broad"`` focus, one
     token with one route to expert 0, ``B = 1``, int32 ids, no EP, one
-    adapter slot.
+    adapter slot, seed 0 and the ``"small"`` value style (the values themselves
+    shrink with :mod:`difftest.shrink`).
     """
     dialects = tuple(DIALECTS if dialects is None else dialects)
     contracts = tuple(contracts)
