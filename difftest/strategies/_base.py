@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -80,15 +81,21 @@ class Values:
 
 def _draw_seed(draw: st.DrawFn) -> Values:
     """The values of a drawn seed, ``"uniform"`` until :func:`_draw_style` says."""
-    return Values(draw(st.integers(0, 2**32 - 1)))
+    return Values(draw(_integers(0, 2**32 - 1)))
 
 
 def _draw_style(draw: st.DrawFn, values: Values, routes: int) -> Values:
     """``values`` in a drawn style when they are for up to :data:`ELEMENTWISE_MAX_ROUTES`
     routes (larger arrays stay ``"uniform"``)."""
     if routes <= ELEMENTWISE_MAX_ROUTES:
-        values.style = draw(st.sampled_from(VALUE_STYLES))
+        values.style = draw(_sampled_from(VALUE_STYLES))
     return values
+
+
+#: ``st.integers`` and ``st.sampled_from`` (options a tuple), one strategy object per
+#: argument set: building one and validating it costs more than drawing from it.
+_integers = functools.lru_cache(maxsize=8192)(st.integers)
+_sampled_from = functools.lru_cache(maxsize=4096)(st.sampled_from)
 
 
 def _rank_counts(num_global: int, dispatch: str, min_ranks: int, max_ranks: int,

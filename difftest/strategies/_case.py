@@ -23,7 +23,14 @@ from ..classify import MANY_EXPERTS_MIN, contract_of, defensive_reasons, edge_cl
 from ..dialects import DIALECT_INFO
 from ..errors import UsageError
 from ..limits import Limits, in_domain, validate, violations
-from ._base import _check_choice, _draw_seed, _draw_style, _rank_counts
+from ._base import (
+    _check_choice,
+    _draw_seed,
+    _draw_style,
+    _integers,
+    _rank_counts,
+    _sampled_from,
+)
 from ._ids import _direct_map, _force_duplicate, _inject_invalid_ids, _invalid_ids, _routed_ids
 from ._lora import _sglang_layout, _vllm_layout
 from ._plan import _bounds, _Plan, _protected_routes
@@ -234,8 +241,8 @@ def _compatible(first: str, second: str, dialect: str) -> bool:
 def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...],
            max_tokens: int, allow_large: bool, only: tuple[str, ...] | None = None,
            limit_items: tuple = (), out_of_domain: int = 0) -> Case:
-    dialect = draw(st.sampled_from(dialects))
-    contract = draw(st.sampled_from(contracts))
+    dialect = draw(_sampled_from(dialects))
+    contract = draw(_sampled_from(contracts))
     limits: Limits = dict(limit_items)
     # the seed first: the weighted coin flips of the structure come from it too
     values = _draw_seed(draw)
@@ -252,8 +259,8 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
     seldom = tuple(f for f in options if f not in _OFTEN)
     chosen: list[str] = []
     if not probe:  # a probe is a broad case with one size out of the domain
-        drawn = [draw(st.sampled_from(options if only is not None else ("broad",) + options))]
-        drawn += [draw(st.sampled_from(("broad",) + seldom)) for _ in range(2)]
+        drawn = [draw(_sampled_from(options if only is not None else ("broad",) + options))]
+        drawn += [draw(_sampled_from(("broad",) + seldom)) for _ in range(2)]
         for name in drawn:
             if name != "broad" and all(_compatible(name, other, dialect) for other in chosen):
                 chosen.append(name)
@@ -323,7 +330,7 @@ def _loose_padded_size(draw: st.DrawFn, plan: _Plan) -> int:
     """Production ``P`` of the whole batch with ``G`` experts, plus 1..3B (any multiple)."""
     base = production_padded_size(plan.dialect, plan.num_routes, plan.num_experts,
                                   plan.block_size)
-    return base + draw(st.integers(1, 3 * plan.block_size))
+    return base + draw(_integers(1, 3 * plan.block_size))
 
 
 
@@ -336,8 +343,12 @@ def _draw_ingredients(draw: st.DrawFn, plan: _Plan) -> None:
         return
     pool = tuple(i for i in DIALECT_INFO[plan.dialect].ingredients
                  if not any((f, i) in _CLASHES for f in plan.foci))
-    plan.ingredients = frozenset(draw(st.lists(st.sampled_from(pool), min_size=1,
-                                               max_size=2, unique=True)))
+    plan.ingredients = frozenset(draw(_ingredient_lists(pool)))
+
+
+@functools.lru_cache(maxsize=256)
+def _ingredient_lists(pool: tuple[str, ...]) -> SearchStrategy[list[str]]:
+    return st.lists(st.sampled_from(pool), min_size=1, max_size=2, unique=True)
 
 
 def _draw_ep(draw: st.DrawFn, plan: _Plan) -> None:

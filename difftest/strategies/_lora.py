@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import oracle
 
-from ._base import ELEMENTWISE_MAX_ROUTES, Values
+from ._base import ELEMENTWISE_MAX_ROUTES, Values, _integers, _sampled_from
 
 #: Features :func:`~.components.lora_layouts` can build in (see its docstring).
 LORA_FEATURES = (
@@ -42,7 +42,7 @@ def _vllm_layout(draw: st.DrawFn, values: Values, num_tokens: int, num_slots: in
                                   values.ints(num_tokens - num_slots - 1, -1, num_slots - 1)])
         mapping = mapping[values.permutation(num_tokens)]
     else:
-        kind = draw(st.sampled_from(("mixed", "adapters", "single")))
+        kind = draw(_sampled_from(("mixed", "adapters", "single")))
         if kind == "single":
             mapping = np.full(num_tokens, values.one(0, num_slots - 1), dtype=np.int64)
         else:
@@ -84,7 +84,7 @@ def _break_vllm_layout(draw: st.DrawFn, values: Values, lora_ids: np.ndarray,
         options.append("stale")
     if not options:
         return _out_of_range_slots(values, lora_ids, num_slots, ())
-    kind = draw(st.sampled_from(options))
+    kind = draw(_sampled_from(tuple(options)))
     if kind == "duplicate":
         lora_ids[pads[-1]] = lora_ids[values.pick(real)]
     elif kind == "unsorted":
@@ -131,7 +131,7 @@ def _sglang_layout(draw: st.DrawFn, values: Values, num_tokens: int, num_slots: 
     full = "full-slots-with-base" in features
     base_only = "base-only" in features
     # How full/base-only batches get their base tokens: a gap or a -1 request.
-    base_by = draw(st.sampled_from(("unassigned", "gap"))) if full or base_only else None
+    base_by = draw(_sampled_from(("unassigned", "gap"))) if full or base_only else None
     gap = "request-gap" in features or base_by == "gap"
     min_reqs = num_slots + (base_by == "unassigned") if full else 1
 
@@ -194,8 +194,8 @@ def _sglang_layout(draw: st.DrawFn, values: Values, num_tokens: int, num_slots: 
 def _covered_span(draw: st.DrawFn, values: Values, num_tokens: int,
                   min_len: int) -> tuple[int, int]:
     """``[start, stop)`` with at least ``min_len`` tokens, leaving a gap before or after."""
-    kinds = ["head", "tail"] + (["both"] if num_tokens >= min_len + 2 else [])
-    kind = draw(st.sampled_from(kinds))
+    kinds = ("head", "tail") + (("both",) if num_tokens >= min_len + 2 else ())
+    kind = draw(_sampled_from(kinds))
     if kind == "head":
         return values.one(1, num_tokens - min_len), num_tokens
     if kind == "tail":
@@ -210,7 +210,7 @@ def _request_bounds(draw: st.DrawFn, values: Values, start: int, stop: int,
     the count is drawn, the cuts come from ``values``."""
     span = stop - start
     most = MAX_REQUESTS if span <= ELEMENTWISE_MAX_ROUTES else MAX_REQUESTS_LARGE
-    count = draw(st.integers(min_reqs, max(min_reqs, min(span, most))))
+    count = draw(_integers(min_reqs, max(min_reqs, min(span, most))))
     cuts = np.sort(values.rng.choice(span - 1, size=count - 1, replace=False) + start + 1
                    ).tolist() if count > 1 else []
     return [start, *cuts, stop]

@@ -3,7 +3,7 @@ foci, inside the declared limits, and the out-of-domain probes that cross one.""
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
 
 import numpy as np
 from hypothesis import strategies as st
@@ -18,7 +18,7 @@ from ..classify import (
 )
 from ..dialects import DIALECT_INFO
 from ..limits import UNBOUNDED, Limits
-from ._base import ELEMENTWISE_MAX_ROUTES
+from ._base import ELEMENTWISE_MAX_ROUTES, _integers, _sampled_from
 from ._ids import ROUTINGS
 from ._plan import _bounds, _Plan, _protected_routes
 from .components import BLOCK_SIZES, ODD_BLOCK_SIZES, expert_counts
@@ -39,32 +39,32 @@ def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool
     the plan's limits.  Each is drawn once, the way its focus asks (a value drawn and
     then overridden would make different draws give the same case)."""
     foci = plan.foci
-    block = draw(st.sampled_from(("one", "odd", "wide"))) if "block-edges" in foci else None
+    block = draw(_sampled_from(("one", "odd", "wide"))) if "block-edges" in foci else None
     # T and K: at most one of these foci decides them (see _CONFLICTS).
     if "huge-batch" in foci:
         topks = _huge_topks(plan.limits)
-        plan.topk = draw(st.integers(4, 8) if topks == (4, 5, 6, 7, 8)
-                         else st.sampled_from(topks))
+        plan.topk = draw(_integers(4, 8) if topks == (4, 5, 6, 7, 8)
+                         else _sampled_from(topks))
         fewest = max(HUGE_MIN_TOKENS, -(-HUGE_BATCH_MIN_ROUTES // plan.topk))
         most = min(plan.bounds("num_tokens")[1], plan.bounds("num_routes")[1] // plan.topk)
         if most <= HUGE_MAX_TOKENS and plan.values.chance(0.25):
             plan.num_tokens = most  # at the declared bound
         else:
             most = min(most, HUGE_MAX_TOKENS if plan.values.chance(0.25) else fewest + 1024)
-            plan.num_tokens = draw(st.integers(max(fewest, plan.bounds("num_tokens")[0]),
+            plan.num_tokens = draw(_integers(max(fewest, plan.bounds("num_tokens")[0]),
                                                most))
     elif "path-boundary" in foci:
         limit = max(MEDIUM_MAX_TOKENS, max_tokens) if allow_large else max_tokens
         least_topk = 2 if "duplicate-route" in foci else 1
-        routes, topk = draw(st.sampled_from(
+        routes, topk = draw(_sampled_from(
             _boundary_topks(limit, least_topk, plan.limits) or
             _boundary_topks(limit, 1, plan.limits)))
         plan.topk, plan.num_tokens = topk, routes // topk
     elif block == "wide" and "empty-batch" not in foci:  # B > N: few routes, a wide block
         plan.block_size = draw(_block_sizes_within(plan, WIDE_BLOCK_SIZES))
-        plan.topk = draw(st.integers(1, min(8, plan.block_size - 1)))
+        plan.topk = draw(_integers(1, min(8, plan.block_size - 1)))
         most = max(1, min(max_tokens, (plan.block_size - 1) // plan.topk))
-        plan.num_tokens = draw(st.integers(1, most))
+        plan.num_tokens = draw(_integers(1, most))
     else:
         if "empty-batch" in foci:
             plan.num_tokens = 0
@@ -82,14 +82,14 @@ def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool
                       if low_e <= e - extra <= high_e)
     if "many-experts" in foci:
         if high_e != UNBOUNDED and plan.values.chance(0.75):
-            plan.num_experts = draw(st.sampled_from(  # at the declared bound
+            plan.num_experts = draw(_sampled_from(  # at the declared bound
                 tuple(e for e in (high_e, high_e - 1)
                       if e >= max(low_e, MANY_EXPERTS_MIN - extra))))
         else:
             top = KERNEL_MAX_EXPERTS - extra if high_e == UNBOUNDED else high_e
-            plan.num_experts = draw(st.integers(max(MANY_EXPERTS_MIN - extra, low_e), top))
+            plan.num_experts = draw(_integers(max(MANY_EXPERTS_MIN - extra, low_e), top))
     elif "path-boundary" in foci and near_path and plan.values.chance(0.75):
-        plan.num_experts = draw(st.sampled_from(near_path))
+        plan.num_experts = draw(_sampled_from(near_path))
     else:
         plan.num_experts = draw(_expert_counts_within(plan))
 
@@ -107,7 +107,7 @@ def _draw_sizes(draw: st.DrawFn, plan: _Plan, max_tokens: int, allow_large: bool
     else:
         plan.block_size = draw(_block_sizes_within(plan, BLOCK_SIZES))
     plan.dtype = np.int64 if "int64-ids" in foci or plan.values.chance(0.25) else np.int32
-    plan.routing = "uniform" if foci else draw(st.sampled_from(ROUTINGS))
+    plan.routing = "uniform" if foci else draw(_sampled_from(ROUTINGS))
     if plan.lora:
         plan.max_loras = (_within(draw, plan, "max_loras", 9, 32) if plan.values.chance(0.1)
                           else _within(draw, plan, "max_loras", 1, 8))
@@ -158,14 +158,18 @@ def _within(draw: st.DrawFn, plan: _Plan, name: str, low: int, high: int) -> int
     a, b = max(low, lo), min(high, hi)
     if a > b:
         a, b = (hi, hi) if hi < low else (lo, min(hi, lo + high - low))
-    return draw(st.integers(a, b))
+    return draw(_integers(a, b))
 
 
 def _expert_counts_within(plan: _Plan) -> SearchStrategy[int]:
     """:func:`expert_counts` of ``1..256`` inside the ``num_experts`` bounds; a declared
     maximum and the count below it are notable counts (drawn often)."""
-    lo, hi = plan.bounds("num_experts")
-    if not plan.limits or (lo, hi) == (0, UNBOUNDED):
+    return _expert_counts_between(*plan.bounds("num_experts"), bool(plan.limits))
+
+
+@functools.lru_cache(maxsize=1024)
+def _expert_counts_between(lo: int, hi: int, limited: bool) -> SearchStrategy[int]:
+    if not limited or (lo, hi) == (0, UNBOUNDED):
         return expert_counts(1, 256)
     a, b = max(1, lo), min(256, hi)
     if a > b:
@@ -174,12 +178,12 @@ def _expert_counts_within(plan: _Plan) -> SearchStrategy[int]:
     return st.one_of(expert_counts(a, b), st.sampled_from(edge)) if edge else expert_counts(a, b)
 
 
-def _block_sizes_within(plan: _Plan, options: Sequence[int]) -> SearchStrategy[int]:
+def _block_sizes_within(plan: _Plan, options: tuple[int, ...]) -> SearchStrategy[int]:
     """One of ``options`` inside the ``block_size`` bounds (the nearest bound if none)."""
     lo, hi = plan.bounds("block_size")
     inside = tuple(b for b in options if lo <= b <= hi)
     if inside:
-        return st.sampled_from(inside)
+        return _sampled_from(inside)
     return st.just(max(1, lo) if options[0] < lo else hi)
 
 
@@ -241,7 +245,7 @@ def _cross_a_limit(draw: st.DrawFn, plan: _Plan) -> str | None:
                and not (name == "block_size" and plan.dialect == "ep-remap")]
     if not options:
         return None
-    name, value = draw(st.sampled_from(options))
+    name, value = draw(_sampled_from(tuple(options)))
     plan.routing = "uniform"  # nothing protected: defensive ingredients always fit
     if name == "num_experts":
         plan.num_experts = value
