@@ -73,10 +73,14 @@ class Values:
         return self.rng.permutation(size)
 
     def chance(self, p: float) -> bool:
-        """True with probability ``p`` (exactly: a Hypothesis boolean leans to 1/2, and
-        ``integers(0, 99) >= k`` gives 100 choices two results, so that mutated
-        choices would draw one case again and again)."""
-        return bool(self.rng.random() < p)
+        """True with probability ``p``; never for seed 0, the simplest case, which
+        Hypothesis shrinks the seed towards (so a shrunk case has no coin's extra).
+
+        A coin of the structure comes from here, not from Hypothesis: a Hypothesis
+        boolean leans to 1/2 whatever ``p`` is, and ``integers(0, 99) >= k`` gives
+        100 choices two results, so that mutated choices draw a case again and again.
+        """
+        return self.seed != 0 and bool(self.rng.random() < p)
 
 
 def _draw_seed(draw: st.DrawFn) -> Values:
