@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 from ..errors import UsageError
 
-#: Arrays of up to this many routes (tokens, for a layout alone) draw a value style
-#: of :data:`VALUE_STYLES`; larger ones are ``"uniform"``.
+#: A case of up to this many routes (a layout alone: tokens) is small: it draws a value
+#: style of :data:`VALUE_STYLES`, gets 1..3 invalid ids and up to 16 SGLang requests.
+#: A larger one is ``"uniform"``, gets 1..16 and up to 64, and at most
+#: ``LARGE_CASE_MAX_LORAS`` adapter slots.  (The name is from when small cases drew
+#: each value as a Hypothesis choice.)
 ELEMENTWISE_MAX_ROUTES = 512
 #: How the values of a case are spread in their range ``[low, high]``: ``"small"``
 #: mostly ``low`` and just above (expert 0, slot -1/0, repeats), ``"uniform"``,
