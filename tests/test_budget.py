@@ -289,6 +289,8 @@ def test_once_a_failure_is_on_record_generation_ends_earlier(impl_name, last_sta
 
     pytest.importorskip("torch")
     monkeypatch.syspath_prepend(str(TESTS))
+    # batches of at most 8 cases (8 fake seconds), whatever sizes the generator draws
+    monkeypatch.setattr("difftest.campaign.BATCH_CASES", 8)
     impl = registry.resolve(impl_name, "vllm-lora")
     now = _FakeTime(0.0)
     runner = _OneSecondPerCase(InProcessRunner(impl, "cpu"), now)

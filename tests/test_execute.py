@@ -48,7 +48,7 @@ def _same(a, b) -> None:
 
 
 def test_a_batch_gives_every_case_what_it_gives_alone():
-    cases = _draw(40, seed=3)
+    cases = _draw(40, seed=4)  # a seed whose 40 draws hold every dialect
     assert {c.dialect for c in cases} == {"align", "vllm-lora", "sglang-lora", "ep-remap",
                                           "sglang-align"}
     fns = torch_impl.implementation()

@@ -22,7 +22,7 @@ from difftest import strategies
 from difftest.case import CONTRACTS, DIALECTS
 from difftest.classify import contract_of, defensive_reasons, edge_classes_of
 from difftest.limits import in_domain, violations
-from difftest.strategies import cases
+from difftest.strategies import _case, cases
 
 COMBINATIONS = [(d, c) for d in DIALECTS for c in CONTRACTS]
 
@@ -69,14 +69,14 @@ def test_a_defensive_case_whose_foci_protect_every_route_still_gets_an_invalid_i
         monkeypatch):
     # The worst placement of the duplicate pair: the last two routes, so that with the
     # two routes to the hot expert nothing is left unprotected in a four-route case.
-    def last_two_routes(draw, ids, rng):
+    def last_two_routes(values, ids):
         num_tokens, topk = ids.shape
         ids[-1, -1] = ids[-1, -2]
         mask = np.zeros(ids.size, dtype=bool)
         mask[-2:] = True
         return mask
 
-    monkeypatch.setattr(strategies, "_force_duplicate", last_two_routes)
+    monkeypatch.setattr(_case, "_force_duplicate", last_two_routes)
     case = find(cases(dialects=("ep-remap",), contracts=("defensive",)),
                 lambda c: {"duplicate-route", "hot-expert"} <= set(c.note[6:].split("+"))
                 and c.num_tokens == 1,

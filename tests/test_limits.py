@@ -277,7 +277,7 @@ _SITECUSTOMIZE = textwrap.dedent('''
     import os, sys
     seed = os.environ.get("BREAK_SEED", "")
     if os.environ.get("BREAK_AT") and (not seed or seed in sys.argv):
-        import difftest.strategies as strategies
+        import difftest.strategies._case as strategies
         calls = [0]
         original = strategies._draw_ep
         def broken(draw, plan):

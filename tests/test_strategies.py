@@ -340,3 +340,35 @@ def test_a_full_slots_case_shrinks_to_two_tokens_on_one_slot():
                 settings=settings(database=None, derandomize=True, max_examples=500))
     assert (case.num_tokens, case.max_loras) == (2, 1)
     assert sorted(case.token_lora_mapping.tolist()) == [-1, 0]
+
+
+# -- structure and values ---------------------------------------------------------------
+def test_a_case_costs_a_few_dozen_choices_whatever_its_size():
+    from hypothesis import Phase
+
+    choices: list[tuple[int, int]] = []  # (routes, Hypothesis choices of the draw)
+
+    @settings(max_examples=300, database=None, derandomize=True, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def collect(data):
+        before = len(data.conjecture_data.nodes)
+        case = data.draw(cases())
+        choices.append((case.num_routes, len(data.conjecture_data.nodes) - before))
+
+    collect()
+    assert max(n for _, n in choices) <= 40
+    assert max(r for r, _ in choices) >= 65536  # huge cases among them, at that cost
+
+
+def test_values_follow_their_style_and_seed_0_flips_no_coin():
+    from difftest.strategies._base import Values
+
+    edges = Values(7, "edges").ints(1000, -1, 9)
+    assert set(edges.tolist()) == {-1, 0, 8, 9}
+    small = Values(7, "small").ints(1000, 0, 255)
+    assert (small == 0).mean() > 0.4 and (small <= 3).mean() > 0.9
+    assert Values(7, "uniform").ints(1000, 0, 3).tolist() == Values(7).ints(1000, 0, 3).tolist()
+    plain, seeded = Values(0), Values(1)
+    assert not any(plain.chance(0.99) for _ in range(100))
+    assert sum(seeded.chance(0.25) for _ in range(4000)) in range(900, 1100)
