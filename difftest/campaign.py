@@ -500,13 +500,13 @@ class Campaign:
         evaluations of the collected cases, in their order.
 
         When the batch in flight stopped at a crash (a sticky device error), the
-        cases after it did not run: they go in front of ``batch``, and the
-        collected cases are recorded first, so that the crash is on record
-        before the worker restarts. :meth:`drain` runs whatever is in flight.
-        Failures recorded while a batch is in flight are confirmed
-        (:meth:`confirm`) at the next call, while the worker is idle. Past the
-        deadline nothing new starts: the collected cases are recorded and
-        :class:`BudgetSpent` raised (the rest never ran and is not recorded).
+        cases after it did not run: they go in front of ``batch``, to a spare
+        that takes over at once, and the crash is recorded while it runs them.
+        :meth:`drain` runs whatever is in flight. Failures recorded while a batch
+        is in flight are confirmed (:meth:`confirm`) at the next call, while the
+        worker is idle. Past the deadline nothing new starts: the collected cases
+        are recorded and :class:`BudgetSpent` raised (the rest never ran and is
+        not recorded).
         """
         previous, number = self._inflight, self._inflight_batch
         outcomes = amended(self.runner.collect()) if previous else []
@@ -518,18 +518,19 @@ class Campaign:
             return [self._finish(case, outcome, self.seed, number)
                     for case, outcome in zip(previous, outcomes)]
 
-        recorded = None
-        if rest or self._spent():  # a submit after a crash restarts the worker
-            recorded = record()
-            self._settle()
         pending = rest + list(batch)
         if pending and self._spent():
+            record()
             raise BudgetSpent(f"{len(pending)} case(s) not run: the phase's budget ended")
-        self._inflight = pending
         if pending:
             self._inflight_batch = self._next_batch()
-            self.runner.submit(pending)
-        return recorded if recorded is not None else record()
+            try:
+                self.runner.submit(pending)
+            except BaseException:
+                record()  # what ran is on record even when no worker can take the rest
+                raise
+            self._inflight = pending
+        return record()
 
     def drain(self) -> list[Evaluation]:
         """Collect, evaluate and record every case in flight (see :meth:`dispatch`), and
