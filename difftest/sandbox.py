@@ -408,7 +408,9 @@ def _probe(impl: Implementation, callables: dict[str, Any] | None,
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+    """``exc`` in one line: our own errors as their message, others with their type."""
+    text = str(exc) if isinstance(exc, ImplementationError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:500]
 
 
 def _zygote_loop(conn: Connection, fd: int, impl: Implementation,
@@ -670,7 +672,8 @@ class _Worker:
             return
         first = self._first if self._answered.wait(timeout_s) else _NO_ANSWER
         if self.zygote is not None and (first is _GONE or first[0] == "init_error"):
-            raise _SetUpFailed(first[1] if first is not _GONE else
+            raise _SetUpFailed(f"a forked worker could not set up: {first[1]}"
+                               if first is not _GONE else
                                f"a forked worker died setting up ({self.exit_text()})")
         _check_loaded(impl, first, timeout_s,
                       lambda: f"{self.exit_text()}); stderr: {self.tail()}")

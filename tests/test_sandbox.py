@@ -13,7 +13,7 @@ from difftest import registry
 from difftest.case import Case
 from difftest.errors import ImplementationError
 from difftest.evaluate import evaluate
-from difftest.sandbox import SandboxRunner
+from difftest.sandbox import SandboxRunner, WorkerPlan
 
 
 def _vllm_case(T: int, enabled=(1, 1, 1)) -> Case:
@@ -197,3 +197,179 @@ def test_a_deadline_cuts_a_hang_and_no_case_of_it_is_run():
             runner.run(_vllm_case(1, enabled=(0, 1, 1)))
         assert time.monotonic() - start < 5.0  # cut at the deadline, not the 6 s timeout
         assert runner.worker_pid is None  # the hung worker was killed
+
+
+# -- one mechanism for every device: the CUDA plan, exercised on the CPU ------------
+# On CUDA the zygote loads nothing of the implementation (a CUDA context does not survive
+# a fork) and each forked worker loads it after the fork; WorkerPlan(load_in_zygote=False)
+# is that plan, and on the CPU it runs the same code but for the context itself.
+_CHILD_LOADS = WorkerPlan(load_in_zygote=False, spares=2, max_spares=3)
+_CANNOT_SET_UP = ("a forked worker could not set up: --impl py:tells_impl:segfaults: importing "
+                  "'tells_impl' raised RuntimeError: no context in a forked child")
+
+_SEGFAULTS_AND_TELLS = """\
+import os, sys
+sys.path.insert(0, {tests!r})
+import user_impls
+with open({log!r}, "a") as log:
+    log.write(f"{{os.getpid()}}\\n")
+if os.environ.get("SANDBOX_TEST_BREAK_FORKS") and os.path.exists(os.environ[
+        "SANDBOX_TEST_BREAK_FORKS"]) and os.getppid() != int(os.environ["SANDBOX_TEST_RUNNER"]):
+    raise RuntimeError("no context in a forked child")  # as CUDA after a fork would
+segfaults = user_impls.segfaults_on_empty_batch
+"""
+
+
+@pytest.fixture
+def child_loaded(tmp_path, monkeypatch):
+    """A py: implementation (segfaults at T = 0) whose module logs each process that
+    imports it, and refuses to import in a forked worker once ``tmp_path/break``
+    exists (SANDBOX_TEST_BREAK_FORKS; a spawned worker, the runner's child, may)."""
+    log = tmp_path / "imported-by"
+    (tmp_path / "tells_impl.py").write_text(_SEGFAULTS_AND_TELLS.format(
+        tests=os.path.dirname(__file__), log=str(log)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SANDBOX_TEST_RUNNER", str(os.getpid()))
+    monkeypatch.setenv("SANDBOX_TEST_BREAK_FORKS", str(tmp_path / "break"))
+    impl = registry.resolve("py:tells_impl:segfaults", "vllm-lora")
+    return impl, log, tmp_path / "break"
+
+
+def _importers(log) -> set[int]:
+    return {int(line) for line in log.read_text().split()} if log.exists() else set()
+
+
+def test_a_zygote_that_loads_nothing_forks_workers_that_load_and_take_over(child_loaded):
+    impl, log, _ = child_loaded
+    with SandboxRunner(impl, "cpu", timeout_s=30, plan=_CHILD_LOADS) as runner:
+        runner.warm_up()
+        zygote, worker = runner._zygote.proc.pid, runner.worker_pid
+        spares = [spare.pid for spare in runner._spares]
+        assert len(spares) == 2
+        assert zygote not in _importers(log)  # the CUDA zygote must not load it
+        assert {worker, *spares} <= _importers(log)  # each worker did, after its fork
+        crashed = _verdict(runner, impl, _vllm_case(0))
+        assert (crashed.verdict, crashed.detail.split(";")[0]) == (
+            "crash", "worker died: killed by signal SIGSEGV")
+        assert _verdict(runner, impl, _vllm_case(3)).verdict == "pass"
+        assert runner.worker_pid == spares[0]
+        assert (runner.restarts, runner.cold_starts, runner.fallback) == (1, 0, None)
+
+
+def test_the_zygote_loads_the_implementation_itself_on_the_cpu(child_loaded):
+    impl, log, _ = child_loaded
+    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        runner.warm_up()
+        # the zygote and its probe imported it; the forked workers inherited it
+        assert runner._zygote.proc.pid in _importers(log)
+        assert runner.worker_pid not in _importers(log)
+
+
+def test_forks_that_cannot_set_up_fall_back_to_spawned_workers_said_once(child_loaded, capfd):
+    impl, log, broken = child_loaded
+    broken.touch()  # every forked child fails to load, the zygote's probe first
+    with SandboxRunner(impl, "cpu", timeout_s=30, plan=_CHILD_LOADS) as runner:
+        assert _verdict(runner, impl, _vllm_case(3)).verdict == "pass"
+        crashed = _verdict(runner, impl, _vllm_case(0))
+        assert crashed.verdict == "crash" and "SIGSEGV" in crashed.detail
+        assert _verdict(runner, impl, _vllm_case(2)).verdict == "pass"
+        assert runner.fallback == _CANNOT_SET_UP
+        assert (runner.restarts, runner.cold_starts) == (1, 0)  # a spawned spare took over
+        assert runner._zygote is None and runner._spare_count == 1
+    said = [line for line in capfd.readouterr().err.splitlines() if "spawned" in line]
+    assert said == [f"difftest: {impl.name} on cpu: {runner.fallback}; its workers are "
+                    "spawned interpreters from now on (each crash then costs a start-up)"]
+
+
+def test_a_fork_that_fails_after_the_probe_falls_back_and_the_worker_in_use_goes_on(
+        child_loaded, capfd):
+    impl, log, broken = child_loaded
+    with SandboxRunner(impl, "cpu", timeout_s=30, plan=_CHILD_LOADS) as runner:
+        runner.warm_up()
+        first = runner.worker_pid
+        broken.touch()
+        for spare in runner._spares:  # both die: their replacements are forked now
+            os.kill(spare.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(s.alive() for s in runner._spares) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        runner.warm_up()  # ... and fail to set up: spawned spares instead
+        assert runner.fallback == _CANNOT_SET_UP
+        assert runner.worker_pid == first  # the forked worker in use set up: it stays
+        assert [s.proc is not None for s in runner._spares] == [True]
+        assert _verdict(runner, impl, _vllm_case(0)).verdict == "crash"
+        assert _verdict(runner, impl, _vllm_case(1)).verdict == "pass"
+        assert runner.worker_pid != first and (runner.restarts, runner.cold_starts) == (1, 0)
+    assert sum("spawned" in line for line in capfd.readouterr().err.splitlines()) == 1
+
+
+def test_the_pool_grows_when_a_crash_finds_no_spare_ready(tmp_path, monkeypatch):
+    (tmp_path / "slow_impl.py").write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "import user_impls\n"
+        "if os.path.exists(os.environ['SANDBOX_TEST_SLOW']):\n"
+        "    time.sleep(3)  # a slow set-up, as a CUDA context can be\n"
+        "segfaults = user_impls.segfaults_on_empty_batch\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SANDBOX_TEST_SLOW", str(tmp_path / "slow"))
+    impl = registry.resolve("py:slow_impl:segfaults", "vllm-lora")
+    plan = WorkerPlan(load_in_zygote=False, spares=1, max_spares=2)
+    with SandboxRunner(impl, "cpu", timeout_s=30, plan=plan) as runner:
+        runner.warm_up()
+        (tmp_path / "slow").touch()  # from now on a spare needs 3 s to get ready
+        assert _verdict(runner, impl, _vllm_case(0)).verdict == "crash"
+        assert _verdict(runner, impl, _vllm_case(0)).verdict == "crash"  # on a ready spare
+        assert (runner.spare_waits, runner.pool_size) == (0, 1)
+        assert _verdict(runner, impl, _vllm_case(1)).verdict == "pass"  # none ready: waits
+        assert (runner.spare_waits, runner.pool_size, runner.restarts) == (1, 2, 2)
+
+
+# -- the death notice --------------------------------------------------------------------
+def test_a_death_notice_ends_the_worker_after_the_messages_sent_before_it():
+    import socket
+    from multiprocessing.connection import Connection
+
+    from difftest.sandbox import _Worker
+
+    ours, theirs = socket.socketpair()
+    notice, noticed = os.pipe()
+    path = __import__("tempfile").mkstemp()[1]
+    worker = _Worker(os.getpid(), Connection(ours.detach()), path, notice=notice)
+    child = Connection(theirs.detach())
+    child.send(("ready", 0))
+    child.send(("case", ["runs"]))
+    os.write(noticed, b"Fatal Python error: Segmentation fault\n\nStack (most recent")
+    worker.wait_ready("x", 10)
+    assert worker.inbox.get(timeout=10)[1] == ("case", ["runs"])
+    assert worker.inbox.get(timeout=10) is None  # dead, though its socket is still open
+    assert worker.exit_text() == "killed by signal SIGSEGV"
+    child.close()  # the kernel's teardown ends; the socket closes
+    os.close(noticed)
+    assert worker.finished(10)
+
+
+def test_a_notice_closed_without_a_fatal_signal_waits_for_the_socket():
+    import socket
+    from multiprocessing.connection import Connection
+
+    from difftest.sandbox import _fatal_signal, _Worker
+
+    read, write = os.pipe()
+    os.write(write, b"Fatal Python error: Segmentation fault\n")
+    os.close(write)
+    assert _fatal_signal(read) == "SIGSEGV"
+    os.close(read)
+    ours, theirs = socket.socketpair()
+    notice, noticed = os.pipe()
+    worker = _Worker(os.getpid(), Connection(ours.detach()), __import__("tempfile").mkstemp()[1],
+                     notice=notice)
+    os.close(noticed)  # a process exiting closes it with nothing written
+    child = Connection(theirs.detach())
+    child.send(("ready", 0))
+    child.send(("case", []))
+    worker.wait_ready("x", 10)
+    assert worker.inbox.get(timeout=10)[1] == ("case", [])
+    child.close()
+    assert worker.inbox.get(timeout=10) is None
+    assert worker._signal is None
