@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import limits as domain
-from .budget import resolve_budget
+from .budget import nothing_checked, resolve_budget
 from .campaign import CampaignResult, FailureDatabase
 from .case import CONTRACTS, DIALECTS, Case
 from .errors import UsageError
@@ -38,8 +38,7 @@ class CheckResult:
                 + ", ".join(f"{v} {n}" for v, n in sorted(r.verdicts.items())))
         lines = [head]
         if not r.cases:
-            lines.append(f"no case ran within the budget ({r.elapsed_s:.1f} s): give it more "
-                         "seconds (the worker's start-up is not counted)")
+            lines.append(nothing_checked(r.elapsed_s))
         for sig, failure in sorted(r.failures.items()):
             lines.append(f"FAILED {sig} ({failure.count} case(s))")
             lines.append(self.minimal.get(sig, ""))

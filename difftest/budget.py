@@ -205,3 +205,10 @@ def resolve_budget(profile: str | None = None, *, seconds: float | None = None,
         seed = p.budget.seed
     return Budget(seconds=seconds, max_examples=max_examples, shrink_seconds=shrink_seconds,
                   seed=seed)
+
+
+def nothing_checked(elapsed_s: float) -> str:
+    """What a run in which no case ran says: a check of nothing is not a pass (``difftest
+    run`` exits 2, ``check_callable`` does not pass)."""
+    return (f"no case ran within the budget ({elapsed_s:.1f} s): give it more seconds "
+            "(the worker's start-up is not counted)")

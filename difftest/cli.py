@@ -467,7 +467,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     budget = replace(budget, seed=_seed_of_run(ns, budget.seed))
     ns._run_dir = out
     if workers > 1:
-        return _run_parallel(ns, workers, out, budget.seed, device)
+        return _run_parallel(ns, workers, out, budget.seed, device, budget)
     database = None if ns.no_db else FailureDatabase(ns.db)
     cuda_device = int(os.environ["DIFFTEST_GPU"]) if os.environ.get("DIFFTEST_GPU") else None
     with _runner(impl, device, ns.timeout, ns.in_process, cuda_device) as runner:
@@ -480,6 +480,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
     code = EXIT_FAILURES if result.failed else EXIT_CLEAN
     if internal is not None:
         code = EXIT_INTERNAL
+    # a gate is not green when nothing was checked (a --worker's parent counts them all)
+    nothing = code == EXIT_CLEAN and not result.cases and not ns.worker
+    if nothing:
+        code = EXIT_USAGE
     failures = result.failure_records(impl.name)
     if ns.junit:
         import reports
@@ -488,9 +492,21 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if not ns.worker:
         run = json.loads((out / "run.json").read_text())
         _print_summary(_run_summary(out, run, campaign.case_rows, code, ns.junit), ns.json)
+    if nothing:
+        _nothing_checked(budget, result.elapsed_s, out)
     if internal is not None:
         return _internal(internal, out)
     return code
+
+
+def _nothing_checked(budget: Any, elapsed_s: float, out: Path) -> None:
+    """The one line of a run in which no case ran (exit 2); its directory is written."""
+    from .budget import nothing_checked
+
+    limit = (f"--seconds {budget.seconds:g}" if budget.seconds is not None
+             else f"--max-examples {budget.max_examples}")
+    print(f"difftest run: {limit} checked nothing, so this run does not pass (exit 2): "
+          f"{nothing_checked(elapsed_s)}; run directory {out}", file=sys.stderr)
 
 
 def _worker_count(ns: argparse.Namespace, device: str) -> int:
@@ -513,7 +529,7 @@ def _worker_count(ns: argparse.Namespace, device: str) -> int:
 
 
 def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | None,
-                  device: str) -> int:
+                  device: str, budget: Any) -> int:
     """One child ``difftest run`` per worker (per GPU), seeds derived, logs merged."""
     import reports
 
@@ -550,7 +566,12 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
     if broken:
         code = EXIT_INTERNAL
         print(f"difftest run: worker exit codes {codes}", file=sys.stderr)
+    nothing = code == EXIT_CLEAN and not run["cases"]
+    if nothing:
+        code = EXIT_USAGE
     _print_summary(_run_summary(out, run, case_rows, code, ns.junit), ns.json)
+    if nothing:
+        _nothing_checked(budget, run["elapsed_s"], out)
     if broken:  # a worker's internal error, or one that died: the others' cases are kept
         i = broken[0]
         saved = parts[i] / "internal-error.txt"

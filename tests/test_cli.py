@@ -221,3 +221,29 @@ def test_user_module_that_raises_on_import_is_a_usage_error(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "importing 'explodes_on_import' raised RuntimeError: no GPU here" in err
     assert "Traceback" not in err
+
+
+def test_a_run_in_which_no_case_ran_exits_2_and_still_writes_its_directory(tmp_path):
+    # every case hangs, and the budget ends before the first one's timeout: nothing checked
+    (tmp_path / "hangs_impl.py").write_text(
+        "import os, time\n"
+        "calls = {}\n"
+        "def align(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,\n"
+        "          num_tokens_post_pad, expert_map=None):\n"
+        "    calls[os.getpid()] = calls.get(os.getpid(), 0) + 1\n"
+        "    if calls[os.getpid()] > 1:  # every process warms up on its first call\n"
+        "        time.sleep(600)\n")
+    out = tmp_path / "run"
+    done = _difftest("run", "--impl", "py:hangs_impl:align", "--seconds", "1", "--timeout", "60",
+                     "--no-db", "--seed", "1", "--out", out, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.splitlines()[0] == "0 cases in " + done.stdout.split(" in ")[1].split()[0] \
+        + " s: "
+    said = [line for line in done.stderr.splitlines() if "checked nothing" in line]
+    assert len(said) == 1
+    assert said[0].startswith("difftest run: --seconds 1 checked nothing, so this run does not "
+                              "pass (exit 2): no case ran within the budget (")
+    assert said[0].endswith("s): give it more seconds (the worker's start-up is not counted); "
+                            f"run directory {out}")
+    assert json.loads((out / "run.json").read_text())["cases"] == 0
+    assert (out / "summary.html").is_file()
