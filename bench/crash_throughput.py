@@ -14,8 +14,11 @@ case of 31 tokens, and a planted case has 31. On CUDA it is
 Every case's verdict is checked (a planted case must be a ``crash``, every
 other one a ``pass``); a wrong one ends the bench with exit 1. The table
 gives cases/s for each rate, its share of the 0 % rate, the worker restarts
-(one per crash) and the cold starts (a replacement started when no warm spare
-was ready). Worker start-up before the first case is not timed.
+(one per crash), the cold starts (a replacement started when no spare was
+there), the takeovers that found no spare ready yet, and the pool of warm
+spares (at the start → at the end: it grows while crashes outrun it). The
+note says how the workers came to be (forked from a zygote, or spawned after
+a fallback, and why). Worker start-up before the first case is not timed.
 
     python3 bench/crash_throughput.py                  # CPU
     python3 bench/crash_throughput.py --device cuda    # H200
@@ -91,7 +94,8 @@ def measure(impl, device: str, rate: float, count: int, seed: int) -> dict:
         campaign.dispatch(warm)  # untimed: allocator and page warm-up
         campaign.drain()
         runner.warm_up()  # the spare is loaded too
-        restarts, cold = runner.restarts, runner.cold_starts
+        restarts, cold, waits = runner.restarts, runner.cold_starts, runner.spare_waits
+        pool = runner.pool_size
         evaluations = []
         start = time.perf_counter()
         for first in range(0, count, batch):
@@ -99,6 +103,8 @@ def measure(impl, device: str, rate: float, count: int, seed: int) -> dict:
         evaluations += campaign.drain()
         wall = time.perf_counter() - start
         restarts, cold = runner.restarts - restarts, runner.cold_starts - cold
+        waits, pool = runner.spare_waits - waits, f"{pool}→{runner.pool_size}"
+        fallback = runner.fallback
         campaign.log.close()
     verdicts = [e.verdict for e in evaluations]
     expected = ["crash" if c else "pass" for c in crash]
@@ -107,7 +113,8 @@ def measure(impl, device: str, rate: float, count: int, seed: int) -> dict:
         raise SystemExit(f"rate {rate:.0%}: case {wrong} got {verdicts[wrong]!r}, "
                          f"expected {expected[wrong]!r}")
     return {"rate": rate, "cases": count, "crashes": int(crash.sum()), "seconds": wall,
-            "cases_per_s": count / wall, "restarts": restarts, "cold_starts": cold}
+            "cases_per_s": count / wall, "restarts": restarts, "cold_starts": cold,
+            "spare_waits": waits, "pool": pool, "fallback": fallback}
 
 
 def main() -> None:
@@ -135,17 +142,33 @@ def main() -> None:
     for r in results:
         share = f"{r['cases_per_s'] / clean:.0%}" if clean else "-"
         rows.append([f"{r['rate']:.0%}", r["cases"], r["crashes"], f"{r['seconds']:.2f}",
-                     fmt_rate(r["cases_per_s"]), share, r["restarts"], r["cold_starts"]])
+                     fmt_rate(r["cases_per_s"]), share, r["restarts"], r["cold_starts"],
+                     r["spare_waits"], r["pool"]])
         csv_rows.append({**r, "share_of_clean": r["cases_per_s"] / clean if clean else None,
                          "device": ns.device})
     path = write_csv("crash_throughput", csv_rows)
     print_table(f"cases/s of a kernel that crashes on a share of its cases, on {ns.device}",
                 ["crash rate", "cases", "crashes", "seconds", "cases/s", "of 0 %",
-                 "restarts", "cold starts"], rows,
+                 "restarts", "cold starts", "spare waits", "pool"], rows,
                 [f"T={TOKENS} production vllm-lora cases, impl={IMPL[ns.device]} (planted "
                  + (f"crashes T={CRASH_TOKENS}" if ns.device == "cpu" else
                     f"crashes lora_ids[L] = {WILD_SLOT}") + "), "
-                 f"batches of {campaign_batch(TOKENS)} through Campaign.dispatch; csv: {path}"])
+                 f"batches of {campaign_batch(TOKENS)} through Campaign.dispatch; csv: {path}",
+                 workers_note(ns.device, [r["fallback"] for r in results])])
+
+
+def workers_note(device: str, fallbacks: list) -> str:
+    """How the workers came to be: forks of a zygote (the plan of ``device``), or
+    spawned interpreters after a fallback, and why."""
+    from difftest.sandbox import plan_for
+
+    plan = plan_for(device)
+    why = next((f for f in fallbacks if f), None)
+    if why:
+        return f"workers: spawned interpreters (fallback: {why})"
+    return (f"workers: forked from a zygote ({'it' if plan.load_in_zygote else 'each worker'}"
+            f" loads the implementation), {plan.spares} warm spares growing to at most "
+            f"{plan.max_spares}")
 
 
 if __name__ == "__main__":
