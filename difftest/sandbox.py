@@ -312,13 +312,15 @@ def _zygote_main(conn: Connection, fd: int, impl: Implementation, device: str,
 
         run_batch(warm, callables, device)
     gc.freeze()  # fewer pages each fork copies when the collector runs
-    _fewer_page_tables()
     conn.send(("ready", os.getpid()))
     _zygote_loop(conn, fd, impl, callables, device, warm)
 
 
 MADV_COLLAPSE = 25  # Linux 6.1+: make the range's pages huge pages, now
 HUGE_PAGE = 2 << 20
+# the zygote's memory becomes huge pages once it has forked this many workers: it costs
+# ~0.4 s once and saves ~3 ms a fork, worth it only to a run that loses workers
+HUGE_PAGES_AFTER_FORKS = 8
 
 
 def _fewer_page_tables() -> None:
@@ -328,8 +330,10 @@ def _fewer_page_tables() -> None:
     exit of the child drops them again; torch leaves about 150 MB of it, so a
     fork cost ~4 ms and a crash as much again in the exit. As huge pages it is
     512 times fewer entries (a fork ~1 ms); a page a child writes is still
-    copied 4 KiB at a time. Best effort: where the kernel cannot (older than
-    6.1, huge pages off, no ``/proc``) forks stay as they were.
+    copied 4 KiB at a time. Done once :data:`HUGE_PAGES_AFTER_FORKS` workers
+    have been forked (the collapse copies the memory: ~0.4 s). Best effort:
+    where the kernel cannot (older than 6.1, huge pages off, no ``/proc``)
+    forks stay as they were.
     """
     import ctypes
 
@@ -426,8 +430,9 @@ def _zygote_loop(conn: Connection, fd: int, impl: Implementation,
     fails says ``init_error``. Reaping never holds up a fork: a child asked
     for is reaped once it has exited (killed after :data:`REAP_TIMEOUT_S`),
     between messages, with ``("reaped", (pid, code))`` when ``answer``. When
-    told to stop, every child still here is killed and reaped. The zygote
-    itself never runs a case.
+    told to stop, every child still here is killed and reaped. After
+    :data:`HUGE_PAGES_AFTER_FORKS` forks its memory becomes huge pages
+    (:func:`_fewer_page_tables`). The zygote itself never runs a case.
     """
     from multiprocessing.reduction import sendfds
 
@@ -435,6 +440,7 @@ def _zygote_loop(conn: Connection, fd: int, impl: Implementation,
 
     control = socket.socket(fileno=os.dup(fd))
     children: set[int] = set()
+    forks = 0
     dying: dict[int, list[Any]] = {}  # pid -> [when to kill it, whether to answer]
     while True:
         if dying and not conn.poll(0.002):
@@ -493,6 +499,9 @@ def _zygote_loop(conn: Connection, fd: int, impl: Implementation,
         sendfds(control, [ours.fileno(), notice])
         ours.close()
         os.close(notice)
+        forks += 1
+        if forks == HUGE_PAGES_AFTER_FORKS:  # workers are being lost: forks will be many
+            _fewer_page_tables()
     for pid in children:
         try:
             os.kill(pid, signal.SIGKILL)
