@@ -1020,10 +1020,11 @@ class SandboxRunner:
         if worker is not None and not worker.alive():
             self._retire(worker)
             worker = self._worker = None
+        cold = False  # no spare was there: a worker is started on the spot
         while worker is None:
             spare = self._take_spare()
             if spare is None:
-                self.cold_starts += self._started
+                cold = True
                 if self._forks:
                     self._request_fork()
                     continue  # a fork was requested (or the fallback happened)
@@ -1041,6 +1042,7 @@ class SandboxRunner:
                 self._retire(spare)
                 raise
             worker = spare
+        self.cold_starts += cold and self._started
         self._worker, self._started = worker, True
         return worker
 
