@@ -540,7 +540,7 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
 
         gpus = max(1, torch.cuda.device_count())  # counts devices; creates no context
     base = _strip_options(ns._argv, {"--workers", "--gpus", "--out", "--seed", "--junit",
-                                     "--shard", "--json"})
+                                     "--shard"}, flags=frozenset({"--json"}))
     procs, parts = [], []
     for i in range(workers):
         part = out / "parts" / f"worker-{i}"
@@ -618,13 +618,17 @@ def _merged_run_json(out: Path, parts: list[Path], seed: int,
     return run
 
 
-def _strip_options(argv: list[str], names: set[str]) -> list[str]:
+def _strip_options(argv: list[str], names: set[str], flags: frozenset[str] = frozenset()
+                   ) -> list[str]:
+    """``argv`` without the options ``names`` (each with its value) and ``flags`` (none)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
         key = a.split("=", 1)[0]
+        if key in flags:
+            continue
         if key in names:
             skip = "=" not in a
             continue

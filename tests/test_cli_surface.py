@@ -212,9 +212,9 @@ def test_an_edge_class_no_case_can_have_is_a_usage_error(classes, needle, tmp_pa
 def test_json_summary_workers_merged_and_junit_one_testcase_per_bug(tmp_path):
     out = tmp_path / "run"
     done = _difftest("run", "--impl", "torch:inactive-blocks-zero", "--dialect", "align",
-                     "--max-examples", "12", "--seed", "4", "--workers", "2", "--out", out,
-                     "--no-db", "--shrink-seconds", "5", "--junit", tmp_path / "j.xml",
-                     "--json")
+                     "--max-examples", "12", "--seed", "4", "--workers", "2", "--json",
+                     "--out", out, "--no-db", "--shrink-seconds", "5", "--junit",
+                     tmp_path / "j.xml")  # --json, a flag, before an option with a value
     assert done.returncode == 1, done.stderr
     summary = json.loads(done.stdout)  # one JSON object and nothing else
     sig = "align--mismatch--expert_ids"
