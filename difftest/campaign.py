@@ -45,7 +45,6 @@ from .case import Case
 from .classify import SIZE_CLASSES, size_class
 from .errors import DifftestError, InternalError, UsageError
 from .evaluate import Evaluation, evaluate
-from .execute import amended
 from .limits import as_json as limits_json
 from .limits import describe as describe_limits
 from .registry import Implementation
@@ -451,7 +450,7 @@ class Campaign:
         """Run ``first`` then ``second`` as one batch of their own, without recording them;
         ``second``'s evaluation is ``None`` when it did not run (``first`` crashed)."""
         self.runner.submit([first, second])
-        outcomes = amended(self.runner.collect())
+        outcomes = self.runner.collect()
         batch = self._next_batch()
         evaluations: list[Evaluation | None] = []
         for case, outcome in zip((first, second), outcomes):
@@ -509,7 +508,7 @@ class Campaign:
         not recorded).
         """
         previous, number = self._inflight, self._inflight_batch
-        outcomes = amended(self.runner.collect()) if previous else []
+        outcomes = self.runner.collect() if previous else []
         rest = previous[len(outcomes):]
         self._inflight = []
         self._settle()  # the worker is idle: confirm what was recorded last time

@@ -10,7 +10,7 @@ out in one block of bytes (:class:`Staged`); every byte of the block that is
 not a buffer's data belongs to a guard band. A batch of cases is one host
 array of such blocks (every repeat of every rank of every case), so on a GPU
 it costs one copy to the device, whatever the number of calls, and one copy
-back per case (and, with attribution, one of the whole batch at its end). On
+back per case. On
 the CPU each buffer is its own tensor over its part of the host array, so a
 write past a buffer's storage raises as torch does.
 
@@ -77,9 +77,6 @@ class RankRun:
     # device), and inspecting what it wrote (bench/campaign.py's worker stages)
     setup_s: float = 0.0
     inspect_s: float = 0.0
-    # the batch's last case, when the batch ran again attributed: the other cases' runs
-    # of that second run (:func:`amended` puts them in place)
-    earlier: list[list[list[RankRun]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -423,16 +420,12 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     on that call (``launch_error``) and cleared, so the next call starts clean.
     ``attribute`` (default: on CUDA, where the batch's buffers share one
     allocation) pins a write into another case's bytes, or into the zones
-    around the batch, on the case that made it (:class:`_BatchCheck`: checked
-    once per batch; when something changed that its owner did not write, the
-    batch is run again with :class:`_Attribution`, which checks after each
-    case). ``profile``, when given, gets the seconds of each step added to it
-    (``set-up``, ``transfer``, ``kernel``, ``inspection``; the attribution check
-    is part of the inspection). ``on_case``, when given, gets each case's runs
-    as soon as they are read back, before the next case starts (a sandbox
-    worker streams them to its runner); with attribution, the last case's only
-    after the batch's check, and when the batch ran again, its first run carries
-    the other cases' runs of the second run (``earlier``, see :func:`amended`).
+    around the batch, on the case that made it (:class:`_Attribution`, checked
+    after each case). ``profile``, when given, gets the seconds of each step
+    added to it (``set-up``, ``transfer``, ``kernel``, ``inspection``; the
+    attribution check is part of the inspection). ``on_case``, when given, gets
+    each case's runs as soon as they are read back, before the next case starts
+    (a sandbox worker streams them to its runner).
     """
     cuda = str(device).startswith("cuda")
     if not cuda:
@@ -456,63 +449,7 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
                                       on_case=on_case)]
     attribute = cuda if attribute is None else attribute
     batch = _Batch(cases, repeats, device, ZONE_BYTES if attribute else 0, profile)
-    if not attribute:
-        return batch.run(callables, None, on_case)
-    check = _BatchCheck(batch)
-    held: list[list[list[RankRun]]] = []
-    streamed = [0]
-
-    def hold_last(runs: list[list[RankRun]]) -> None:
-        # each case as soon as it is read back (a crash in the next one is pinned on that
-        # one), but the last: its message may have to carry the second run
-        if streamed[0] < len(cases) - 1:
-            streamed[0] += 1
-            if on_case is not None:
-                on_case(runs)
-        else:
-            held.append(runs)
-
-    runs = batch.run(callables, check, hold_last)
-    if not (runs and any(run.fatal for repeat in runs[-1] for run in repeat)) and (
-            check.dirty or not check.intact()):
-        # something changed that its owner did not write: run the batch again, each case
-        # checked after it ran, so that a write is pinned on its writer
-        batch.full = batch.storage = None  # (its device memory, on CUDA)
-        again = _Batch(cases, repeats, device, ZONE_BYTES, profile, staged=batch.staged)
-        rerun = again.run(callables, "each", None)
-        # a sticky error in the second run ends this worker too (the caller sees it last)
-        if (rerun and any(run.fatal for repeat in rerun[-1] for run in repeat)) or any(
-                run.wild_writes for case_runs in rerun for repeat in case_runs
-                for run in repeat):
-            if len(rerun) == len(runs) and held:
-                first = rerun[-1][0][0] if rerun[-1] and rerun[-1][0] else None
-                if first is not None:
-                    first.earlier = rerun[:-1]
-                held[-1] = rerun[-1]
-            runs = rerun
-        # else: not seen again (a race): the first run stands, its failures confirmed alone
-    if on_case is not None and held:
-        on_case(held.pop())
-    return runs
-
-
-def amended(outcomes: Sequence[Any]) -> list[Any]:
-    """``outcomes`` (one per case, in a batch's order, as a runner collected them) with
-    the runs of a second, attributed run of a batch in place of the first run's
-    (:func:`run_batch`: they come with the batch's last case, streamed last)."""
-    import dataclasses
-
-    out = list(outcomes)
-    for j, outcome in enumerate(out):
-        first = outcome.runs[0][0] if outcome.runs and outcome.runs[0] else None
-        earlier = getattr(first, "earlier", None)
-        if not earlier or len(earlier) > j:
-            continue
-        for k, runs in enumerate(earlier, start=j - len(earlier)):
-            out[k] = dataclasses.replace(out[k], runs=runs, elapsed_s=sum(
-                r.elapsed_s for repeat in runs for r in repeat))
-        first.earlier = None
-    return out
+    return batch.run(callables, "each" if attribute else None, on_case)
 
 
 class _Batch:
@@ -588,8 +525,8 @@ class _Batch:
     def run(self, callables: dict[str, Callable[..., Any]], watch: Any,
             on_case: Callable[[list[list[RankRun]]], None] | None
             ) -> list[list[list[RankRun]]]:
-        """Run the cases in order; ``watch``: ``None``, a :class:`_BatchCheck`, or
-        ``"each"`` for an :class:`_Attribution` check after each case."""
+        """Run the cases in order; ``watch``: ``None``, or ``"each"`` for an
+        :class:`_Attribution` check after each case."""
         cuda, storage, profile, sync = self.cuda, self.storage, self.profile, self.sync
         pending = _pending_cuda_errors() if cuda else None
         if watch == "each":
@@ -602,8 +539,6 @@ class _Batch:
             # back synchronises them; several ranks: each call synchronised (fatal → rank)
             each = cuda and len(self.cases[index].ranks()) > 1
             lo, hi = self.blocks(index)
-            if isinstance(watch, _BatchCheck):
-                watch.before(lo, hi)
             done: list[_Call] = []
             for call in calls:
                 tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
@@ -679,9 +614,6 @@ class _Batch:
 
 class _Attribution:
     """Pins a write into another case's bytes of the batch on the case that made it.
-
-    The second run of a batch in which :class:`_BatchCheck` found such a write
-    (a batch runs so only then), and what names the writer.
 
     On CUDA every buffer of a batch lies in one allocation, so a call's wild
     write can land in another case's inputs, outputs or guard bands: before
@@ -788,84 +720,6 @@ class _Attribution:
         return WildWrite(self.cases[case_index].case_id, call.rank, buf.name, buf.role,
                          int(element), int(word.view(buf.dtype)[0]), int(count),
                          band=not 0 <= element < buf.numel)
-
-
-class _BatchCheck:
-    """Pins a write into another case's bytes of the batch on its writer, once per batch.
-
-    The fast path of attribution (:func:`run_batch`): the same guarantee as
-    :class:`_Attribution`, which checks the whole allocation after each case,
-    for two checks per case of the case's own blocks and one of the whole
-    allocation per batch. Right before a case runs, its blocks must hold what
-    was staged (on CUDA an asynchronous copy to pinned host memory, compared
-    once the case's copy back has synchronised it); a difference is a write by
-    a case before it. Once every case ran, the whole allocation must hold the
-    zones' guard value and, for each case, what it read back; a difference is
-    a write by a case after it (or into the zones). Only then, :attr:`dirty` or
-    not :meth:`intact`, is the batch run again with :class:`_Attribution`, which
-    names the writer. Whatever changed in a case's blocks while it ran is its
-    own (the case ran alone on blocks found as staged): its guard bands and
-    inputs are inspected as usual. Not seen: a write between the ranks or
-    repeats of one case (its own failure either way), and, when a case ends the
-    batch with a sticky device error, a write after its owner was read back
-    (the allocation cannot be read any more).
-    """
-
-    def __init__(self, batch: _Batch) -> None:
-        self.batch = batch
-        self.dirty = False
-        self.expect = batch.pristine.copy()  # each case's blocks as it read them back
-        self._before: Any = None
-        if batch.cuda:
-            self._before = _pinned(batch.base)
-
-    def before(self, lo: int, hi: int) -> None:
-        batch = self.batch
-        if batch.cuda:  # compared in after(), once the copy back has synchronised it
-            self._before[lo:hi].copy_(batch.storage.storage[lo:hi], non_blocking=True)
-        elif not np.array_equal(batch.host[lo:hi], batch.pristine[lo:hi]):
-            self.dirty = True
-
-    def after(self, index: int, back: np.ndarray) -> np.ndarray:
-        """Note case ``index``'s bytes read back (``back``); returns ``back``, copied when
-        it is a view of the bytes a later call may change (the CPU's host array)."""
-        batch = self.batch
-        lo, hi = batch.blocks(index)
-        if batch.cuda:
-            if not np.array_equal(self._before.numpy()[lo:hi], batch.pristine[lo:hi]):
-                self.dirty = True
-        else:
-            back = back.copy()
-        self.expect[lo:hi] = back
-        return back
-
-    def intact(self) -> bool:
-        """Whether the zones hold the guard value and every case's blocks what it read
-        back (one copy back of the whole batch on CUDA)."""
-        import torch
-
-        batch, z, base = self.batch, self.batch.zone, self.batch.base
-        if batch.cuda:
-            zones = (batch.full[:z].view(torch.int32).eq(GUARD).all()
-                     & batch.full[z + base:].view(torch.int32).eq(GUARD).all())
-            blocks = batch.storage.storage.cpu().numpy()
-            return bool(zones) and np.array_equal(blocks, self.expect)
-        whole = batch.full.numpy()
-        return bool((whole[:z].view(np.int32) == GUARD).all()
-                    and (whole[z + base:].view(np.int32) == GUARD).all()
-                    and np.array_equal(batch.host, self.expect))
-
-
-_PINNED: list[Any] = []  # one pinned host buffer per process, grown as batches need
-
-
-def _pinned(nbytes: int) -> Any:
-    """A pinned host ``uint8`` tensor of at least ``nbytes`` (reused: one batch at a time)."""
-    import torch
-
-    if not _PINNED or _PINNED[0].numel() < nbytes:
-        _PINNED[:] = [torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)]
-    return _PINNED[0][:nbytes]
 
 
 def _pinned_call(done: list[_Call]) -> _Call:
