@@ -26,11 +26,14 @@ building the implementation, is not in the budget):
 * **shrinking** shares the rest, up to ``SHRINK_SHARE`` (90 %) of S, between
   the signatures in turn:
   each gets what is left divided by the signatures still to do, at most
-  ``--shrink-seconds``; what one does not use passes to the next.
+  ``--shrink-seconds``; what one does not use passes to the next. Crashes and
+  timeouts shrink last (each failing candidate costs a worker), so that what
+  the others leave passes to them.
 * **compute-sanitizer re-runs** of CUDA crashes start in the background as soon
   as their signature's minimal case is known, while the next signatures shrink
-  (two at a time), and may run until S; one still running then is cut, and its
-  report says so.
+  (two at a time), and may run until ``SANITIZER_SHARE`` (115 %) of S — they are
+  the last step before the reports, inside the overrun below; one still running
+  then is cut, and its report says so.
 * **reports** (bug reports, summary, parquet, JUnit) are always written,
   whatever is left (the last 10 % of S and the slack below are theirs).
 
@@ -66,6 +69,7 @@ GENERATE_SHARE = 0.70
 DRAIN_SHARE = 0.80
 SHRINK_SHARE = 0.90
 FAILING_GENERATE_SHARE = 0.50
+SANITIZER_SHARE = 1.15
 OVERRUN = 1.25
 DEFAULT_MAX_EXAMPLES = 1000
 DEFAULT_SHRINK_SECONDS = 30.0
@@ -148,6 +152,10 @@ class Clock:
     @property
     def shrink_end(self) -> float | None:
         return self._at(SHRINK_SHARE)
+
+    @property
+    def sanitizer_end(self) -> float | None:
+        return self._at(SANITIZER_SHARE)
 
     @property
     def end(self) -> float | None:

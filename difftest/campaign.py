@@ -930,7 +930,7 @@ class Campaign:
         self._settle()
         cap = self.budget.shrink_seconds if shrink_seconds is None else shrink_seconds
         on_cuda = str(getattr(self.runner, "device", "")).startswith("cuda")
-        signatures = sorted(self.result.failures)
+        signatures = shrink_order(self.result.failures)
         sanitizing = _Sanitizing(self.impl)
         try:
             for i, sig in enumerate(signatures):
@@ -1121,8 +1121,9 @@ class Campaign:
 class _Sanitizing:
     """The compute-sanitizer re-runs of a campaign's CUDA failures, in the background:
     each starts once its signature's minimal case is known, while the next signatures
-    shrink, at most ``SANITIZER_PARALLEL`` at a time, and may run until the end of the
-    run's budget (:mod:`difftest.budget`); one the budget cuts is reported as cut."""
+    shrink, at most ``SANITIZER_PARALLEL`` at a time, and may run until
+    ``SANITIZER_SHARE`` of the run's budget (:mod:`difftest.budget`); one the budget
+    cuts is reported as cut."""
 
     def __init__(self, impl: Implementation) -> None:
         self.impl = impl
@@ -1139,7 +1140,7 @@ class _Sanitizing:
         while self._waiting and sum(not run.done() for _, run in self._running
                                     if run is not None) < SANITIZER_PARALLEL:
             report = self._waiting.pop(0)
-            if clock.left(clock.end) < 1.0:  # no time left for one
+            if clock.left(clock.sanitizer_end) < 1.0:  # no time left for one
                 self._running.append((report, None))
             else:
                 self._running.append((report, SanitizerRun.start(report[2], self.impl)))
@@ -1153,12 +1154,21 @@ class _Sanitizing:
             if run is None:
                 yield report, SANITIZER_SKIPPED
             else:
-                yield report, run.result(min(SANITIZER_TIMEOUT_S, clock.left(clock.end)))
+                yield report, run.result(min(SANITIZER_TIMEOUT_S,
+                                             clock.left(clock.sanitizer_end)))
 
     def kill(self) -> None:
         for _, run in self._running:
             if run is not None:
                 run.kill()
+
+
+def shrink_order(failures: dict[str, Any]) -> list[str]:
+    """The signatures in the order they shrink: crashes and hangs last (each failing
+    candidate costs a worker), so what the others leave of their shares passes to them
+    (:mod:`difftest.budget`); by name within each group."""
+    return sorted(failures, key=lambda sig: (
+        failures[sig].evaluation.verdict in ("crash", "timeout"), sig))
 
 
 def flaky_evaluation(evaluation: Evaluation) -> Evaluation:

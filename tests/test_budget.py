@@ -307,3 +307,17 @@ def test_once_a_failure_is_on_record_generation_ends_earlier(impl_name, last_sta
     start, size = runner.submitted[-1], runner.sizes[-1]
     assert start < high and start + size >= low, (runner.submitted, runner.sizes)
     assert bool(campaign.result.failures) == (impl_name != "torch")
+
+
+def test_crashes_and_hangs_shrink_after_the_other_signatures():
+    from types import SimpleNamespace
+
+    from difftest.campaign import shrink_order
+
+    def failing(verdict):
+        return SimpleNamespace(evaluation=SimpleNamespace(verdict=verdict))
+
+    failures = {"a--crash--x": failing("crash"), "b--mismatch--y": failing("mismatch"),
+                "a--timeout--timeout": failing("timeout"), "c--error--z": failing("error")}
+    assert shrink_order(failures) == ["b--mismatch--y", "c--error--z", "a--crash--x",
+                                      "a--timeout--timeout"]

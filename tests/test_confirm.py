@@ -44,7 +44,9 @@ def test_a_stateful_kernel_gives_a_flaky_pair_and_every_other_report_fails_alone
     # experts (stateful: passes alone), and wrong inactive blocks when B = 1 (fails alone)
     impl = registry.resolve("py:user_impls:stale_total_after_more_experts", "vllm-lora")
     with SandboxRunner(impl, "cpu", timeout_s=60) as runner:
-        campaign = Campaign(impl, runner, tmp_path, seed=0)
+        # a seed whose 60 cases hold both triggers, and no EP case whose ranks (each with
+        # its own expert count) trip the state within one case, alone
+        campaign = Campaign(impl, runner, tmp_path, seed=5)
         campaign.generate(dialects=impl.dialects, contracts=("production", "defensive"),
                           max_examples=60, seconds=None)
         campaign.shrink_and_report(shrink_seconds=10)

@@ -200,7 +200,7 @@ def test_the_campaign_runs_at_most_two_re_runs_at_once_and_skips_them_past_the_b
     done = list(sanitizing.results(clock))
     assert [r[0] for r, _ in done] == ["a", "b", "c"]
     assert all("FAKE MEMCHECK" in text for _, text in done)
-    now[0] = 100.0  # the budget's end: no re-run starts
+    now[0] = 115.0  # the re-runs' end (115 % of S): no re-run starts
     sanitizing.queue(("d", None, case, None, None))
     assert list(sanitizing.results(clock)) == [(("d", None, case, None, None),
                                                 SANITIZER_SKIPPED)]
