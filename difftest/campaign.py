@@ -44,7 +44,7 @@ from .budget import (
 from .case import Case
 from .classify import SIZE_CLASSES, size_class
 from .errors import DifftestError, InternalError, UsageError
-from .evaluate import Evaluation, evaluate
+from .evaluate import WORKER_LOST, Evaluation, evaluate, expected_by_rank
 from .limits import as_json as limits_json
 from .limits import describe as describe_limits
 from .registry import Implementation
@@ -465,32 +465,24 @@ class Campaign:
         return evaluation
 
     def _finish(self, case: Case, outcome: Any, seed: int | None, batch: int) -> Evaluation:
-        if self.stages is not None:
-            return self._finish_timed(case, outcome, seed, batch)
-        evaluation = evaluate(case, outcome, stable=self.impl.stable, limits=self.impl.limits)
-        self._record(case, evaluation, outcome, seed, batch)
-        self._ran(case, outcome.worker, batch)
-        return evaluation
-
-    def _finish_timed(self, case: Case, outcome: Any, seed: int | None,
-                      batch: int) -> Evaluation:
-        """:meth:`_finish`, its stages added to :attr:`stages`."""
-        from .evaluate import expected_by_rank
-
-        stages, size = self.stages, size_class(case)
+        """Evaluate and record one case; with :attr:`stages`, its oracle (then computed
+        apart from the comparison), comparison and recording are timed."""
+        stages = self.stages
         start = time.perf_counter()
-        expected = (expected_by_rank(case) if outcome.verdict not in ("crash", "timeout")
-                    else None)
+        expected = (expected_by_rank(case)
+                    if stages is not None and outcome.verdict not in WORKER_LOST else None)
         oracle_done = time.perf_counter()
         evaluation = evaluate(case, outcome, stable=self.impl.stable, limits=self.impl.limits,
                               expected=expected)
         compared = time.perf_counter()
         self._record(case, evaluation, outcome, seed, batch)
         self._ran(case, outcome.worker, batch)
-        stages.add("oracle", size, oracle_done - start)
-        stages.add("compare", size, compared - oracle_done)
-        stages.add("record", size, time.perf_counter() - compared)
-        stages.recorded(case, outcome)
+        if stages is not None:
+            size = size_class(case)
+            stages.add("oracle", size, oracle_done - start)
+            stages.add("compare", size, compared - oracle_done)
+            stages.add("record", size, time.perf_counter() - compared)
+            stages.recorded(case, outcome)
         return evaluation
 
     def dispatch(self, batch: list[Case]) -> list[Evaluation]:
@@ -1146,8 +1138,9 @@ class _Sanitizing:
                 self._running.append((report, SanitizerRun.start(report[2], self.impl)))
 
     def results(self, clock: Any) -> Iterator[tuple[tuple, str]]:
-        """Each queued report with its re-run's text, as the re-runs end (waiting at most
-        until the budget's end, else ``SANITIZER_TIMEOUT_S`` each)."""
+        """Each queued report with its re-run's text, in the order they were queued
+        (waiting at most until the re-runs' end of the budget, else
+        ``SANITIZER_TIMEOUT_S`` each)."""
         while self._waiting or self._running:
             self.start_queued(clock)
             report, run = self._running.pop(0)
@@ -1168,7 +1161,7 @@ def shrink_order(failures: dict[str, Any]) -> list[str]:
     candidate costs a worker), so what the others leave of their shares passes to them
     (:mod:`difftest.budget`); by name within each group."""
     return sorted(failures, key=lambda sig: (
-        failures[sig].evaluation.verdict in ("crash", "timeout"), sig))
+        failures[sig].evaluation.verdict in WORKER_LOST, sig))
 
 
 def flaky_evaluation(evaluation: Evaluation) -> Evaluation:

@@ -168,6 +168,11 @@ def crash_kind(detail: str) -> str:
     return "crash"
 
 
+#: Verdicts of a run whose worker was lost (it died, or was killed when it hung): there
+#: are no outputs to compare, and each failing run costs a new worker.
+WORKER_LOST = ("crash", "timeout")
+
+
 def expected_by_rank(case: Case) -> dict[int | None, Any]:
     info = DIALECT_INFO[case.dialect]
     return {rank: info.reference(case, rank) for rank in case.ranks()}
@@ -182,7 +187,7 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
     rejected (an exception, nothing written) — the verdict ``rejected``.
     """
     outside = violations(case, limits)
-    if outcome.verdict in ("crash", "timeout"):
+    if outcome.verdict in WORKER_LOST:
         found = [Mismatch(outcome.verdict, outcome.detail)]
         if outside:
             found.append(_unclean(outside, None, f"the worker did not survive it "

@@ -10,9 +10,8 @@ out in one block of bytes (:class:`Staged`); every byte of the block that is
 not a buffer's data belongs to a guard band. A batch of cases is one host
 array of such blocks (every repeat of every rank of every case), so on a GPU
 it costs one copy to the device, whatever the number of calls, and one copy
-back per case. On
-the CPU each buffer is its own tensor over its part of the host array, so a
-write past a buffer's storage raises as torch does.
+back per case. On the CPU each buffer is its own tensor over its part of the
+host array, so a write past a buffer's storage raises as torch does.
 
 Every case is synchronised before the next one starts (its copy back is
 the synchronisation), so a sticky device error (an illegal address poisons
@@ -449,16 +448,16 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
                                       on_case=on_case)]
     attribute = cuda if attribute is None else attribute
     batch = _Batch(cases, repeats, device, ZONE_BYTES if attribute else 0, profile)
-    return batch.run(callables, "each" if attribute else None, on_case)
+    return batch.run(callables, on_case)
 
 
 class _Batch:
     """A batch's calls staged in one host array (and, on CUDA, one device allocation)
-    between two zones of guard value of ``zone`` bytes each; :meth:`run` runs them."""
+    between two zones of guard value of ``zone`` bytes each (attribution is on where
+    there are zones); :meth:`run` runs them."""
 
     def __init__(self, cases: Sequence[Case], repeats: int, device: str, zone: int,
-                 profile: dict[str, float] | None,
-                 staged: list[list[Staged]] | None = None) -> None:
+                 profile: dict[str, float] | None) -> None:
         import torch
 
         self.cases, self.device, self.zone, self.profile = cases, device, zone, profile
@@ -466,16 +465,14 @@ class _Batch:
         self.sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.clock = time.perf_counter()
         self.per_case: list[list[_Call]] = []
-        self.staged = staged or []
         base = 0
-        for index, case in enumerate(cases):
+        for case in cases:
             start = time.perf_counter()
-            if staged is None:
-                self.staged.append([Staged(DIALECT_INFO[case.dialect].plan(case, rank))
-                                    for rank in case.ranks()])
+            staged = [Staged(DIALECT_INFO[case.dialect].plan(case, rank))
+                      for rank in case.ranks()]
             calls = []
             for repeat in range(repeats):
-                for rank, one in zip(case.ranks(), self.staged[index]):
+                for rank, one in zip(case.ranks(), staged):
                     calls.append(_Call(repeat, rank, one, base, RankRun(rank)))
                     base += one.nbytes
             calls[0].run.setup_s = time.perf_counter() - start
@@ -522,16 +519,15 @@ class _Batch:
         calls = self.per_case[index]
         return calls[0].base, calls[-1].base + calls[-1].staged.nbytes
 
-    def run(self, callables: dict[str, Callable[..., Any]], watch: Any,
+    def run(self, callables: dict[str, Callable[..., Any]],
             on_case: Callable[[list[list[RankRun]]], None] | None
             ) -> list[list[list[RankRun]]]:
-        """Run the cases in order; ``watch``: ``None``, or ``"each"`` for an
-        :class:`_Attribution` check after each case."""
+        """Run the cases in order (see :func:`run_batch`), with an :class:`_Attribution`
+        check after each case where there are zones."""
         cuda, storage, profile, sync = self.cuda, self.storage, self.profile, self.sync
         pending = _pending_cuda_errors() if cuda else None
-        if watch == "each":
-            watch = _Attribution(self.cases, self.per_case, self.pristine, self.full,
-                                 self.zone, views=not cuda)
+        watch = (_Attribution(self.cases, self.per_case, self.pristine, self.full,
+                              self.zone, views=not cuda) if self.zone else None)
         runs: list[list[list[RankRun]]] = []
         for index, calls in enumerate(self.per_case):
             fn = callables[self.cases[index].dialect]

@@ -45,13 +45,6 @@ def find_sanitizer() -> str | None:
     return None
 
 
-def run_sanitizer(case: Case, impl: Any, timeout_s: float = 300.0) -> str | None:
-    """memcheck's output for one run of ``case`` (``None`` when the tool is absent):
-    :class:`SanitizerRun` started and waited for at most ``timeout_s``."""
-    run = SanitizerRun.start(case, impl)
-    return None if run is None else run.result(timeout_s)
-
-
 class SanitizerRun:
     """One compute-sanitizer re-run of a case, running in the background (the campaign
     shrinks the next signature meanwhile); :meth:`result` waits for it.

@@ -174,13 +174,13 @@ def test_a_batch_on_the_gpu_matches_each_case_alone_and_keeps_overruns_apart():
 
 def test_the_sanitizer_re_run_names_a_write_one_element_past_a_row():
     from difftest import registry
-    from difftest.sanitizer import find_sanitizer, run_sanitizer
+    from difftest.sanitizer import SanitizerRun, find_sanitizer
 
     if find_sanitizer() is None:
         pytest.skip("compute-sanitizer not found")
     impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
     # slot 1 = L: the faulty kernel writes row 1, just past the one-row outputs
-    text = run_sanitizer(_slot_past_the_rows(1), impl, timeout_s=240)
+    text = SanitizerRun.start(_slot_past_the_rows(1), impl).result(240)
     assert text.startswith("$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer"), text
     assert "Invalid __global__ write of size 4" in text, text[-3000:]
 
