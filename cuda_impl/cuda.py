@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from cuda_impl import _build, _variants
+from cuda_impl import _build, _variants, declared
+from cuda_impl.declared import MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_ROUTES
 from cuda_impl.faults import DIALECTS, FAULTS
 
 __all__ = [
@@ -62,19 +63,11 @@ __all__ = [
 
 BACKEND = "cuda"
 
-SMALL_PATH_MAX_ROUTES = 1023
-"""The small (single-kernel) path takes batches of at most this many routes N ..."""
-SMALL_PATH_MAX_EXPERTS = 64
-"""... and at most this many experts E; N = 1023/1024 and E = 64/65 straddle the switch."""
-MAX_EXPERTS = 1024
-"""Most experts the kernels take (one expert per thread of the large path's scan block)."""
-
-STABLE = False
+STABLE = declared.STABLE[BACKEND]
 """Routes inside an expert segment are in atomic (unspecified) order, not ascending."""
 
-difftest_limits = {"num_experts": (1, MAX_EXPERTS)}
-"""The input domain the kernels declare to difftest (``difftest.limits``): an ``E``
-above ``MAX_EXPERTS`` is rejected with ``ValueError`` before anything is launched."""
+difftest_limits = declared.LIMITS[BACKEND]
+"""The input domain the kernels declare to difftest (``difftest.limits``)."""
 
 FAULT_NAMES: tuple[str, ...] = tuple(
     name for name, fault in FAULTS.items() if BACKEND in fault.backends

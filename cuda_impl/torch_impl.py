@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from cuda_impl import declared
 from cuda_impl._torch import ep, launch, switches
 from cuda_impl.faults import DIALECTS, FAULTS
 
@@ -29,7 +30,7 @@ __all__ = ["BACKEND", "FAULT_NAMES", "STABLE", "describe", "implementation"]
 
 BACKEND = "torch"
 
-STABLE = True
+STABLE = declared.STABLE[BACKEND]
 """Routes inside an expert segment of ``sorted_token_ids`` are in ascending route index."""
 
 FAULT_NAMES: tuple[str, ...] = tuple(

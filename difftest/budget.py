@@ -14,7 +14,7 @@ building the implementation, is not in the budget):
   S (or ``max_examples`` cases run, replayed ones included, whichever comes
   first). Once failures are on record it ends earlier, as far as their
   shrinking needs (each signature up to ``--shrink-seconds`` before 90 %), but
-  not before ``FAILING_GENERATE_SHARE`` (50 %) of S: turning the failures found
+  not before ``FAILING_GENERATE_SHARE`` (40 %) of S: turning the failures found
   into small reports is then worth more than more cases. The batch in flight
   may finish until ``DRAIN_SHARE`` (80 %) of S, so that the worker need not be
   killed (and restarted for shrinking). The first
@@ -68,7 +68,7 @@ REPLAY_SHARE = 0.25
 GENERATE_SHARE = 0.70
 DRAIN_SHARE = 0.80
 SHRINK_SHARE = 0.90
-FAILING_GENERATE_SHARE = 0.50
+FAILING_GENERATE_SHARE = 0.40
 SANITIZER_SHARE = 1.15
 OVERRUN = 1.25
 DEFAULT_MAX_EXAMPLES = 1000

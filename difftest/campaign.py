@@ -31,7 +31,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .budget import (
     DEFAULT_MAX_EXAMPLES,
@@ -235,44 +235,96 @@ class CampaignResult:
         return records
 
 
+PHASES = ("replay", "generate", "shrink", "report")
+"""A run's phases, in order (:class:`Progress` names the one it is in)."""
+
+
 class Progress:
     """Live progress on ``stream`` (stderr): a one-line bar on a terminal; elsewhere (a CI
     log) one plain line about every ``interval_s`` seconds. Silent when not ``enabled``.
 
     A line reads ``difftest: 12/60 s  generate  143 cases  12 failures  2 signatures``.
+    ``state_file``: where a worker of ``difftest run --workers N`` keeps its latest
+    state (JSON, rewritten at most every second) for its parent, which shows the
+    workers' states summed up (:meth:`show_parts`).
     """
+
+    STATE_INTERVAL_S = 1.0
 
     def __init__(self, enabled: bool = True, stream: Any = None, *, tty: bool | None = None,
                  interval_s: float = LOG_INTERVAL_S,
-                 now: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], float] = time.monotonic,
+                 state_file: Path | None = None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         isatty = getattr(self.stream, "isatty", None)
         self.tty = tty if tty is not None else bool(isatty and isatty())
         self.interval_s = interval_s if not self.tty else 0.2
         self.now = now
-        self._last = now()
+        self.state_file = state_file
+        self._last = self._saved = now()
         self._drawn = False
 
     def update(self, result: CampaignResult, phase: str, clock: Clock,
                force: bool = False) -> None:
+        if not self.enabled and self.state_file is None:
+            return
+        state = {"elapsed_s": clock.elapsed(), "seconds": clock.budget.seconds,
+                 "phase": phase, "cases": result.cases, "failures": result.failed,
+                 "signatures": sorted(result.failures), "verdicts": dict(result.verdicts)}
+        if self.state_file is not None and (force or self.now() - self._saved
+                                            >= self.STATE_INTERVAL_S):
+            self._saved = self.now()
+            partial = self.state_file.with_name(self.state_file.name + ".part")
+            partial.write_text(json.dumps(state))
+            os.replace(partial, self.state_file)
+        self.show(state, force)
+
+    def show_parts(self, files: Sequence[Path], force: bool = False) -> None:
+        """One line for the workers' state files together: the longest elapsed, the
+        earliest phase, cases, failures and verdicts summed, signatures counted once."""
+        states = []
+        for path in files:
+            try:
+                states.append(json.loads(path.read_text()))
+            except (OSError, ValueError):  # not written yet
+                continue
+        if not states:
+            return
+        verdicts: dict[str, int] = {}
+        for state in states:
+            for verdict, n in state["verdicts"].items():
+                verdicts[verdict] = verdicts.get(verdict, 0) + n
+        self.show({"elapsed_s": max(state["elapsed_s"] for state in states),
+                   "seconds": states[0]["seconds"],
+                   "phase": min((state["phase"] for state in states), key=PHASES.index),
+                   "cases": sum(state["cases"] for state in states),
+                   "failures": sum(state["failures"] for state in states),
+                   "signatures": sorted({sig for state in states
+                                         for sig in state["signatures"]}),
+                   "verdicts": verdicts}, force)
+
+    def show(self, state: dict[str, Any], force: bool = False) -> None:
+        """Write ``state`` (as :meth:`update` makes it) as the bar or a log line, at most
+        once per ``interval_s`` unless ``force``."""
         if not self.enabled:
             return
         t = self.now()
         if not force and t - self._last < self.interval_s:
             return
         self._last = t
-        budget = clock.budget.seconds
-        elapsed = f"{clock.elapsed():.0f}" + (f"/{budget:g}" if budget is not None else "")
+        budget = state["seconds"]
+        elapsed = f"{state['elapsed_s']:.0f}" + (f"/{budget:g}" if budget is not None else "")
         if self.tty:
-            bad = ", ".join(f"{v} {n}" for v, n in sorted(result.verdicts.items())
+            bad = ", ".join(f"{v} {n}" for v, n in sorted(state["verdicts"].items())
                             if v not in ("pass", "rejected"))
-            self.stream.write(f"\r\033[K{phase} {elapsed} s | {result.cases} cases | "
-                              f"failing: {bad or 'none'}")
+            self.stream.write(f"\r\033[K{state['phase']} {elapsed} s | {state['cases']} cases"
+                              f" | failing: {bad or 'none'}")
             self._drawn = True
         else:
-            self.stream.write(f"difftest: {elapsed} s  {phase}  {result.cases} cases  "
-                              f"{result.failed} failures  {len(result.failures)} signatures\n")
+            self.stream.write(f"difftest: {elapsed} s  {state['phase']}  {state['cases']} "
+                              f"cases  {state['failures']} failures  "
+                              f"{len(state['signatures'])} signatures\n")
         self.stream.flush()
 
     def done(self) -> None:
@@ -1197,7 +1249,9 @@ def run_campaign(impl: Implementation, runner: Any, out_dir: Path, budget: Budge
     or, with ``raise_internal=False``, kept in ``result.internal``.
     """
     if hasattr(runner, "warm_up"):
-        runner.warm_up()  # start-up (loading, a CUDA build) is not in the budget
+        # start-up (loading, a CUDA build) is not in the budget; the spares set up while
+        # the first cases run
+        runner.warm_up(spares=False)
     campaign = Campaign(impl, runner, out_dir, seed=budget.seed, database=database,
                         progress=progress, budget=budget)
     clock = campaign.clock

@@ -30,6 +30,7 @@ EXIT_CLEAN, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 # where an internal error's traceback goes when the command has no run directory
 INTERNAL_ERROR_DIR = Path(".difftest") / "internal-errors"
 EXIT_CANNOT_LOAD = 125  # replay only: git bisect's "skip this commit"
+PROGRESS_FILE = "progress.json"  # a --workers child's latest state, in its part directory
 
 
 class _OptionError(UsageError):
@@ -238,12 +239,28 @@ def _print_error(exc: DifftestError) -> None:
 def default_device() -> str:
     if os.environ.get("DIFFTEST_DEVICE"):
         return os.environ["DIFFTEST_DEVICE"]
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    # device count only: creates no CUDA context in this process
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda_device_count() else "cpu"
+
+
+def cuda_device_count() -> int:
+    """The GPUs a worker of this run may use, without importing torch or initialising
+    CUDA here (a campaign's own process needs neither; its workers load torch): the
+    NVIDIA driver's device files ``/dev/nvidia0``, ``/dev/nvidia1``, ..., narrowed by
+    ``CUDA_VISIBLE_DEVICES`` (whose list ends at its first empty or ``-1`` entry). A
+    GPU there that the driver cannot use makes the worker's load fail, with its error."""
+    import re
+
+    present = sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", name)) \
+        if os.path.isdir("/dev") else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return present
+    listed = 0
+    for entry in visible.split(","):
+        if entry.strip() in ("", "-1"):
+            break
+        listed += 1
+    return min(listed, present)
 
 
 def _device_for(impl: Any, requested: str | None) -> str:
@@ -472,7 +489,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     cuda_device = int(os.environ["DIFFTEST_GPU"]) if os.environ.get("DIFFTEST_GPU") else None
     with _runner(impl, device, ns.timeout, ns.in_process, cuda_device) as runner:
         campaign = run_campaign(impl, runner, out, budget, contracts=contracts,
-                                database=database, progress=Progress(enabled=not ns.quiet),
+                                database=database, progress=Progress(
+                                    enabled=not ns.quiet,
+                                    state_file=out / PROGRESS_FILE if ns.worker else None),
                                 shrink=not ns.no_shrink, classes=ns.classes,
                                 raise_internal=False)
     result = campaign.result
@@ -514,9 +533,7 @@ def _worker_count(ns: argparse.Namespace, device: str) -> int:
         return ns.workers
     if device != "cuda":
         raise UsageError("--gpus: needs --device cuda")
-    import torch
-
-    available = torch.cuda.device_count()
+    available = cuda_device_count()
     if ns.gpus == "all":
         return max(1, available)
     try:
@@ -530,15 +547,14 @@ def _worker_count(ns: argparse.Namespace, device: str) -> int:
 
 def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | None,
                   device: str, budget: Any) -> int:
-    """One child ``difftest run`` per worker (per GPU), seeds derived, logs merged."""
+    """One child ``difftest run`` per worker (per GPU), seeds derived, logs merged; the
+    children's progress shown as one (each keeps its state in ``PROGRESS_FILE``)."""
     import reports
 
-    out.mkdir(parents=True, exist_ok=True)
-    gpus = 1
-    if device == "cuda":
-        import torch
+    from .campaign import Progress
 
-        gpus = max(1, torch.cuda.device_count())  # counts devices; creates no context
+    out.mkdir(parents=True, exist_ok=True)
+    gpus = max(1, cuda_device_count()) if device == "cuda" else 1
     base = _strip_options(ns._argv, {"--workers", "--gpus", "--out", "--seed", "--junit",
                                      "--shard"}, flags=frozenset({"--json"}))
     procs, parts = [], []
@@ -552,6 +568,13 @@ def _run_parallel(ns: argparse.Namespace, workers: int, out: Path, seed: int | N
         cmd = [sys.executable, "-m", "difftest"] + base + [
             "--out", str(part), "--seed", str(child_seed), "--quiet", "--worker"]
         procs.append(subprocess.Popen(cmd, env=env))
+    progress = Progress(enabled=not ns.quiet)
+    states = [part / PROGRESS_FILE for part in parts]
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+        progress.show_parts(states)
+    progress.show_parts(states, force=True)
+    progress.done()
     codes = [p.wait() for p in procs]
     if any(c == EXIT_USAGE for c in codes):
         raise UsageError(f"a worker stopped on a usage error (exit codes {codes})")

@@ -17,6 +17,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from cuda_impl import declared
+
 from . import limits as domain
 from . import oplib, signatures
 from .case import DIALECTS
@@ -195,14 +197,13 @@ def _resolve_builtin(kind: str, fault: str | None, name: str) -> Implementation:
                 f"--impl {name!r}: {kind} has no fault {fault!r}; allowed: {', '.join(allowed)}")
         dialects, summary = tuple(info.dialects), info.summary
     devices = ("cpu", "cuda") if kind == "torch" else ("cuda",)
-    module = _backend(kind)
-    return Implementation(name, kind, tuple(dialects), devices,
-                          bool(getattr(module, "STABLE", False)), summary, fault,
-                          limits=domain.declared(module, f"{module.__name__}"))
+    return Implementation(name, kind, tuple(dialects), devices, declared.STABLE[kind],
+                          summary, fault,
+                          limits=domain.validate(declared.LIMITS[kind], "cuda_impl.declared"))
 
 
 def _backend(kind: str) -> Any:
-    # the backend module, for its STABLE and difftest_limits constants; importing it
-    # builds nothing and initialises no CUDA
+    # the backend module (a worker's, or a zygote's before it forks: it imports torch);
+    # importing it builds nothing and initialises no CUDA
     return importlib.import_module("cuda_impl.torch_impl" if kind == "torch"
                                    else "cuda_impl.cuda")

@@ -103,6 +103,34 @@ def test_progress_without_a_terminal_is_a_plain_line_about_every_interval():
         "difftest: 13/60 s  report  143 cases  12 failures  2 signatures\n")
 
 
+def test_workers_keep_their_state_in_a_file_and_the_parent_shows_them_as_one(tmp_path):
+    # difftest run --workers N: each child keeps its latest state, the parent sums them up
+    now = _FakeTime()
+    files = [tmp_path / "worker-0.json", tmp_path / "worker-1.json", tmp_path / "worker-2.json"]
+    clock = Budget(seconds=60.0).start(now)
+    children = [Progress(enabled=False, now=now, state_file=path) for path in files[:2]]
+    now.t = 12.0
+    children[0].update(CampaignResult(Path("."), cases=100, verdicts={"pass": 90, "crash": 10},
+                                      failures={"a": None, "b": None}), "shrink", clock)
+    now.t = 12.5
+    children[1].update(CampaignResult(Path("."), cases=40, verdicts={"pass": 37, "crash": 3},
+                                      failures={"b": None}), "generate", clock)
+    children[1].update(CampaignResult(Path("."), cases=41, verdicts={"pass": 38, "crash": 3},
+                                      failures={"b": None}), "generate", clock)  # < 1 s later
+    assert json.loads(files[1].read_text())["cases"] == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["worker-0.json", "worker-1.json"]
+    stream = io.StringIO()
+    parent = Progress(stream=stream, tty=False, interval_s=10.0, now=now)
+    parent.show_parts(files)  # too soon for a line
+    now.t = 13.0
+    parent.show_parts(files, force=True)  # worker-2 has written nothing yet
+    assert stream.getvalue() == (
+        "difftest: 12/60 s  generate  140 cases  13 failures  2 signatures\n")
+    bar = io.StringIO()
+    Progress(stream=bar, tty=True, now=now).show_parts(files, force=True)
+    assert bar.getvalue() == "\r\x1b[Kgenerate 12/60 s | 140 cases | failing: crash 13"
+
+
 def test_mismatch_rows_of_a_case_are_capped_with_a_count_of_the_rest():
     import numpy as np
 
@@ -247,11 +275,11 @@ def test_a_signature_is_not_pursued_after_three_timed_out_candidates(tmp_path):
     assert "stopped: 3 candidates timed out" in report
 
 
-def test_generation_yields_to_the_shrinking_its_failures_need_but_not_before_half():
+def test_generation_yields_to_the_shrinking_its_failures_need_but_not_before_40_percent():
     clock = Budget(seconds=100.0, shrink_seconds=30.0).start(_FakeTime(0.0))
     assert clock.generation_end(0) == clock.generate_end == 70.0
     assert clock.generation_end(1) == 60.0  # 90 - 30: one signature's full shrink
-    assert clock.generation_end(2) == 50.0  # 90 - 60 = 30 is below half: half
+    assert clock.generation_end(2) == 40.0  # 90 - 60 = 30 is below 40 %: 40 %
     assert Budget(seconds=100.0, shrink_seconds=5.0).start(_FakeTime()).generation_end(3) == 70.0
     assert Budget(max_examples=5).start(_FakeTime()).generation_end(2) is None
 

@@ -67,6 +67,41 @@ def test_cuda_impl_without_a_gpu_is_a_usage_error(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_gpus_are_counted_from_the_driver_files_and_cuda_visible_devices(monkeypatch):
+    from difftest import cli
+
+    files = ["null", "nvidia0", "nvidia1", "nvidia2", "nvidiactl", "nvidia-uvm", "nvidia10x"]
+    monkeypatch.setattr(cli.os, "listdir", lambda path: files if path == "/dev" else [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("DIFFTEST_DEVICE", raising=False)
+    assert cli.cuda_device_count() == 3
+    assert cli.default_device() == "cuda"
+    for visible, count in (("1", 1), ("0,2", 2), ("GPU-1a2b,GPU-3c4d", 2), ("", 0),
+                           ("-1", 0), ("0,-1,1", 1), ("0,1,2,3,4", 3)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert cli.cuda_device_count() == count, visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert cli.default_device() == "cpu"
+    files[:] = ["null", "nvidiactl"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert cli.cuda_device_count() == 0
+
+
+def test_the_campaign_process_never_imports_torch(tmp_path):
+    # its workers load the implementation; the process itself reads only declarations
+    import subprocess
+    import sys
+
+    code = ("import sys; from difftest.cli import main; "
+            f"code = main(['run', '--impl', 'torch:no-slot-upper-guard', '--device', 'cpu', "
+            f"'--max-examples', '40', '--seed', '3', '--no-db', '--quiet', "
+            f"'--out', {str(tmp_path / 'run')!r}]); "
+            "print(code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    assert out[-2:] == ["1", "False"]
+
+
 def test_list_names_implementations_faults_and_classes(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

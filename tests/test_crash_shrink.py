@@ -76,3 +76,21 @@ def test_a_large_path_crash_on_a_minus_one_route_trades_routes_for_experts():
     assert m.topk_ids.tolist() == [[-1]]
     assert (m.num_experts, m.block_size, m.max_num_tokens_padded) == (65, 1, None)
     assert m.contract == "defensive"
+
+
+def test_a_slot_far_past_l_goes_to_the_first_power_of_two_that_still_crashes():
+    # the crash needs lora_ids[i] >= L + 2**20; a step-by-step walk down from 2**31 - 2
+    # would be a crash (a worker restart) per step, the ladder is runs that pass and one
+    # that crashes: -1, 0, L, L + 1, 2, 4, ..., 2**20 pass, 2**21 crashes
+    case = tagged(Case("vllm-lora", "defensive", np.zeros((0, 1), dtype=np.int64), 1, 64,
+                       max_loras=1, token_lora_mapping=np.zeros(0, dtype=np.int32),
+                       lora_ids=np.array([2**31 - 2], dtype=np.int32),
+                       adapter_enabled=np.array([1, 1], dtype=np.int32)))
+    result, signature = shrink_crash("segfaults_on_a_far_slot", "vllm-lora", case)
+    assert signature == "vllm-lora--crash--sigsegv"
+    m = result.case
+    assert result.minimal
+    assert "simplify_values: lora_ids[0] 2147483646 -> 2097152" in result.passes_applied
+    assert m.lora_ids.tolist() == [2**21]
+    assert (m.num_tokens, m.block_size, m.adapter_enabled) == (0, 1, None)
+    assert result.calls <= 40

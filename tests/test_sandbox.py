@@ -373,3 +373,30 @@ def test_a_notice_closed_without_a_fatal_signal_waits_for_the_socket():
     child.close()
     assert worker.inbox.get(timeout=10) is None
     assert worker._signal is None
+
+
+_SLOW_TO_LOAD = """\
+import os, sys, time
+sys.path.insert(0, {tests!r})
+import user_impls
+if os.getppid() != int(os.environ["SANDBOX_TEST_RUNNER"]):
+    time.sleep(1.0)  # each forked worker's set-up, as a CUDA context's would be
+correct = user_impls.correct_vllm
+"""
+
+
+def test_a_campaign_warm_up_waits_for_its_worker_and_leaves_the_spares_setting_up(
+        tmp_path, monkeypatch):
+    (tmp_path / "slow_fork_set_up.py").write_text(
+        _SLOW_TO_LOAD.format(tests=os.path.dirname(__file__)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SANDBOX_TEST_RUNNER", str(os.getpid()))
+    impl = registry.resolve("py:slow_fork_set_up:correct", "vllm-lora")
+    with SandboxRunner(impl, "cpu", timeout_s=30, plan=_CHILD_LOADS) as runner:
+        runner.warm_up(spares=False)
+        assert runner._worker.is_ready()
+        assert len(runner._spares) + runner._forks_asked == 2  # both asked for
+        assert not any(spare.is_ready() for spare in runner._spares)  # still loading
+        assert _verdict(runner, impl, _vllm_case(3)).verdict == "pass"
+        runner.warm_up()
+        assert len(runner._spares) == 2 and all(s.is_ready() for s in runner._spares)

@@ -350,3 +350,21 @@ def test_shrink_log_compresses_a_chain_of_one_pass_and_a_long_run_of_steps():
         "simplify_ids: topk_ids[0, 6] 3 -> 0",
         "drop_tokens: T 2 -> 1",
     ]
+
+
+def test_values_past_their_range_take_the_ladder_not_single_steps():
+    from difftest.shrink._surgery import toward_base, toward_zero
+
+    # in range: half and one step, as before
+    assert toward_base(5, 8) == [-1, 0, 2, 4]
+    assert toward_base(8, 8) == [-1, 0, 4, 7]
+    assert toward_zero(64, 64) == [0, 32, 63]
+    # past L (E): the last in range, L (E), L + 1, then powers of two, never value - 1
+    assert toward_base(11, 8) == [-1, 0, 7, 8, 9]
+    assert toward_base(1000, 8) == [-1, 0, 7, 8, 9, 16, 32, 64, 128, 256, 512]
+    assert toward_zero(70, 64) == [0, 63, 64, 65]
+    assert toward_zero(2**31 - 1, 64)[-1] == 2**30
+    # below -1, mirrored
+    assert toward_base(-5, 8) == [-1, 0, -2, -4]
+    assert toward_zero(-7, 64) == [0, -1, -2, -4]
+    assert toward_base(-2**31, 4) == [-1, 0] + [-(2**j) for j in range(1, 31)]

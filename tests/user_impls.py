@@ -200,6 +200,23 @@ def segfaults_on_large_path_with_invalid_route(topk_ids, num_experts, block_size
                  num_tokens_post_pad, expert_map)
 
 
+FAR_SLOT = 1 << 20
+
+
+def segfaults_on_a_far_slot(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                            max_num_tokens_padded, max_num_m_blocks, sorted_token_ids,
+                            expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,
+                            expert_map=None):
+    """Dereferences NULL when a ``lora_ids`` entry is ``FAR_SLOT`` or more past ``L``, as a
+    kernel writing that slot's row without a bounds check faults on an unmapped page
+    (nearer slots land in mapped memory)."""
+    if bool((lora_ids.long() >= max_loras + FAR_SLOT).any()):
+        ctypes.string_at(0)
+    correct_vllm(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
+                 max_num_tokens_padded, max_num_m_blocks, sorted_token_ids, expert_ids,
+                 num_tokens_post_pad, adapter_enabled, lora_ids, expert_map)
+
+
 def segfaults_on_odd_tokens(topk_ids, token_lora_mapping, num_experts, block_size, max_loras,
                             max_num_tokens_padded, max_num_m_blocks, sorted_token_ids,
                             expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,

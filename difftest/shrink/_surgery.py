@@ -196,23 +196,51 @@ def expert_floor(case: Case) -> int:
 
 
 def toward_zero(value: int, num_experts: int) -> list[int]:
-    """Simpler expert ids for ``value``: 0, the first out-of-range id, half, one step."""
-    if value > 0:
-        targets = [0, num_experts if value > num_experts else 0, value // 2, value - 1]
+    """Simpler expert ids for ``value``: 0; up to ``E``, half and one step; past it
+    (or below ``-1``), the :func:`past_range` ladder."""
+    if value > num_experts:
+        targets = [0, *past_range(value, num_experts)]
+    elif value > 0:
+        targets = [0, value // 2, value - 1]
     elif value < 0:
-        targets = [0, -1, -((-value) // 2), value + 1]
+        targets = [0, *past_range(value, -1)]
     else:
         return []
     return [t for t in dict.fromkeys(targets) if abs(t) < abs(value)]
 
 
 def toward_base(value: int, num_slots: int) -> list[int]:
-    """Simpler slot values for ``value``: ``-1`` (base), 0, ``L`` when past it, half, one step."""
+    """Simpler slot values for ``value``: ``-1`` (base), 0; up to ``L``, half and one
+    step; past it (or below ``-1``), the :func:`past_range` ladder."""
     targets = [-1, 0]
     if value > num_slots:
-        targets.append(num_slots)
-    targets += [value // 2, value - 1] if value >= 0 else [value + 1]
+        targets += past_range(value, num_slots)
+    elif value >= 0:
+        targets += [value // 2, value - 1]
+    else:
+        targets += past_range(value, -1)
     return [t for t in dict.fromkeys(targets) if abs(t + 1) < abs(value + 1)]
+
+
+def past_range(value: int, end: int) -> list[int]:
+    """Values between ``end`` (the first value past a range, or ``-1`` for values below
+    it) and ``value``, smallest distance first: the last value in range, ``end``,
+    ``end ± 1``, then the powers of two beyond them.
+
+    A value far out of range goes to the first of these that still fails, not to its
+    exact threshold: a search for the threshold would be a run per step that fails (a
+    worker restart each, when the failure is a crash); this ladder costs runs that
+    pass, and one that fails.
+    """
+    sign = 1 if value >= end else -1
+    ladder = ([end - 1] if sign > 0 and end > 0 else []) + [end, end + sign]
+    power = 2
+    while power < abs(value):
+        if power > abs(end) + 1:
+            ladder.append(sign * power)
+        power *= 2
+    return [t for t in ladder if abs(t) < abs(value)]
+
 
 def smaller_group(ep: EPGroup, size: int) -> EPGroup:
     """``ep`` with ``size`` ranks: all of them if it ran all, else the ranks that remain."""
