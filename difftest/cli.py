@@ -250,8 +250,11 @@ def cuda_device_count() -> int:
     GPU there that the driver cannot use makes the worker's load fail, with its error."""
     import re
 
-    present = sum(1 for name in os.listdir("/dev") if re.fullmatch(r"nvidia\d+", name)) \
-        if os.path.isdir("/dev") else 0
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        names = []
+    present = sum(1 for name in names if re.fullmatch(r"nvidia\d+", name))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return present
