@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,6 +472,9 @@ class Campaign:
         self._tries: dict[str, int] = {}
         self._flaky_ids: set[str] = set()
         self.stages: Stages | None = None  # timed only when given one (bench/campaign.py)
+        self._sanitizing = _Sanitizing(impl)
+        # a campaign dropped without close() ends the interpreters it started all the same
+        weakref.finalize(self, self._sanitizing.kill)
 
     # -- deadlines --------------------------------------------------------------
     def _until(self, deadline: float | None, cut: float | None = None) -> None:
@@ -753,7 +757,18 @@ class Campaign:
         elif self._over_cap(sig, case):
             return
         else:
-            failures[sig] = Failure(sig, case, evaluation, 1, cases, seconds, confirmation)
+            failures[sig] = failure = Failure(sig, case, evaluation, 1, cases, seconds,
+                                              confirmation)
+            if self._wants_sanitizer(failure):
+                self._sanitizing.expect()  # its interpreter starts now, its case comes later
+
+    def _wants_sanitizer(self, failure: Failure) -> bool:
+        """Whether ``failure`` gets a compute-sanitizer re-run: a CUDA implementation's
+        confirmed failure whose check asks for one (flaky ones keep their pair)."""
+        from .sanitizer import wants_sanitizer
+
+        return (str(getattr(self.runner, "device", "")).startswith("cuda")
+                and failure.evaluation.verdict != "flaky" and wants_sanitizer(failure))
 
     def _ran(self, case: Case, worker: str, batch: int) -> None:
         self._history.setdefault(worker, deque(maxlen=HISTORY)).append((case, batch))
@@ -969,13 +984,10 @@ class Campaign:
         with the culprit fixed, then the culprit with the victim fixed, each
         half; one without a culprit keeps its case.
         """
-        from .sanitizer import wants_sanitizer
-
         self._settle()
         cap = self.budget.shrink_seconds if shrink_seconds is None else shrink_seconds
-        on_cuda = str(getattr(self.runner, "device", "")).startswith("cuda")
         signatures = shrink_order(self.result.failures)
-        sanitizing = _Sanitizing(self.impl)
+        sanitizing = self._sanitizing
         try:
             for i, sig in enumerate(signatures):
                 failure = self.result.failures[sig]
@@ -1001,7 +1013,7 @@ class Campaign:
                         else:
                             final = alone
                 report = (sig, failure, minimal, final, shrunk)
-                if on_cuda and wants_sanitizer(failure):
+                if self._wants_sanitizer(failure):
                     sanitizing.queue(report)  # reported once its re-run ends
                     sanitizing.start_queued(self.clock)
                 else:
@@ -1044,6 +1056,7 @@ class Campaign:
                 raise _StopPursuit
             evaluation = self.check(candidate)
             self._show()
+            self._sanitizing.start_queued(self.clock)  # a re-run slot may have come free
             counts["timeouts"] += evaluation.verdict == "timeout"
             if evaluation.signature(candidate) != sig:
                 return False
@@ -1060,7 +1073,8 @@ class Campaign:
         if hang:
             self.runner.confirm_timeouts = False
         try:
-            shrunk = shrink(failure.case, same_signature, max_seconds=seconds)
+            shrunk = shrink(failure.case, same_signature, max_seconds=seconds,
+                            costly=failure.evaluation.verdict in WORKER_LOST)
         except (BudgetSpent, _StopPursuit) as exc:
             why = (f"stopped: {TIMEOUT_PURSUIT} candidates timed out"
                    if isinstance(exc, _StopPursuit) else "stopped: the run's budget ended")
@@ -1133,6 +1147,7 @@ class Campaign:
     def close(self) -> CampaignResult:
         import reports
 
+        self._sanitizing.kill()  # hosts no signature came to (and runs a failure left)
         self.phase = "report"
         self._show(force=True)
         self.progress.done()
@@ -1167,12 +1182,34 @@ class _Sanitizing:
     each starts once its signature's minimal case is known, while the next signatures
     shrink, at most ``SANITIZER_PARALLEL`` at a time, and may run until
     ``SANITIZER_SHARE`` of the run's budget (:mod:`difftest.budget`); one the budget
-    cuts is reported as cut."""
+    cuts is reported as cut. Each runs in an interpreter started under memcheck as soon
+    as its signature was found (:meth:`expect`; :class:`~difftest.sanitizer.SanitizerHost`),
+    so that its case runs at once when it comes: up to ``SANITIZER_PARALLEL`` of those
+    wait beside the re-runs, and no more than signatures to come."""
 
     def __init__(self, impl: Implementation) -> None:
         self.impl = impl
         self._waiting: list[tuple] = []
         self._running: list[tuple[tuple, Any]] = []
+        self._hosts: list[Any] = []  # started, waiting for a case
+        self._expected = 0  # signatures whose re-run has not started (or been skipped)
+
+    def expect(self) -> None:
+        """One more signature will want a re-run: start its interpreter, room allowing."""
+        self._expected += 1
+        self._top_up()
+
+    def _alive(self) -> int:
+        return sum(not run.done() for _, run in self._running if run is not None)
+
+    def _top_up(self) -> None:
+        from .sanitizer import SanitizerHost
+
+        while len(self._hosts) < min(self._expected, SANITIZER_PARALLEL):
+            host = SanitizerHost.start()
+            if host is None:
+                return
+            self._hosts.append(host)
 
     def queue(self, report: tuple) -> None:
         """``report``'s arguments (signature first, minimal case third) wait for a re-run."""
@@ -1181,13 +1218,15 @@ class _Sanitizing:
     def start_queued(self, clock: Any) -> None:
         from .sanitizer import SanitizerRun
 
-        while self._waiting and sum(not run.done() for _, run in self._running
-                                    if run is not None) < SANITIZER_PARALLEL:
+        while self._waiting and self._alive() < SANITIZER_PARALLEL:
             report = self._waiting.pop(0)
+            self._expected = max(0, self._expected - 1)
             if clock.left(clock.sanitizer_end) < 1.0:  # no time left for one
                 self._running.append((report, None))
             else:
-                self._running.append((report, SanitizerRun.start(report[2], self.impl)))
+                host = self._hosts.pop(0) if self._hosts else None
+                self._running.append((report, SanitizerRun.start(report[2], self.impl, host)))
+        self._top_up()
 
     def results(self, clock: Any) -> Iterator[tuple[tuple, str]]:
         """Each queued report with its re-run's text, in the order they were queued
@@ -1206,6 +1245,9 @@ class _Sanitizing:
         for _, run in self._running:
             if run is not None:
                 run.kill()
+        for host in self._hosts:
+            host.kill()
+        self._hosts.clear()
 
 
 def shrink_order(failures: dict[str, Any]) -> list[str]:

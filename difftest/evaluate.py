@@ -126,25 +126,35 @@ def error_class(text: str) -> str:
     return slug(first) or "exception"
 
 
-# CUDA error texts as torch and the runtime print them → the kind of a crash.
+# CUDA error texts as the runtime prints them → the kind of a crash. A wild address is one
+# kind whichever error it gives: the same out-of-bounds write faults as an illegal address
+# when it lands in unmapped memory and as cudaErrorInvalidAddressSpace when it lands in the
+# shared or local window (which one depends on where the run's buffers happen to lie).
 _CUDA_KINDS = (
     ("illegal memory access", "cuda-illegal-address"),
     ("illegal address", "cuda-illegal-address"),
+    ("global/shared address space", "cuda-illegal-address"),
     ("illegal instruction", "cuda-illegal-instruction"),
     ("misaligned address", "cuda-misaligned-address"),
     ("unspecified launch failure", "cuda-launch-failure"),
     ("launch failure", "cuda-launch-failure"),
-    ("device-side assert", "cuda-device-side-assert"),
+    ("device-side assert triggered", "cuda-device-side-assert"),
 )
+_CUDA_NAMED_KINDS = {"InvalidAddressSpace": "cuda-illegal-address"}
 _SIGNALS = {"SIGSEGV": "sigsegv", "SIGBUS": "sigbus", "SIGABRT": "sigabrt", "SIGKILL": "killed"}
 
 
 def crash_kind(detail: str) -> str:
     """The kind of a crash from its detail: the CUDA error (``cuda-illegal-address``,
-    ``cuda-illegal-instruction``, ``cuda-misaligned-address``, ``cuda-launch-failure``,
+    which ``cudaErrorInvalidAddressSpace`` is too, ``cuda-illegal-instruction``,
+    ``cuda-misaligned-address``, ``cuda-launch-failure``, ``cuda-device-side-assert``,
     ``cuda-<other error>``), else the signal that killed the worker (``sigsegv``,
     ``sigbus``, ``sigabrt``, ``killed`` for SIGKILL, ``sig<name>``) or its exit code
-    (``exit-N``); ``crash`` when the detail says none of these."""
+    (``exit-N``); ``crash`` when the detail says none of these.
+
+    The hints torch appends to every CUDA error ("Compile with `TORCH_USE_CUDA_DSA` to
+    enable device-side assertions") name no kind: a device-side assert is the runtime's
+    "device-side assert triggered"."""
     text = detail or ""
     lowered = text.lower()
     for marker, kind in _CUDA_KINDS:
@@ -152,11 +162,14 @@ def crash_kind(detail: str) -> str:
             return kind
     named = re.search(r"cudaError([A-Z]\w*)", text)
     if named:
-        return "cuda-" + re.sub(r"(?<!^)(?=[A-Z])", "-", named.group(1)).lower()
+        return _CUDA_NAMED_KINDS.get(named.group(1)) or (
+            "cuda-" + re.sub(r"(?<!^)(?=[A-Z])", "-", named.group(1)).lower())
     cuda = re.search(r"CUDA error:\s*([^\n]+)", text)
     if cuda:
         message = re.sub(r"\s*was encountered.*$", "", cuda.group(1).strip())
         message = re.sub(r"^(an?|the)\s+", "", message, flags=re.IGNORECASE)
+        message = re.split(r"\s+(?:Search for|CUDA kernel errors|For debugging|Compile with)\b",
+                           message)[0]
         return "cuda-" + (slug(message.lower(), 40) or "error")
     signal = re.search(r"killed by signal (SIG[A-Z0-9]+|\d+)", text)
     if signal:

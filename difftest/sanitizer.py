@@ -45,15 +45,84 @@ def find_sanitizer() -> str | None:
     return None
 
 
+#: The arguments of ``repro.py`` a re-run passes (the report shows them in its command).
+REPRO_ARGS = ("--device", "cuda", "--repeats", "1", "--exact-buffers")
+
+# The interpreter a re-run runs in, started under memcheck before its case is known: it
+# imports torch and creates its CUDA context (most of a re-run's time: ~4.4 s of the 5.7
+# of a whole one on the H200), then reads the folder of the case's repro.py from stdin and
+# runs it as `python repro.py <its own arguments>` would. An empty line or the end of stdin
+# ends it.
+_HOST = """\
+import runpy, sys
+import torch
+try:
+    torch.cuda.init()
+    torch.cuda.synchronize()
+except Exception:  # repro.py meets the same error and says so
+    pass
+folder = sys.stdin.readline().strip()
+if not folder:
+    sys.exit(0)
+sys.argv = [folder + "/repro.py", *sys.argv[1:]]
+sys.path.insert(0, folder)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def sanitizer_command() -> str:
+    """The command a re-run stands for, as a user types it next to the report's repro.py."""
+    return ("PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python "
+            f"repro.py {' '.join(REPRO_ARGS)}")
+
+
+class SanitizerHost:
+    """An interpreter started under memcheck, its torch imported and its CUDA context made,
+    waiting for the case a :class:`SanitizerRun` gives it (one case each: memcheck reports
+    per process, and a crash leaves the context unusable). Its folder and output file are
+    the run's."""
+
+    def __init__(self, tool: str) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="difftest-sanitizer-")
+        env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+        with open(Path(self.tmp.name) / "output.txt", "wb") as output:
+            self.proc = subprocess.Popen([tool, "--tool", "memcheck", sys.executable, "-c",
+                                          _HOST, *REPRO_ARGS],
+                                         env=env, stdout=output, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.PIPE, start_new_session=True)
+
+    @classmethod
+    def start(cls) -> SanitizerHost | None:
+        """A host starting up; ``None`` when compute-sanitizer is absent."""
+        tool = find_sanitizer()
+        return None if tool is None else cls(tool)
+
+    def give(self, folder: Path) -> None:
+        """Run the ``repro.py`` in ``folder`` (one that ended already runs nothing)."""
+        try:
+            self.proc.stdin.write(f"{folder}\n".encode())
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        """End the host and its children (no-op when it has ended), and remove its folder."""
+        _kill_group(self.proc)
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.tmp.cleanup()
+
+
 class SanitizerRun:
     """One compute-sanitizer re-run of a case, running in the background (the campaign
     shrinks the next signature meanwhile); :meth:`result` waits for it.
 
     The re-run uses ``repro.py --exact-buffers``: each output is an allocation of
     its own exact size, without the campaign's guard bands, so a write one element
-    past a row's buffer is outside every allocation and memcheck names it. Its
-    output goes to a file (memcheck can print more than a pipe holds), and it runs
-    in a process group of its own, so that a cut re-run ends with its child.
+    past a row's buffer is outside every allocation and memcheck names it. It runs in
+    a :class:`SanitizerHost` (one given, else one started for it), whose output goes
+    to a file (memcheck can print more than a pipe holds), in a process group of its
+    own, so that a cut re-run ends with its child.
     """
 
     def __init__(self, proc: subprocess.Popen, tmp: tempfile.TemporaryDirectory,
@@ -62,27 +131,23 @@ class SanitizerRun:
         self.started = time.monotonic()
 
     @classmethod
-    def start(cls, case: Case, impl: Any) -> SanitizerRun | None:
-        """The re-run of ``case`` under memcheck, started; ``None`` when the tool is absent."""
-        tool = find_sanitizer()
-        if tool is None:
+    def start(cls, case: Case, impl: Any, host: SanitizerHost | None = None
+              ) -> SanitizerRun | None:
+        """The re-run of ``case`` under memcheck, started in ``host`` (else in a new one);
+        ``None`` when the tool is absent."""
+        host = host or SanitizerHost.start()
+        if host is None:
             return None
-        tmp = tempfile.TemporaryDirectory(prefix="difftest-sanitizer-")
-        folder = Path(tmp.name)
+        folder = Path(host.tmp.name)
         text, case_json = repro_files(case, impl.name, impl.stable, "sanitizer re-run", "-",
                                       libraries=impl.libraries)
         (folder / "repro.py").write_text(text)
         (folder / "case.json").write_text(json.dumps(case_json))
-        env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
-        args = ["--device", "cuda", "--repeats", "1", "--exact-buffers"]
-        with open(folder / "output.txt", "wb") as output:
-            proc = subprocess.Popen([tool, "--tool", "memcheck", sys.executable,
-                                     str(folder / "repro.py"), *args],
-                                    env=env, stdout=output, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        command = ("$ PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck "
-                   f"python repro.py {' '.join(args)}")
-        return cls(proc, tmp, command)
+        host.give(folder)
+        command = (f"$ {sanitizer_command()}\n(run in an interpreter started under memcheck "
+                   "before the case was known, torch imported: the same repro.py, arguments "
+                   "and environment)")
+        return cls(host.proc, host.tmp, command)
 
     def done(self) -> bool:
         return self.proc.poll() is not None
@@ -107,12 +172,16 @@ class SanitizerRun:
 
     def kill(self) -> None:
         """End the re-run and its child (no-op when it has ended)."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+        _kill_group(self.proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def _head_and_tail(text: str) -> str:

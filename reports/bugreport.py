@@ -58,6 +58,7 @@ _OPTIONAL = (
     "verdict",
     "traceback",
     "limits",
+    "reproduce_note",
 )
 _MAX_MISMATCH_ROWS = 20
 # verdicts with no output to compare, and what each means
@@ -92,9 +93,9 @@ def write_bug_report(
     the failure alone found), ``culprit_case`` (a case dict, written to
     ``culprit.json``) and ``limits`` (the implementation's declared domain,
     ``{name: [min, max or None]}``; shown, and given to the replay command as
-    ``--limit``).  A missing required key or an
-    unknown key raises ``ValueError``.  An existing report of the same
-    signature is overwritten.
+    ``--limit``) and ``reproduce_note`` (a paragraph the Reproduce section ends
+    with).  A missing required key or an unknown key raises ``ValueError``.  An
+    existing report of the same signature is overwritten.
     """
     safe = isinstance(signature, str) and _SIGNATURE.fullmatch(signature)
     if not safe or signature in {".", ".."}:
@@ -295,6 +296,8 @@ def _reproduce(info: Mapping[str, Any]) -> str:
         + "".join(f" --limit {arg}" for arg in _limit_args(info.get("limits"))),
         "```",
     ]
+    if info.get("reproduce_note"):
+        lines += ["", text(info["reproduce_note"])]
     return "\n".join(lines)
 
 

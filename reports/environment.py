@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +22,10 @@ def environment() -> dict[str, Any]:
     Returns a dict with the keys ``Python``, ``platform``, ``packages``
     (name -> version, ``None`` when not installed), ``torch``, ``CUDA``
     (``torch.version.cuda``), ``GPU`` and ``driver``; unknown values are
-    ``None``.  torch is described only if some caller already imported it:
-    this function never imports torch and never initialises CUDA.  GPU and
+    ``None``.  torch is described without importing it (a campaign's own process
+    never does; its workers run the same installation): its version from the
+    package's metadata, its CUDA from ``torch/version.py`` read as text; a torch
+    already imported is read directly.  CUDA is never initialised.  GPU and
     driver come from ``nvidia-smi`` when it is on PATH (5 s timeout; any
     failure leaves them ``None``).
     """
@@ -38,6 +42,8 @@ def environment() -> dict[str, Any]:
     if torch is not None:
         info["torch"] = getattr(torch, "__version__", None)
         info["CUDA"] = getattr(getattr(torch, "version", None), "cuda", None)
+    else:
+        info["torch"], info["CUDA"] = _torch_unimported()
     gpus = _nvidia_smi()
     if gpus:
         info["GPU"] = "; ".join(name for name, _ in gpus)
@@ -50,6 +56,25 @@ def _version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _torch_unimported() -> tuple[str | None, str | None]:
+    """torch's version and the CUDA it was built for, without importing it."""
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None, None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        return None, None
+    try:
+        text = open(f"{folders[0]}/version.py", encoding="utf-8").read()
+    except OSError:
+        text = ""
+    found = {name: re.search(rf"^{name}\b[^=\n]*=\s*(?:'([^']*)'|\"([^\"]*)\")", text, re.M)
+             for name in ("__version__", "cuda")}
+    version, cuda = ((m.group(1) or m.group(2)) if m else None for m in found.values())
+    return version or _version("torch"), cuda
 
 
 def _nvidia_smi() -> list[tuple[str, str]]:

@@ -27,16 +27,21 @@ def tagged(case: Case) -> Case:
     return case.replace(edge_classes=edge_classes_of(case), case_id=case.case_id)
 
 
-def shrink_crash(name: str, dialect: str, case: Case) -> tuple[ShrinkResult, str]:
+def shrink_crash(name: str, dialect: str, case: Case, *, costly: bool = False,
+                 crashes: list[str] | None = None) -> tuple[ShrinkResult, str]:
+    """Shrink ``case`` against ``name`` in a sandbox; ``crashes`` collects the signature of
+    every candidate that crashed (each one a worker lost)."""
     impl = registry.resolve(f"py:user_impls:{name}", dialect)
     with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
         def signature(candidate: Case) -> str:
-            return evaluate(candidate, runner.run(candidate),
-                            stable=impl.stable).signature(candidate)
+            evaluation = evaluate(candidate, runner.run(candidate), stable=impl.stable)
+            if crashes is not None and evaluation.verdict == "crash":
+                crashes.append(evaluation.signature(candidate))
+            return evaluation.signature(candidate)
 
         original = signature(case)
         result = shrink(case, lambda candidate: signature(candidate) == original,
-                        max_seconds=SHRINK_SECONDS)
+                        max_seconds=SHRINK_SECONDS, costly=costly)
         assert signature(result.case) == original  # the minimal case crashes alone
     return result, original
 
@@ -56,6 +61,36 @@ def test_a_segfault_on_t_mod_3_equal_2_shrinks_to_two_tokens():
     assert any(step.startswith("drop_tokens: T 16832 -> 2") for step in result.passes_applied)
     assert (m.num_tokens, m.topk, m.num_experts, m.block_size, m.max_loras) == (2, 1, 1, 1, 1)
     assert m.contract == "production"
+
+
+def test_a_costly_shrink_takes_every_floor_in_one_crash():
+    # A far slot crashes whatever the rest: E, R, L, B, the dtype and the disabled adapter
+    # each cost a crash one step at a time; composed into one candidate, one crash
+    from difftest.case import EPGroup
+
+    topk_ids = np.zeros((0, 1), dtype=np.int64)
+    case = tagged(Case("vllm-lora", "defensive", topk_ids, 6, 64, max_loras=3,
+                       token_lora_mapping=np.zeros(0, dtype=np.int32),
+                       lora_ids=np.array([2**31 - 2], dtype=np.int32),
+                       adapter_enabled=np.array([1, 0, 1, 1], dtype=np.int32),
+                       ep=EPGroup(6, 3, ranks=(0, 1, 2))))
+    runs: dict[bool, list[str]] = {False: [], True: []}
+    results = {costly: shrink_crash("segfaults_on_a_far_slot", "vllm-lora", case,
+                                    costly=costly, crashes=runs[costly])[0]
+               for costly in (False, True)}
+    plain, costly = results[False], results[True]
+    assert plain.minimal and costly.minimal
+    assert costly.case.case_id == plain.case.case_id  # the same minimal case
+    m = costly.case
+    assert (m.num_experts, m.max_loras, m.block_size, m.ep, m.adapter_enabled,
+            m.lora_ids.tolist()) == (1, 1, 1, None, None, [2**21])
+    [leap] = [step for step in costly.passes_applied if step.startswith("leap_to_floors: ")]
+    assert "lower_block_size: B 64 -> 1" in leap and "EP removed" in leap
+    # the runs that crashed: the original, the minimal case alone, and one per accepted
+    # step: 7 single steps (R twice, E, L, B, dtype, adapters) then the ladder's and a
+    # lora_ids deletion's, against the leap, the ladder's and the deletion's
+    assert len(plain.passes_applied) == 9 and len(runs[False]) == 11, plain.passes_applied
+    assert len(costly.passes_applied) == 3 and len(runs[True]) == 5, costly.passes_applied
 
 
 def test_a_large_path_crash_on_a_minus_one_route_trades_routes_for_experts():

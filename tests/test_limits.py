@@ -156,9 +156,31 @@ def test_a_long_message_is_cut_at_a_word():
     assert len(cls) <= len("RuntimeError--") + 60 and not cls.endswith("-")
 
 
+# What torch appends to every CUDA error it raises (the hint names device-side assertions
+# whatever the error was).
+_TORCH_HINTS = ("\nSearch for `cudaError{name}' in https://docs.nvidia.com/cuda/cuda-runtime-api/"
+                "group__CUDART__TYPES.html for more information.\nCUDA kernel errors might be "
+                "asynchronously reported at some other API call, so the stacktrace below might "
+                "be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\nCompile "
+                "with `TORCH_USE_CUDA_DSA` to enable device-side assertions.")
+
+
 @pytest.mark.parametrize("detail, kind", [
     ("sticky: torch.AcceleratorError: CUDA error: an illegal memory access was encountered",
      "cuda-illegal-address"),
+    ("sticky device error (the context is unusable): torch.AcceleratorError: CUDA error: an "
+     "illegal memory access was encountered" + _TORCH_HINTS.format(name="IllegalAddress"),
+     "cuda-illegal-address"),
+    # The same wild write, landing in the shared/local window instead of unmapped memory
+    # (seen on the H200 for one case, run after run): one bug, one kind.
+    ("sticky device error (the context is unusable): torch.AcceleratorError: CUDA error: "
+     "operation not supported on global/shared address space"
+     + _TORCH_HINTS.format(name="InvalidAddressSpace"), "cuda-illegal-address"),
+    ("an error of another caller: cudaErrorInvalidAddressSpace", "cuda-illegal-address"),
+    ("torch.AcceleratorError: CUDA error: device-side assert triggered"
+     + _TORCH_HINTS.format(name="Assert"), "cuda-device-side-assert"),
+    ("torch.AcceleratorError: CUDA error: an illegal instruction was encountered"
+     + _TORCH_HINTS.format(name="IllegalInstruction"), "cuda-illegal-instruction"),
     ("RuntimeError: CUDA error: an illegal instruction was encountered",
      "cuda-illegal-instruction"),
     ("CUDA error: misaligned address", "cuda-misaligned-address"),
@@ -406,3 +428,26 @@ def test_num_experts_is_what_the_kernel_receives_e_plus_one_buckets_for_sglang_a
     assert domain.violations(Case("sglang-align", "production", ids, 1024, 4), bound) == [
         "num_experts=1025 > 1024"]
     assert domain.in_domain(Case("sglang-align", "production", ids, 1023, 4), bound)
+
+
+@pytest.mark.parametrize("detail, noted", [
+    ("sticky device error (the context is unusable): torch.AcceleratorError: CUDA error: an "
+     "illegal memory access was encountered" + _TORCH_HINTS.format(name="IllegalAddress"), True),
+    ("worker died: killed by signal SIGSEGV", False),
+])
+def test_an_illegal_address_report_says_why_repro_py_may_pass(tmp_path, detail, noted):
+    # the same stray write can land in mapped memory in repro.py's own process: the report
+    # says so, and where the access is named wherever it lands
+    from difftest import registry
+    from difftest.bugreport import write_failure_report
+    from difftest.evaluate import Evaluation
+
+    impl = registry.resolve("torch", "align")
+    case = Case("align", "production", np.zeros((1, 1), dtype=np.int32), 1, 1)
+    folder = write_failure_report(tmp_path, "align--crash--x", impl, case,
+                                  Evaluation("crash", [], detail))
+    report = (folder / "report.md").read_text()
+    reproduce = report.split("## Reproduce", 1)[1].split("\n## ", 1)[0]
+    assert ("`python repro.py` may then print `ok`" in reproduce) is noted
+    assert ("compute-sanitizer --tool memcheck python repro.py --device cuda --repeats 1 "
+            "--exact-buffers" in reproduce) is noted

@@ -446,21 +446,44 @@ def test_bug_report_rejects_unknown_and_missing_info_keys(tmp_path):
 
 def test_environment_never_imports_torch():
     script = textwrap.dedent(f"""
-        import sys
+        import importlib.metadata, sys
         sys.path.insert(0, {str(ROOT)!r})
         import reports
         env = reports.environment()
         assert "torch" not in sys.modules
-        print(sorted(env), env["torch"], env["packages"]["pyarrow"] is not None)
+        assert env["torch"] == importlib.metadata.version("torch"), env["torch"]
+        print(sorted(env), env["packages"]["pyarrow"] is not None)
     """)
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     keys = "['CUDA', 'GPU', 'Python', 'driver', 'packages', 'platform', 'torch']"
-    assert result.stdout == f"{keys} None True\n"
+    assert result.stdout == f"{keys} True\n"
 
 
+def test_environment_reads_torch_and_its_cuda_from_the_installation(tmp_path):
+    # A campaign's process never imports torch; its report still names the torch and the
+    # CUDA its workers ran (the same installation), read from torch/version.py as text.
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    (fake / "version.py").write_text("from typing import Optional\n__version__ = '9.9.9+cu130'\n"
+                                     "debug = False\ncuda: Optional[str] = '13.0'\n"
+                                     "hip: Optional[str] = None\n")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]
+        import reports
+        env = reports.environment()
+        assert "torch" not in sys.modules
+        print(env["torch"], env["CUDA"])
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "9.9.9+cu130 13.0\n"
 
 
 def failure_record(signature, *, impl="torch", verdict="mismatch", count=1, **extra):

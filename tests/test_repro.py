@@ -204,3 +204,82 @@ def test_the_campaign_runs_at_most_two_re_runs_at_once_and_skips_them_past_the_b
     sanitizing.queue(("d", None, case, None, None))
     assert list(sanitizing.results(clock)) == [(("d", None, case, None, None),
                                                 SANITIZER_SKIPPED)]
+
+
+def test_a_re_run_in_an_interpreter_started_before_its_case_prints_what_repro_py_prints(
+        tmp_path, monkeypatch):
+    # The interpreter imports torch under memcheck first, then runs the case's repro.py as
+    # `python repro.py <arguments>` would: same exit code, same report.
+    from difftest import registry, sanitizer
+    from difftest.repro import repro_files
+
+    tool = tmp_path / "compute-sanitizer"
+    tool.write_text('#!/bin/sh\nshift 2\nexec "$@"\n')  # drops "--tool memcheck", runs the rest
+    tool.chmod(0o755)
+    monkeypatch.setattr(sanitizer, "find_sanitizer", lambda: str(tool))
+    monkeypatch.setattr(sanitizer, "REPRO_ARGS", ("--device", "cpu", "--repeats", "1"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(TESTS.parent)]))
+    case = Case("vllm-lora", "production", np.zeros((4, 1), dtype=np.int32), 1, 1, max_loras=1,
+                token_lora_mapping=np.zeros(4, dtype=np.int32))
+    impl = registry.resolve("py:user_impls:writes_past_last_row", "vllm-lora")
+    host = sanitizer.SanitizerHost.start()
+    run = sanitizer.SanitizerRun.start(case, impl, host)
+    assert run.proc is host.proc
+    text = run.result(120.0)
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    script, case_json = repro_files(case, impl.name, impl.stable, "sanitizer re-run", "-",
+                                    libraries=impl.libraries)
+    (direct / "repro.py").write_text(script)
+    (direct / "case.json").write_text(__import__("json").dumps(case_json))
+    alone = _run(direct / "repro.py", "--device", "cpu", "--repeats", "1")
+    assert run.proc.returncode == alone.returncode == 1, text
+    assert "run 1: sorted_token_ids: guard band overwritten" in alone.stdout
+    assert text.endswith(alone.stdout), text
+
+
+def test_interpreters_start_when_their_signatures_are_found_at_most_two_at_once(
+        fake_sanitizer):
+    from difftest.budget import Budget
+    from difftest.campaign import _Sanitizing
+
+    case, impl = _torch_align_case()
+    clock = Budget(seconds=100.0).start()
+    sanitizing = _Sanitizing(impl)
+    try:
+        sanitizing.expect()
+        assert len(sanitizing._hosts) == 1  # one signature: one interpreter, not two
+        sanitizing.expect()
+        sanitizing.expect()
+        hosts = list(sanitizing._hosts)
+        assert len(hosts) == 2  # three signatures, two at a time
+        sanitizing.queue(("a", None, case, None, None))
+        sanitizing.start_queued(clock)
+        (report, run), = sanitizing._running
+        assert report[0] == "a" and run.proc is hosts[0].proc  # it ran in the one waiting
+        done = list(sanitizing.results(clock))
+        assert [r[0] for r, _ in done] == ["a"] and "FAKE MEMCHECK" in done[0][1]
+        # two signatures still to come: two interpreters wait for them, and kill ends them
+        waiting = list(sanitizing._hosts)
+        assert len(waiting) == 2 and hosts[1] in waiting
+    finally:
+        sanitizing.kill()
+    assert all(host.proc.returncode is not None for host in waiting)
+    assert sanitizing._hosts == []
+
+
+def test_a_campaign_dropped_without_close_ends_the_interpreters_it_started(fake_sanitizer,
+                                                                           tmp_path):
+    import gc
+
+    from difftest.campaign import Campaign
+
+    _, impl = _torch_align_case()
+    campaign = Campaign(impl, object(), tmp_path, seed=0)
+    campaign._sanitizing.expect()
+    [host] = campaign._sanitizing._hosts
+    assert host.proc.poll() is None
+    campaign.log.close()  # what the test uses of close(); the interpreter is left to the drop
+    del campaign
+    gc.collect()
+    assert host.proc.returncode is not None and host.proc.stdin.closed

@@ -98,16 +98,17 @@ from typing import Callable
 from ..case import Case
 from ..errors import UsageError
 from ._log import compressed_log
-from ._passes import PASSES
+from ._passes import COSTLY_PASSES, PASSES
 from ._shrinker import Shrinker, ShrinkResult, order_key, value_key
 
 __all__ = [
-    "PASSES", "ShrinkResult", "Shrinker", "compressed_log", "order_key", "shrink", "value_key",
+    "COSTLY_PASSES", "PASSES", "ShrinkResult", "Shrinker", "compressed_log", "order_key",
+    "shrink", "value_key",
 ]
 
 
 def shrink(case: Case, still_fails: Callable[[Case], bool], *, max_seconds: float = 60.0,
-           max_calls: int = 5000) -> ShrinkResult:
+           max_calls: int = 5000, costly: bool = False) -> ShrinkResult:
     """Shrink the failing ``case`` while ``still_fails`` holds (see the module docstring).
 
     ``case`` is taken to fail as given; it is not re-run.  ``still_fails``
@@ -115,10 +116,13 @@ def shrink(case: Case, still_fails: Callable[[Case], bool], *, max_seconds: floa
     each shows the same failure.  Raises ``ValueError`` for a non-positive
     budget (:class:`~difftest.errors.UsageError`, a ``ValueError``); an
     exception from ``still_fails`` propagates, and so does one of a pass.
+    ``costly=True`` (a crash or a hang: each candidate that still fails costs a
+    worker) runs :data:`COSTLY_PASSES`, which first try every size the deletions
+    leave at its floor in one candidate (:func:`~difftest.shrink._passes.leap_to_floors`).
     """
     if not max_seconds > 0:
         raise UsageError(f"max_seconds={max_seconds!r}: must be a positive number of seconds")
     if max_calls < 1:
         raise UsageError(f"max_calls={max_calls!r}: must be at least 1")
-    return Shrinker(case, still_fails, PASSES, max_seconds=max_seconds,
-                    max_calls=max_calls).run()
+    return Shrinker(case, still_fails, COSTLY_PASSES if costly else PASSES,
+                    max_seconds=max_seconds, max_calls=max_calls).run()

@@ -323,21 +323,7 @@ def simplify_values(s: Shrinker) -> None:
     of one expert id at once, then single routes; then the adapter mapping,
     ``lora_ids`` entries and disabled adapters, one at a time.
     """
-    case = s.current
-    if case.topk_ids.dtype == np.int64:
-        info = np.iinfo(np.int32)
-        if case.topk_ids.size == 0 or (case.topk_ids.min() >= info.min
-                                       and case.topk_ids.max() <= info.max):
-            s.consider(s.build(topk_ids=case.topk_ids.astype(np.int32)),
-                       "topk_ids int64 -> int32")
-    if s.current.expert_map is not None:
-        s.consider(s.build(expert_map=None), "expert_map -> none")
-    if s.current.adapter_enabled is not None:
-        s.consider(s.build(adapter_enabled=None), "adapter_enabled -> all enabled")
-    if not s.current.pad_sorted_token_ids:
-        s.consider(s.build(pad_sorted_token_ids=True), "pad_sorted_token_ids -> true")
-    if s.current.ignore_invalid_expert:
-        s.consider(s.build(ignore_invalid_expert=False), "ignore_invalid_expert -> false")
+    _plain_arrays(s)
     _simplify_expert_ids(s)
     if s.current.dialect == "vllm-lora":
         _simplify_slots(s, "token_lora_mapping")
@@ -353,6 +339,45 @@ def simplify_values(s: Shrinker) -> None:
             changed[i] = 1
             s.consider(s.build(adapter_enabled=changed),
                        f"adapter_enabled[{i}] {int(enabled[i])} -> 1")
+
+
+def _plain_arrays(s: Shrinker) -> None:
+    """The whole-array steps: int32 ids, no ``expert_map``, every adapter enabled, the
+    default sglang-align flags."""
+    case = s.current
+    if case.topk_ids.dtype == np.int64:
+        info = np.iinfo(np.int32)
+        if case.topk_ids.size == 0 or (case.topk_ids.min() >= info.min
+                                       and case.topk_ids.max() <= info.max):
+            s.consider(s.build(topk_ids=case.topk_ids.astype(np.int32)),
+                       "topk_ids int64 -> int32")
+    if s.current.expert_map is not None:
+        s.consider(s.build(expert_map=None), "expert_map -> none")
+    if s.current.adapter_enabled is not None:
+        s.consider(s.build(adapter_enabled=None), "adapter_enabled -> all enabled")
+    if not s.current.pad_sorted_token_ids:
+        s.consider(s.build(pad_sorted_token_ids=True), "pad_sorted_token_ids -> true")
+    if s.current.ignore_invalid_expert:
+        s.consider(s.build(ignore_invalid_expert=False), "ignore_invalid_expert -> false")
+
+
+def leap_to_floors(s: Shrinker) -> None:
+    """One candidate with every dimension the deletions leave at its floor at once: the
+    first step each of :data:`FLOOR_PASSES` would take, and the whole-array steps of
+    :func:`simplify_values`, composed without running them (each on the last), then run
+    once.  For a costly predicate only (:data:`COSTLY_PASSES`: a crash or a hang, where
+    every candidate that still fails costs a worker): accepted, it saves a failing run
+    per step (``E``, ``R``, ``L``, ``B``, ``P``, dtype, adapters); rejected, the passes
+    after it take the steps one by one as for any failure.  Values are left alone."""
+    dry = Shrinker(s.current, lambda candidate: True, (), max_seconds=60.0,
+                   max_calls=1 << 30)
+    for floor_pass in FLOOR_PASSES:
+        dry.pass_name = floor_pass.__name__
+        floor_pass(dry)
+    dry.pass_name = "simplify_values"
+    _plain_arrays(dry)
+    if dry.current is not s.current:
+        s.consider(dry.current, "; ".join(dry.log))
 
 
 def _simplify_expert_ids(s: Shrinker) -> None:
@@ -401,19 +426,30 @@ def _simplify_slots(s: Shrinker, name: str) -> None:
                     break
 
 
-PASSES: list[Callable[[Shrinker], None]] = [
+DELETIONS: list[Callable[[Shrinker], None]] = [
     drop_tokens,
     drop_requests,
     lower_topk,
     drop_slots,
     drop_lora_ids,
-    trade_routes_for_experts,
+]
+"""The passes that remove data, first in every round."""
+
+FLOOR_PASSES: list[Callable[[Shrinker], None]] = [
     lower_ep,
     renumber_experts,
     lower_experts,
     lower_loras,
     lower_block_size,
     lower_padding,
-    simplify_values,
 ]
+"""The passes lowering one size each, whose first steps :func:`leap_to_floors` composes."""
+
+PASSES: list[Callable[[Shrinker], None]] = [
+    *DELETIONS, trade_routes_for_experts, *FLOOR_PASSES, simplify_values]
 """The shrink passes, in the order one round runs them."""
+
+COSTLY_PASSES: list[Callable[[Shrinker], None]] = [
+    *DELETIONS, leap_to_floors, trade_routes_for_experts, *FLOOR_PASSES, simplify_values]
+""":data:`PASSES` with :func:`leap_to_floors` after the deletions, for a predicate whose
+failing candidates are costly (``shrink(..., costly=True)``)."""
