@@ -11,7 +11,7 @@ way, ``cli.shard_seed``). A campaign of ``--seconds S`` generates for 70 % of S
 
 Each campaign is given a ``difftest.campaign.Stages`` (no stage is timed
 without one) and reports, per size class (``difftest.classify.size_class``:
-decode N <= 1024 routes, mid, huge N >= 65536): in the campaign's process
+decode N <= 1023 routes, mid, huge N >= 65536): in the campaign's process
 ``draw`` (Hypothesis and our builder), ``oracle``, ``compare`` and ``record``;
 in its sandbox worker ``stage`` (laying out and copying to the device),
 ``run`` (the calls and the copy back) and ``inspect``. A stage's cell is the

@@ -75,6 +75,7 @@ import numpy as np
 
 import oracle
 import oracle.ep
+from cuda_impl.declared import SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_ROUTES
 
 from .case import LORA_DIALECTS, Case, production_padded_size
 from .dialects import DIALECT_INFO
@@ -85,6 +86,7 @@ __all__ = [
     "MANY_EXPERTS_MIN",
     "SMALL_PATH_MAX_EXPERTS",
     "SMALL_PATH_MAX_ROUTES",
+    "BOUNDARY_ROUTES",
     "contract_of",
     "defensive_reasons",
     "edge_classes_of",
@@ -92,10 +94,12 @@ __all__ = [
     "size_class",
 ]
 
-#: Our CUDA kernels take a shared-memory path up to this many routes ...
-SMALL_PATH_MAX_ROUTES = 1024
-#: ... and up to this many experts; the sizes around both are ``path-boundary``.
-SMALL_PATH_MAX_EXPERTS = 64
+# Our CUDA kernels' path switch (declared in cuda_impl.declared, read here without torch):
+# a batch of at most SMALL_PATH_MAX_ROUTES (1023) routes and at most SMALL_PATH_MAX_EXPERTS
+# (64) experts takes the small path; the sizes around both are ``path-boundary``.
+#: The routes ``N`` of ``path-boundary``: the small path's last, the large path's first
+#: and the next.
+BOUNDARY_ROUTES = (SMALL_PATH_MAX_ROUTES, SMALL_PATH_MAX_ROUTES + 1, SMALL_PATH_MAX_ROUTES + 2)
 #: The most experts ``many-experts`` cases have when the implementation declares no
 #: ``num_experts`` limit (``difftest.limits``; the usual kernel maximum, e.g. our CUDA
 #: kernels' ``MAX_EXPERTS``). With a declared maximum they aim at it instead.
@@ -108,14 +112,13 @@ HUGE_BATCH_MIN_ROUTES = 65536
 #: The size classes of a case (:func:`size_class`), smallest first.
 SIZE_CLASSES = ("decode", "mid", "huge")
 
-_BOUNDARY_ROUTES = (SMALL_PATH_MAX_ROUTES - 1, SMALL_PATH_MAX_ROUTES, SMALL_PATH_MAX_ROUTES + 1)
 _BOUNDARY_EXPERTS = (SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_EXPERTS + 1)
 _BOUNDARY_ROUTE_WINDOW = (1000, 1100)
 
 
 def size_class(case: Case) -> str:
-    """``decode`` (``N`` up to :data:`SMALL_PATH_MAX_ROUTES`: a decode step, the kernels'
-    small path), ``huge`` (``huge-batch``: ``N`` from :data:`HUGE_BATCH_MIN_ROUTES`, a
+    """``decode`` (``N`` up to :data:`SMALL_PATH_MAX_ROUTES`, 1023: a decode step, the
+    kernels' small path), ``huge`` (``huge-batch``: ``N`` from :data:`HUGE_BATCH_MIN_ROUTES`, a
     long prefill) or ``mid`` (between: a short prefill); campaigns batch cases per size
     class, and ``bench/campaign.py`` reports per class."""
     n = case.num_routes
@@ -159,7 +162,7 @@ def edge_classes_of(case: Case) -> tuple[str, ...]:
         if b == 1 or b > n or b & (b - 1):
             found.append("block-edges")
         low, high = _BOUNDARY_ROUTE_WINDOW
-        if n in _BOUNDARY_ROUTES or (
+        if n in BOUNDARY_ROUTES or (
             low <= n <= high and any(e in _BOUNDARY_EXPERTS for e in kernel_experts)
         ):
             found.append("path-boundary")

@@ -119,7 +119,7 @@ def trade_routes_for_experts(s: Shrinker) -> None:
     from ..classify import SMALL_PATH_MAX_EXPERTS, SMALL_PATH_MAX_ROUTES, kernel_num_experts
 
     case = s.current
-    if (case.dialect == "ep-remap" or case.num_routes < SMALL_PATH_MAX_ROUTES
+    if (case.dialect == "ep-remap" or case.num_routes <= SMALL_PATH_MAX_ROUTES
             or max(kernel_num_experts(case)) > SMALL_PATH_MAX_EXPERTS):
         return
     past = SMALL_PATH_MAX_EXPERTS + 1

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
 from ..classify import (
+    BOUNDARY_ROUTES,
     HUGE_BATCH_MIN_ROUTES,
     KERNEL_MAX_EXPERTS,
     MANY_EXPERTS_MIN,
     SMALL_PATH_MAX_EXPERTS,
-    SMALL_PATH_MAX_ROUTES,
 )
 from ..dialects import DIALECT_INFO
 from ..limits import UNBOUNDED, Limits
@@ -271,7 +271,7 @@ def _boundary_topks(max_tokens: int, least_topk: int = 1,
     ``N // K <= max_tokens``, inside the ``num_routes``/``topk``/``num_tokens`` bounds
     of ``limits``."""
     limits = limits or {}
-    routes = (SMALL_PATH_MAX_ROUTES - 1, SMALL_PATH_MAX_ROUTES, SMALL_PATH_MAX_ROUTES + 1)
+    routes = BOUNDARY_ROUTES
 
     def inside(name: str, value: int) -> bool:
         low, high = _bounds(limits, name)
