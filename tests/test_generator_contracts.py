@@ -102,7 +102,9 @@ def test_cases_stay_inside_declared_limits_and_boundary_classes_aim_at_them(dial
         assert foci <= set(case.edge_classes), (case.note, case.edge_classes)
     many = [c.num_experts for c in drawn if "many-experts" in c.note]
     assert many and max(many) <= 992
-    assert sum(e in (991, 992) for e in many) >= len(many) / 3  # at the bound, not 1,024
+    # at the bound, not 1,024: aimed there, 40-85 % of them per combination (what else the
+    # foci need moves some); drawn uniformly from 896..992 it would be 2 %
+    assert sum(e in (991, 992) for e in many) >= len(many) / 5
 
 
 def test_probes_cross_one_declared_bound_and_say_so():
