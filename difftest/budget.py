@@ -33,7 +33,9 @@ building the implementation, is not in the budget):
   as their signature's minimal case is known, while the next signatures shrink
   (two at a time), and may run until ``SANITIZER_SHARE`` (115 %) of S — they are
   the last step before the reports, inside the overrun below; one still running
-  then is cut, and its report says so.
+  then is cut, and its report says so. Each runs in an interpreter started under
+  memcheck when its signature was found (``campaign._Sanitizing``), so that the
+  re-run itself costs seconds, not a torch import and a context.
 * **reports** (bug reports, summary, parquet, JUnit) are always written,
   whatever is left (the last 10 % of S and the slack below are theirs).
 
