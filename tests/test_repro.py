@@ -269,17 +269,19 @@ def test_interpreters_start_when_their_signatures_are_found_at_most_two_at_once(
 
 
 def test_a_campaign_dropped_without_close_ends_the_interpreters_it_started(fake_sanitizer,
-                                                                           tmp_path):
+                                                                           tmp_path,
+                                                                           monkeypatch):
     import gc
 
     from difftest.campaign import Campaign
 
+    monkeypatch.setenv("FAKE_SLEEP", "300")  # the fake interpreter waits as a real one does
     _, impl = _torch_align_case()
     campaign = Campaign(impl, object(), tmp_path, seed=0)
+    campaign.log.close()  # what the test uses of close(); the interpreter is left to the drop
     campaign._sanitizing.expect()
     [host] = campaign._sanitizing._hosts
     assert host.proc.poll() is None
-    campaign.log.close()  # what the test uses of close(); the interpreter is left to the drop
     del campaign
     gc.collect()
     assert host.proc.returncode is not None and host.proc.stdin.closed
