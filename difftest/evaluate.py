@@ -128,8 +128,8 @@ def error_class(text: str) -> str:
 
 # CUDA error texts as the runtime prints them → the kind of a crash. A wild address is one
 # kind whichever error it gives: the same out-of-bounds write faults as an illegal address
-# when it lands in unmapped memory and as cudaErrorInvalidAddressSpace when it lands in the
-# shared or local window (which one depends on where the run's buffers happen to lie).
+# or as cudaErrorInvalidAddressSpace depending on where the address falls, which depends on
+# where the run's buffers lie (on the H200 one case gave both, run after run).
 _CUDA_KINDS = (
     ("illegal memory access", "cuda-illegal-address"),
     ("illegal address", "cuda-illegal-address"),

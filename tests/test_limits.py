@@ -171,8 +171,8 @@ _TORCH_HINTS = ("\nSearch for `cudaError{name}' in https://docs.nvidia.com/cuda/
     ("sticky device error (the context is unusable): torch.AcceleratorError: CUDA error: an "
      "illegal memory access was encountered" + _TORCH_HINTS.format(name="IllegalAddress"),
      "cuda-illegal-address"),
-    # The same wild write, landing in the shared/local window instead of unmapped memory
-    # (seen on the H200 for one case, run after run): one bug, one kind.
+    # The same wild write at another address: the other error (both seen for one case on
+    # the H200, run after run): one bug, one kind.
     ("sticky device error (the context is unusable): torch.AcceleratorError: CUDA error: "
      "operation not supported on global/shared address space"
      + _TORCH_HINTS.format(name="InvalidAddressSpace"), "cuda-illegal-address"),
