@@ -118,10 +118,11 @@ def wild_address_note() -> str:
 
     return ("An illegal address faults only where the stray access lands in unmapped memory. "
             "In another process (`repro.py`'s own buffers, another allocation history) the "
-            "same access can land in mapped memory and pass unseen, and `python repro.py` may "
-            "then print `ok`. `difftest replay` runs the case as the campaign confirmed it, "
-            "alone in a fresh worker; compute-sanitizer names the access wherever it lands: "
-            f"`{sanitizer_command()}` (its output from this run, when it had time, is below).")
+            "same access can land in mapped memory and pass unseen, and `python repro.py` "
+            "may then print `ok` (and a note saying this). `difftest replay` runs the case "
+            "as the campaign confirmed it, alone in a fresh worker; compute-sanitizer names "
+            f"the access wherever it lands: `{sanitizer_command()}` (its output from this "
+            "run, when it had time, is below).")
 
 
 def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,

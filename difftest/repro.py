@@ -104,6 +104,9 @@ CALLS = __CALLS__  # None: the call records are in the case.json next to this fi
 CULPRIT = json.loads(__CULPRIT_JSON__)  # calls run before CALLS in each run (a pair)
 # where a py: implementation's module was imported from when the bug was found
 MODULE_PATH = __MODULE_PATH__
+# printed after "ok" when the implementation the bug was found in passes here (a failure
+# this process may not see: an illegal address that lands in mapped memory)
+OK_NOTE = __OK_NOTE_JSON__
 
 
 def load(name):
@@ -289,6 +292,8 @@ def main():
         return 1
     print(f"ok: {ns.impl} passes every check of this case ({repeats} run(s)"
           + (", each after the culprit" if CULPRIT else "") + ")")
+    if OK_NOTE and ns.impl == IMPL:
+        print(OK_NOTE)
     return 0
 
 
@@ -355,6 +360,19 @@ def _deflated(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ok_note(signature: str) -> str:
+    """What ``repro.py`` adds to its ``ok`` for a failure its own process may not see."""
+    if not signature.endswith("--crash--cuda-illegal-address"):
+        return ""
+    from .sanitizer import sanitizer_command
+
+    return ("note: this case crashed with an illegal address where it was found, and an "
+            "illegal address faults only where the stray access lands in unmapped memory; "
+            "here it may have landed in mapped memory. compute-sanitizer names it wherever "
+            f"it lands: {sanitizer_command()}; `difftest replay case.json` runs it as the "
+            "campaign confirmed it.")
+
+
 def _script(records: list[dict[str, Any]] | None, case: Case, impl_name: str, stable: bool,
             title: str, signature: str, culprit: Case | None,
             libraries: tuple[str, ...]) -> str:
@@ -367,6 +385,7 @@ def _script(records: list[dict[str, Any]] | None, case: Case, impl_name: str, st
             "after it.")
     text = _TEMPLATE
     for key, value in {
+        "__OK_NOTE_JSON__": json.dumps(_ok_note(signature)),
         "__TITLE__": title.replace('"""', "'''"),
         "__IMPL__": impl_name,
         "__DIALECT__": case.dialect,

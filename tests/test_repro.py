@@ -285,3 +285,24 @@ def test_a_campaign_dropped_without_close_ends_the_interpreters_it_started(fake_
     del campaign
     gc.collect()
     assert host.proc.returncode is not None and host.proc.stdin.closed
+
+
+def test_an_illegal_address_repro_that_passes_says_why_and_how_to_see_it(tmp_path):
+    # the case crashed where it was found; here its stray access may land in mapped memory
+    case = Case("vllm-lora", "production", np.zeros((4, 1), dtype=np.int32), 1, 1, max_loras=1,
+                token_lora_mapping=np.zeros(4, dtype=np.int32))
+    script = tmp_path / "repro.py"
+    script.write_text(repro_script(case, "py:user_impls:correct_vllm", False, "t",
+                                   "vllm-lora--crash--cuda-illegal-address"))
+    found_in = _run(script)
+    assert found_in.returncode == 0, found_in.stdout + found_in.stderr
+    ok, note = found_in.stdout.splitlines()[-2:]
+    assert ok.startswith("ok: py:user_impls:correct_vllm passes every check")
+    assert note.startswith("note: this case crashed with an illegal address where it was found")
+    assert ("PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python repro.py "
+            "--device cuda --repeats 1 --exact-buffers" in note)
+    other = _run(script, "--impl", "torch")  # another implementation passing: no note
+    assert other.returncode == 0 and "note:" not in other.stdout
+    script.write_text(repro_script(case, "py:user_impls:correct_vllm", False, "t",
+                                   "vllm-lora--crash--sigsegv"))
+    assert "note:" not in _run(script).stdout  # a segfault is seen by any process
