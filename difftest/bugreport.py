@@ -7,7 +7,7 @@ from typing import Any
 
 from .case import Case, rank_inputs
 from .checks import describe
-from .evaluate import Evaluation, crash_kind
+from .evaluate import Evaluation, faults_where_it_lands
 from .limits import as_json as limits_json
 from .repro import repro_files
 from .shrink import compressed_log
@@ -112,19 +112,6 @@ def compact_case(case: Case, width: int = 240) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def wild_address_note() -> str:
-    """What the Reproduce section of a CUDA illegal-address report adds (SPEC §12)."""
-    from .sanitizer import sanitizer_command
-
-    return ("An illegal address faults only where the stray access lands in unmapped memory. "
-            "In another process (`repro.py`'s own buffers, another allocation history) the "
-            "same access can land in mapped memory and pass unseen, and `python repro.py` "
-            "may then print `ok` (and a note saying this). `difftest replay` runs the case "
-            "as the campaign confirmed it, alone in a fresh worker; compute-sanitizer names "
-            f"the access wherever it lands: `{sanitizer_command()}` (its output from this "
-            "run, when it had time, is below).")
-
-
 def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
                          evaluation: Evaluation, *, failure: Any = None, shrink: Any = None,
                          extra: dict | None = None, culprit: Case | None = None) -> Path:
@@ -159,8 +146,12 @@ def write_failure_report(out_dir: Path, signature: str, impl: Any, case: Case,
         info["shrink_log"] = compressed_log(shrink.passes_applied) + [
             f"{shrink.calls} candidate runs in {shrink.elapsed_s:.1f} s; "
             f"{'1-minimal' if shrink.minimal else 'budget ran out before 1-minimality'}"]
-    if evaluation.verdict == "crash" and crash_kind(evaluation.detail) == "cuda-illegal-address":
-        info["reproduce_note"] = wild_address_note()
+    if faults_where_it_lands(signature):
+        from .sanitizer import unseen_elsewhere_note
+
+        info["reproduce_note"] = (f"{unseen_elsewhere_note()} So `python repro.py` may print "
+                                  "`ok` here (with this note); the re-run's output from this "
+                                  "run, when it had time, is below.")
     if evaluation.frames:
         info["traceback"] = evaluation.frames
     if failure is not None:

@@ -181,6 +181,12 @@ def crash_kind(detail: str) -> str:
     return "crash"
 
 
+def faults_where_it_lands(signature: str | None) -> bool:
+    """Whether ``signature`` is a CUDA illegal address: it faults only where the stray
+    access lands in unmapped memory, so another process (``repro.py``'s) may not see it."""
+    return bool(signature) and signature.endswith("--crash--cuda-illegal-address")
+
+
 #: Verdicts of a run whose worker was lost (it died, or was killed when it hung): there
 #: are no outputs to compare, and each failing run costs a new worker.
 WORKER_LOST = ("crash", "timeout")

@@ -362,15 +362,13 @@ def _deflated(record: dict[str, Any]) -> dict[str, Any]:
 
 def _ok_note(signature: str) -> str:
     """What ``repro.py`` adds to its ``ok`` for a failure its own process may not see."""
-    if not signature.endswith("--crash--cuda-illegal-address"):
-        return ""
-    from .sanitizer import sanitizer_command
+    from .evaluate import faults_where_it_lands
+    from .sanitizer import unseen_elsewhere_note
 
-    return ("note: this case crashed with an illegal address where it was found, and an "
-            "illegal address faults only where the stray access lands in unmapped memory; "
-            "here it may have landed in mapped memory. compute-sanitizer names it wherever "
-            f"it lands: {sanitizer_command()}; `difftest replay case.json` runs it as the "
-            "campaign confirmed it.")
+    if not faults_where_it_lands(signature):
+        return ""
+    return ("note: this case crashed with an illegal address where it was found. "
+            + unseen_elsewhere_note())
 
 
 def _script(records: list[dict[str, Any]] | None, case: Case, impl_name: str, stable: bool,

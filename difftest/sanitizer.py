@@ -76,6 +76,16 @@ def sanitizer_command() -> str:
             f"repro.py {' '.join(REPRO_ARGS)}")
 
 
+def unseen_elsewhere_note() -> str:
+    """Why a case that :func:`~difftest.evaluate.faults_where_it_lands` may pass in another
+    process, and how to see it there (a bug report's and its ``repro.py``'s words)."""
+    return ("An illegal address faults only where the stray access lands in unmapped memory: "
+            "in another process (`repro.py`'s own buffers, another allocation history) the "
+            "same access can land in mapped memory and pass unseen. `difftest replay "
+            "case.json` runs the case as the campaign confirmed it, alone in a fresh worker; "
+            f"compute-sanitizer names the access wherever it lands: `{sanitizer_command()}`.")
+
+
 class SanitizerHost:
     """An interpreter started under memcheck, its torch imported and its CUDA context made,
     waiting for the case a :class:`SanitizerRun` gives it (one case each: memcheck reports
@@ -101,9 +111,13 @@ class SanitizerHost:
         """Run the ``repro.py`` in ``folder`` (one that ended already runs nothing)."""
         try:
             self.proc.stdin.write(f"{folder}\n".encode())
-            self.proc.stdin.close()
         except OSError:
             pass
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:  # the flush of a pipe whose reader is gone
+                pass
 
     def kill(self) -> None:
         """End the host and its children (no-op when it has ended), and remove its folder."""

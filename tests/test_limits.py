@@ -444,10 +444,11 @@ def test_an_illegal_address_report_says_why_repro_py_may_pass(tmp_path, detail, 
 
     impl = registry.resolve("torch", "align")
     case = Case("align", "production", np.zeros((1, 1), dtype=np.int32), 1, 1)
-    folder = write_failure_report(tmp_path, "align--crash--x", impl, case,
-                                  Evaluation("crash", [], detail))
+    evaluation = Evaluation("crash", [], detail)
+    folder = write_failure_report(tmp_path, evaluation.signature(case), impl, case, evaluation)
     report = (folder / "report.md").read_text()
     reproduce = report.split("## Reproduce", 1)[1].split("\n## ", 1)[0]
-    assert ("`python repro.py` may then print `ok`" in reproduce) is noted
+    assert ("the same access can land in mapped memory and pass unseen" in reproduce) is noted
+    assert ("`python repro.py` may print `ok` here" in reproduce) is noted
     assert ("compute-sanitizer --tool memcheck python repro.py --device cuda --repeats 1 "
             "--exact-buffers" in reproduce) is noted
