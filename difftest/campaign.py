@@ -547,37 +547,45 @@ class Campaign:
         evaluations of the collected cases, in their order.
 
         When the batch in flight stopped at a crash (a sticky device error), the
-        cases after it did not run: they go in front of ``batch``, to a spare
-        that takes over at once, and the crash is recorded while it runs them.
+        cases after it did not run: they go alone to a spare that takes over at
+        once, and the crash is recorded while it runs them; ``batch`` starts
+        once they have all run. So a worker is never sent more than one batch,
+        however often it crashes (sending each crash the rest and every batch
+        after it cost a crash-heavy run time in the square of its crashes).
         :meth:`drain` runs whatever is in flight. Failures recorded while a batch
         is in flight are confirmed (:meth:`confirm`) at the next call, while the
         worker is idle. Past the deadline nothing new starts: the collected cases
         are recorded and :class:`BudgetSpent` raised (the rest never ran and is
         not recorded).
         """
-        previous, number = self._inflight, self._inflight_batch
-        outcomes = self.runner.collect() if previous else []
-        rest = previous[len(outcomes):]
-        self._inflight = []
-        self._settle()  # the worker is idle: confirm what was recorded last time
+        evaluations: list[Evaluation] = []
+        while True:
+            previous, number = self._inflight, self._inflight_batch
+            outcomes = self.runner.collect() if previous else []
+            rest = previous[len(outcomes):]
+            self._inflight = []
+            self._settle()  # the worker is idle: confirm what was recorded last time
 
-        def record() -> list[Evaluation]:
-            return [self._finish(case, outcome, self.seed, number)
-                    for case, outcome in zip(previous, outcomes)]
+            def record() -> list[Evaluation]:
+                return [self._finish(case, outcome, self.seed, number)
+                        for case, outcome in zip(previous, outcomes)]
 
-        pending = rest + list(batch)
-        if pending and self._spent():
-            record()
-            raise BudgetSpent(f"{len(pending)} case(s) not run: the phase's budget ended")
-        if pending:
-            self._inflight_batch = self._next_batch()
-            try:
-                self.runner.submit(pending)
-            except BaseException:
-                record()  # what ran is on record even when no worker can take the rest
-                raise
-            self._inflight = pending
-        return record()
+            pending = rest or list(batch)
+            if pending and self._spent():
+                record()
+                raise BudgetSpent(f"{len(rest) + len(batch)} case(s) not run: "
+                                  "the phase's budget ended")
+            if pending:
+                self._inflight_batch = self._next_batch()
+                try:
+                    self.runner.submit(pending)
+                except BaseException:
+                    record()  # what ran is on record even when no worker can take the rest
+                    raise
+                self._inflight = pending
+            evaluations += record()
+            if not rest:
+                return evaluations
 
     def drain(self) -> list[Evaluation]:
         """Collect, evaluate and record every case in flight (see :meth:`dispatch`), and
