@@ -5,8 +5,8 @@ For every fault the device ships (the torch faults, run on CPU as
 GPU), over ``--seeds`` seeds (default 10; ``--quick`` 2): a campaign
 (``Campaign.generate(stop_on_failure=True, seconds=budget)``, both contracts,
 the fault's dialects) runs until the first failing case, then that failure
-is shrunk with ``difftest.shrink.shrink`` and the same-signature predicate
-``Campaign.shrink_and_report`` uses (no bug report written).  The table gives
+is shrunk as a run shrinks it (``Campaign._shrink``: the same-signature
+predicate, and a crash's or a hang's costly passes; no bug report written).  The table gives
 median and worst over seeds of: cases and seconds until the first failure,
 minimisation seconds, and routes (T x K) of the minimal case.
 
@@ -46,7 +46,6 @@ def implementations(device: str, only: list[str] | None,
 
 def one_seed(impl, runner, seed: int, budget_s: float, shrink_s: float, tmp: Path) -> dict:
     from difftest.campaign import Campaign
-    from difftest.shrink import shrink
 
     ensure_worker(runner, impl.dialects[0])  # start-up stays out of the numbers
     campaign = Campaign(impl, runner, tmp / f"seed{seed}", seed=seed)
@@ -61,11 +60,7 @@ def one_seed(impl, runner, seed: int, budget_s: float, shrink_s: float, tmp: Pat
         failure = min(result.failures.values(), key=lambda f: f.cases_until_failure)
         row.update(cases=failure.cases_until_failure, seconds=failure.seconds_until_failure,
                    signature=failure.signature, first_routes=failure.case.num_routes)
-
-        def same_signature(candidate, sig=failure.signature) -> bool:
-            return campaign.check(candidate).signature(candidate) == sig
-
-        shrunk = shrink(failure.case, same_signature, max_seconds=shrink_s)
+        _, _, shrunk = campaign._shrink(failure, shrink_s)  # as a run shrinks it
         s = shrunk.case.sizes()
         row.update(shrink_s=shrunk.elapsed_s, shrink_calls=shrunk.calls,
                    minimal=shrunk.minimal, min_routes=shrunk.case.num_routes,
@@ -135,8 +130,8 @@ def main() -> None:
         ["implementation", "caught", "cases", "worst", "s", "worst", "shrink s", "worst",
          "min routes", "worst", "1-min", "signature (verdict--check)"],
         rows,
-        ["s = seconds until the first failure; shrink s = difftest.shrink.shrink with the "
-         "same-signature predicate; min routes = T*K of the minimal case; 1-min = seeds "
+        ["s = seconds until the first failure; shrink s = the failure shrunk as a run "
+         "shrinks it (Campaign._shrink); min routes = T*K of the minimal case; 1-min = seeds "
          "whose shrink reached a 1-minimal case",
          "worker start-up (and JIT build) excluded: one warm SandboxRunner per "
          "implementation, re-warmed before each seed",
