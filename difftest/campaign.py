@@ -71,10 +71,6 @@ SANITIZER_SKIPPED = ("(compute-sanitizer re-run skipped: the run's budget was sp
 # as it would be unbatched.
 BATCH_CASES = 64
 BATCH_ROUTES = 1 << 16
-# A full batch goes to the worker once it has finished the batch in flight (checked
-# after every draw), so that generation goes on meanwhile instead of waiting for it;
-# with this many full batches waiting, generation waits.
-READY_BATCHES = 4
 # Confirmation (Campaign.confirm): alone re-runs of a new signature's first case, each in
 # a fresh worker; cases of one signature re-run so before it is taken as flaky without
 # more runs; predecessors tried as the culprit of a flaky case; cases kept per worker.
@@ -471,7 +467,6 @@ class Campaign:
         self._history: dict[str, deque[tuple[Case, int]]] = {}
         self._batches = 0
         self._inflight_batch = 0
-        self._ready: list[list[Case]] = []  # generate's full batches waiting for the worker
         self._unsettled: list[tuple[Case, Evaluation, tuple[Neighbour, ...], int, float]] = []
         self._confirmed: set[str] = set()
         self._tries: dict[str, int] = {}
@@ -591,12 +586,6 @@ class Campaign:
             evaluations += record()
             if not rest:
                 return evaluations
-
-    def _runner_free(self) -> bool:
-        """Whether :meth:`dispatch` would not wait: no batch in flight, or the runner has
-        finished it (a runner that cannot tell, ``done`` missing, counts as free)."""
-        done = getattr(self.runner, "done", None)
-        return not self._inflight or done is None or done()
 
     def drain(self) -> list[Evaluation]:
         """Collect, evaluate and record every case in flight (see :meth:`dispatch`), and
@@ -852,7 +841,6 @@ class Campaign:
         before = self.result.cases
         # one queue per size class: [cases, routes, the size that closes the next batch]
         queues: dict[str, list[Any]] = {size: [[], 0, 1] for size in SIZE_CLASSES}
-        ready = self._ready  # full batches, in the order they filled, not yet sent
         state = {"stopped": False, "drawn": 0, "armed": False}
         limits = self.impl.limits
         strategy = cases(dialects=dialects, contracts=contracts, classes=classes,
@@ -897,12 +885,6 @@ class Campaign:
                 state["stopped"] = True
                 raise _BudgetExhausted
 
-        def pump() -> None:
-            """Send the full batches while the worker is free; wait for it only once
-            READY_BATCHES of them are waiting."""
-            while ready and (len(ready) >= READY_BATCHES or self._runner_free()):
-                dispatch(ready.pop(0))
-
         def driver(source: Any, examples: int) -> Callable[[], None]:
             @settings(max_examples=examples, phases=[Phase.generate], database=None,
                       deadline=None, suppress_health_check=list(HealthCheck),
@@ -927,9 +909,8 @@ class Campaign:
                 if self._spent() or (max_examples is not None
                                      and self.result.cases + len(self._inflight)
                                      + sum(len(q[0]) for q in queues.values())
-                                     + sum(len(b) for b in ready) >= max_examples):
+                                     >= max_examples):
                     raise _BudgetExhausted
-                pump()
                 if case.case_id in self.ran or case.case_id in self._queued:
                     self.result.duplicates += 1
                     return  # Hypothesis drew it again: run once only
@@ -938,9 +919,9 @@ class Campaign:
                 queue[0].append(case)
                 queue[1] += case.num_routes * len(case.ranks())
                 if len(queue[0]) >= queue[2] or queue[1] >= BATCH_ROUTES:
-                    ready.append(queue[0])
+                    batch = queue[0]
                     queue[:] = [[], 0, min(2 * queue[2], BATCH_CASES)]
-                    pump()
+                    dispatch(batch)
 
             return hseed(self.seed)(drive) if self.seed is not None else drive
 
@@ -964,21 +945,16 @@ class Campaign:
                 pass
             finally:
                 try:
-                    # the cases generated but not yet run (the full batches first), then
-                    # the batch in flight; after Ctrl-C or an error only the batch in
-                    # flight (it is running already)
-                    if not (interrupted or state["stopped"]):
-                        while ready:
-                            dispatch(ready.pop(0))
-                        for queue in queues.values():
-                            if queue[0]:
-                                dispatch(queue[0])
-                                queue[0] = []
+                    # the cases generated but not yet run, then the batch in flight; after
+                    # Ctrl-C or an error only the batch in flight (it is running already)
+                    for queue in queues.values():
+                        if queue[0] and not (interrupted or state["stopped"]):
+                            dispatch(queue[0])
+                            queue[0] = []
                     self._drain_or_fail(failed)
                 except _BudgetExhausted:
                     self._drain_or_fail(failed)
                 finally:
-                    ready.clear()
                     self._inflight = []
                     self._until(None)
                     self._show(force=True)

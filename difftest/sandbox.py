@@ -625,7 +625,6 @@ class _Worker:
         self._pidfd = _pidfd(pid) if zygote is not None else None
         self._first: Any = None
         self._answered = threading.Event()
-        self.gone = threading.Event()  # the None is on the inbox: the worker is dead
         self.inbox: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True,
                                         name=f"difftest-worker-{pid}")
@@ -662,7 +661,6 @@ class _Worker:
             self._first = _GONE
             self._answered.set()
         self.inbox.put(None)
-        self.gone.set()
 
     def alive(self) -> bool:
         return (not self._ended and self._reader.is_alive()
@@ -1192,13 +1190,6 @@ class SandboxRunner:
             return
         worker, since = self._send(cases)
         self._pending = (cases, worker, since)
-
-    def done(self) -> bool:
-        """Whether :meth:`collect` would not wait: the batch :meth:`submit` started has
-        every outcome in, or its worker is dead (``True`` when there is none). A hang
-        stays not done: :meth:`collect` times it out."""
-        cases, worker, _ = self._pending
-        return worker is None or worker.inbox.qsize() >= len(cases) or worker.gone.is_set()
 
     def collect(self) -> list[Outcome]:
         """The outcomes of the batch :meth:`submit` started, in its order.

@@ -169,33 +169,6 @@ def test_a_batch_that_hangs_pins_the_timeout_on_its_case():
         assert runner.restarts == 1
 
 
-def _until_done(runner, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not runner.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return runner.done()
-
-
-def test_done_says_when_collect_would_not_wait():
-    # a campaign draws on while done() is false: true once every outcome of the batch is
-    # in or its worker is dead; a hang stays not done (collect times it out)
-    impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
-    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
-        assert runner.done()  # nothing in flight
-        runner.submit([_vllm_case(3), _vllm_case(2)])
-        assert _until_done(runner, 20)
-        assert [o.verdict for o in runner.collect()] == [None, None]
-        runner.submit([_vllm_case(3), _vllm_case(0), _vllm_case(2)])
-        assert _until_done(runner, 20)  # two of three outcomes can come: the worker died
-        assert len(runner.collect()) == 2
-    impl = registry.resolve("py:user_impls:hangs_on_disabled_adapter", "vllm-lora")
-    with SandboxRunner(impl, "cpu", timeout_s=1.0, confirm_timeouts=False) as runner:
-        runner.run(_vllm_case(2))
-        runner.submit([_vllm_case(2), _vllm_case(2, enabled=(0, 1, 1))])
-        assert not _until_done(runner, 0.5)
-        assert [o.verdict for o in runner.collect()] == [None, "timeout"]
-
-
 def test_the_smallest_case_of_every_dialect_is_production_and_the_oracle_takes_it():
     # the zygote warms up on these: they must be well formed and exercise nothing
     from difftest.case import DIALECTS
