@@ -6,9 +6,9 @@ GPU), over ``--seeds`` seeds (default 10; ``--quick`` 2): a campaign
 (``Campaign.generate(stop_on_failure=True, seconds=budget)``, both contracts,
 the fault's dialects) runs until the first failing case, then that failure
 is shrunk as a run shrinks it (``Campaign._shrink``: the same-signature
-predicate, and a crash's or a hang's costly passes; no bug report written).  The table gives
-median and worst over seeds of: cases and seconds until the first failure,
-minimisation seconds, and routes (T x K) of the minimal case.
+predicate, and a crash's or a hang's costly passes; no bug report written).
+The table gives median and worst over seeds of: cases and seconds until the
+first failure, minimisation seconds, and routes (T x K) of the minimal case.
 
 One ``SandboxRunner`` per implementation is reused across its seeds; the
 worker is started (and the implementation loaded, JIT build included) before

@@ -590,9 +590,7 @@ class Campaign:
     def drain(self) -> list[Evaluation]:
         """Collect, evaluate and record every case in flight (see :meth:`dispatch`), and
         confirm the failures among them."""
-        evaluations: list[Evaluation] = []
-        while self._inflight:
-            evaluations += self.dispatch([])
+        evaluations = self.dispatch([])  # it runs the rest of a crashed batch too
         self._settle()
         return evaluations
 
