@@ -44,6 +44,7 @@ from .budget import (
 )
 from .case import Case
 from .classify import SIZE_CLASSES, size_class
+from .compare import repeat_key
 from .errors import DifftestError, InternalError, UsageError
 from .evaluate import WORKER_LOST, Evaluation, evaluate, expected_by_rank
 from .limits import as_json as limits_json
@@ -71,6 +72,10 @@ SANITIZER_SKIPPED = ("(compute-sanitizer re-run skipped: the run's budget was sp
 # as it would be unbatched.
 BATCH_CASES = 64
 BATCH_ROUTES = 1 << 16
+# a case of at least this many routes (all ranks) is sent with its RepeatKeys, so that
+# its worker leaves out the repeats equal to the first run: the larger cases' outputs
+# are most of what a CUDA campaign moves, and canonicalising them most of its compare
+REPEAT_KEY_MIN_ROUTES = 1024
 # Confirmation (Campaign.confirm): alone re-runs of a new signature's first case, each in
 # a fresh worker; cases of one signature re-run so before it is taken as flaky without
 # more runs; predecessors tried as the culprit of a flaky case; cases kept per worker.
@@ -460,6 +465,9 @@ class Campaign:
         self._db_first: set[str] = set()  # signatures whose first case the database holds
         self._case_files: dict[str, int] = {}  # failing cases recorded per signature
         self._inflight: list[Case] = []
+        # the oracle's values of cases sent with RepeatKeys (computed before they are sent;
+        # their evaluation uses them): case_id -> expected by rank
+        self._expected: dict[str, dict] = {}
         self._start = self.clock.started
         self._deadline: float | None = None
         # confirmation state: recent cases per worker (with their batch number), failures
@@ -525,8 +533,9 @@ class Campaign:
         apart from the comparison), comparison and recording are timed."""
         stages = self.stages
         start = time.perf_counter()
-        expected = (expected_by_rank(case)
-                    if stages is not None and outcome.verdict not in WORKER_LOST else None)
+        expected = self._expected.pop(case.case_id, None)
+        if expected is None and stages is not None and outcome.verdict not in WORKER_LOST:
+            expected = expected_by_rank(case)
         oracle_done = time.perf_counter()
         evaluation = evaluate(case, outcome, stable=self.impl.stable, limits=self.impl.limits,
                               expected=expected)
@@ -559,6 +568,7 @@ class Campaign:
         not recorded).
         """
         evaluations: list[Evaluation] = []
+        self._expect(batch)  # while the worker runs the batch in flight
         while True:
             previous, number = self._inflight, self._inflight_batch
             outcomes = self.runner.collect() if previous else []
@@ -578,7 +588,7 @@ class Campaign:
             if pending:
                 self._inflight_batch = self._next_batch()
                 try:
-                    self.runner.submit(pending)
+                    self._submit(pending)
                 except BaseException:
                     record()  # what ran is on record even when no worker can take the rest
                     raise
@@ -586,6 +596,30 @@ class Campaign:
             evaluations += record()
             if not rest:
                 return evaluations
+
+    def _expect(self, batch: list[Case]) -> None:
+        """The oracle's values of the cases of ``batch`` to be sent with RepeatKeys (those
+        of :data:`REPEAT_KEY_MIN_ROUTES` routes or more, where the runner repeats cases)."""
+        if getattr(self.runner, "repeats", 1) < 2:
+            return
+        for case in batch:
+            if (case.num_routes * len(case.ranks()) >= REPEAT_KEY_MIN_ROUTES
+                    and case.case_id not in self._expected):
+                start = time.perf_counter()
+                self._expected[case.case_id] = expected_by_rank(case)
+                if self.stages is not None:
+                    self.stages.add("oracle", size_class(case), time.perf_counter() - start)
+
+    def _submit(self, cases: list[Case]) -> None:
+        """Start ``cases`` in the worker, each with its RepeatKeys where :meth:`_expect`
+        computed its oracle values."""
+        expected = [self._expected.get(case.case_id) for case in cases]
+        if not any(e is not None for e in expected):
+            self.runner.submit(cases)
+            return
+        self.runner.submit(cases, keys=[
+            None if e is None else {rank: repeat_key(value) for rank, value in e.items()}
+            for e in expected])
 
     def drain(self) -> list[Evaluation]:
         """Collect, evaluate and record every case in flight (see :meth:`dispatch`), and

@@ -176,6 +176,60 @@ class RowOrder:
         return flat.reshape(shape)
 
 
+@dataclass(frozen=True)
+class RepeatKey:
+    """What a sandbox worker needs to tell whether a repeat of a call gave the same
+    result as its first run, as :func:`canonical` defines it, without the oracle's
+    arrays: the expected segments of each ``sorted_token_ids`` row (their lengths in
+    blocks, row after row) and the entries the dialect leaves unspecified. The
+    worker's form (:class:`difftest.execute.CanonicalForm`) is this module's
+    :func:`canonical` computed on the device; ``tests/test_repeat_key.py`` holds
+    the two to each other."""
+
+    rows: int  # L
+    positions: int  # P
+    blocks: int  # M, the width of an expert_ids row
+    block_size: int
+    lengths: np.ndarray  # int32: blocks of each expected segment, row-major
+    per_row: np.ndarray  # int32 [L]: segments in each row
+    checked_blocks: np.ndarray | None = None  # as RowsExpected's
+    checked_positions: np.ndarray | None = None
+
+    def block_keys(self) -> np.ndarray:
+        """int64 [L, M]: each block's segment, numbered through all rows; -1 for a block
+        outside every segment (its positions keep their place in the canonical form)."""
+        keys = np.full((self.rows, self.blocks), -1, dtype=np.int64)
+        ends = np.cumsum(self.per_row)
+        for row in range(self.rows):
+            lengths = self.lengths[ends[row] - self.per_row[row]:ends[row]]
+            first = ends[row] - self.per_row[row]
+            keys[row, :int(lengths.sum())] = np.repeat(
+                np.arange(first, ends[row], dtype=np.int64), lengths)
+        return keys
+
+
+def repeat_key(expected: Any) -> RepeatKey | None:
+    """The :class:`RepeatKey` of an expected value; ``None`` where the canonical form is
+    the outputs' bytes (``ep-remap``)."""
+    if not isinstance(expected, RowsExpected):
+        return None
+    ids = np.asarray(expected.expert_ids)
+    L, M = ids.shape
+    lengths, per_row = [], []
+    for row, active in enumerate(expected.active_blocks()):
+        values = ids[row, :int(active)]
+        starts = np.flatnonzero(np.diff(values, prepend=values[:1] - 1) != 0)
+        lengths.append(np.diff(np.append(starts, values.size)))
+        per_row.append(starts.size)
+    return RepeatKey(L, expected.sorted_token_ids.shape[1], M, expected.block_size,
+                     np.concatenate(lengths).astype(np.int32),
+                     np.array(per_row, dtype=np.int32),
+                     None if expected.checked_blocks is None
+                     else np.asarray(expected.checked_blocks, dtype=np.int64).reshape(L),
+                     None if expected.checked_positions is None
+                     else np.asarray(expected.checked_positions, dtype=np.int64).reshape(L))
+
+
 def compare_rows(expected: RowsExpected, outputs: dict[str, np.ndarray], *, stable: bool,
                  rank: int | None = None, sentinel: int, order: RowOrder | None = None,
                  have_rows: np.ndarray | None = None) -> list[Mismatch]:

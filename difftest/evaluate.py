@@ -220,8 +220,10 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
     first_run: dict = {}
     orders = {rank: RowOrder(e) for rank, e in expected.items() if isinstance(e, RowsExpected)}
     disagree: list[Mismatch] = []
-    # canonical forms (order inside segments removed) are for comparing repeats only
-    repeated = len(outcome.runs) > 1
+    # canonical forms (order inside segments removed) are for comparing repeats only,
+    # and not needed for those the worker found equal to run 1 (``same_as_first``)
+    repeated = any(not run.same_as_first
+                   for runs in outcome.runs[1:] for run in runs)
     for repeat, runs in enumerate(outcome.runs):
         candidates: list[Mismatch] = []
         compared = False
@@ -230,6 +232,8 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
                 fatal = run
             if repeat == 0:
                 first_run[run.rank] = run
+            elif run.same_as_first:
+                continue  # run 1's outputs after canonicalisation (set-up intact): checked there
             elif (run.error is None and not (run.guard_damage or run.mutated_inputs)
                   and _same_bytes(run, first_run.get(run.rank))):
                 continue  # byte for byte run 1's outputs: checked there
@@ -254,7 +258,10 @@ def evaluate(case: Case, outcome: Any, *, stable: bool,
                                       sentinel=SENTINEL, order=orders.get(run.rank),
                                       have_rows=rows)
         if compared and len(runs) == len(case.ranks()):
-            candidates += compare_conservation(case, runs, expected)
+            # a rank whose outputs were left out has run 1's, canonically
+            candidates += compare_conservation(
+                case, [first_run[run.rank] if run.same_as_first else run
+                       for run in runs], expected)
         for m in candidates + disagree:
             key = (m.check, m.rank, m.slot, m.expert)
             if key not in seen:  # one record per failed check and place, not per repeat

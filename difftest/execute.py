@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .case import Case
+from .compare import RepeatKey
 from .dialects import DIALECT_INFO, SENTINEL, CallPlan, TensorArg  # SENTINEL: outputs' fill
 
 GUARD = -1163005939  # 0xBAADF00D as int32: guard band around every buffer
@@ -76,6 +77,9 @@ class RankRun:
     # device), and inspecting what it wrote (bench/campaign.py's worker stages)
     setup_s: float = 0.0
     inspect_s: float = 0.0
+    # a repeat the worker found equal to the first run of its rank after
+    # canonicalisation (:class:`CanonicalForm`): its outputs are not sent (left empty)
+    same_as_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -407,7 +411,8 @@ class _Call:
 def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], device: str,
               repeats: int = 1, *, profile: dict[str, float] | None = None,
               attribute: bool | None = None,
-              on_case: Callable[[list[list[RankRun]]], None] | None = None
+              on_case: Callable[[list[list[RankRun]]], None] | None = None,
+              keys: Sequence[dict[int | None, RepeatKey | None] | None] | None = None
               ) -> list[list[list[RankRun]]]:
     """Every rank of every case, ``repeats`` times: ``runs[case][repeat][rank]``.
 
@@ -424,7 +429,12 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     added to it (``set-up``, ``transfer``, ``kernel``, ``inspection``; the
     attribution check is part of the inspection). ``on_case``, when given, gets
     each case's runs as soon as they are read back, before the next case starts
-    (a sandbox worker streams them to its runner).
+    (a sandbox worker streams them to its runner). ``keys``, when given, has for
+    each case ``None`` or its :class:`~difftest.compare.RepeatKey` by rank: a
+    repeat of such a case that ran cleanly and equals the first run of its rank
+    after canonicalisation (:class:`CanonicalForm`) is returned without its
+    outputs, marked ``same_as_first`` (what a worker does not send, its runner
+    does not unpickle nor canonicalise).
     """
     cuda = str(device).startswith("cuda")
     if not cuda:
@@ -435,7 +445,7 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
             torch.set_num_threads(CPU_THREADS)
             try:
                 return run_batch(cases, callables, device, repeats, profile=profile,
-                                 attribute=attribute, on_case=on_case)
+                                 attribute=attribute, on_case=on_case, keys=keys)
             finally:
                 torch.set_num_threads(threads)
     if not cuda and len(cases) > 1 and not attribute:
@@ -443,12 +453,12 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
         # each case is staged when its turn comes: a worker that dies at one case has
         # staged no other (the cases after it are run again elsewhere). Attribution,
         # asked for on the CPU, needs the batch in one block, as on CUDA.
-        return [runs for case in cases
+        return [runs for i, case in enumerate(cases)
                 for runs in run_batch([case], callables, device, repeats, profile=profile,
-                                      on_case=on_case)]
+                                      on_case=on_case, keys=keys and keys[i:i + 1])]
     attribute = cuda if attribute is None else attribute
     batch = _Batch(cases, repeats, device, ZONE_BYTES if attribute else 0, profile)
-    return batch.run(callables, on_case)
+    return batch.run(callables, on_case, keys)
 
 
 class _Batch:
@@ -520,7 +530,8 @@ class _Batch:
         return calls[0].base, calls[-1].base + calls[-1].staged.nbytes
 
     def run(self, callables: dict[str, Callable[..., Any]],
-            on_case: Callable[[list[list[RankRun]]], None] | None
+            on_case: Callable[[list[list[RankRun]]], None] | None,
+            keys: Sequence[dict[int | None, RepeatKey | None] | None] | None = None
             ) -> list[list[list[RankRun]]]:
         """Run the cases in order (see :func:`run_batch`), with an :class:`_Attribution`
         check after each case where there are zones."""
@@ -594,6 +605,8 @@ class _Batch:
                         call.staged.inspect(back, call.base - lo, call.run)
                     else:
                         call.staged.outputs(back, call.base - lo, call.run)
+                if keys is not None and keys[index] is not None:
+                    _mark_repeats(done, keys[index], storage, "cuda" if cuda else "cpu")
             if done:
                 done[0].run.inspect_s = time.perf_counter() - start
             self.tick("inspection")
@@ -606,6 +619,101 @@ class _Batch:
             if any(call.run.fatal for call in done):
                 break  # the context is unusable: nothing run after this means anything
         return runs
+
+
+def _mark_repeats(calls: list[_Call], keys: dict[int | None, RepeatKey | None],
+                  storage: Any, device: str) -> None:
+    """Mark ``same_as_first`` (and drop the outputs of) each repeat among ``calls`` (one
+    case's, read back and inspected) that ran cleanly and equals the first run of its
+    rank after canonicalisation; a repeat that raised, or changed a guard band or an
+    input, is left whole. The comparisons stay on the device until one read of their
+    answers."""
+    import torch
+
+    first: dict[int | None, tuple[CanonicalForm, list[Any]]] = {}
+    asked: list[tuple[_Call, Any]] = []
+    for call in calls:
+        run = call.run
+        if call.repeat == 0:
+            if run.error is None and call.rank in keys:
+                form = CanonicalForm(keys[call.rank])
+                first[call.rank] = (form, form(_output_tensors(call, storage, device)))
+            continue
+        if (call.rank in first and run.error is None and not run.guard_damage
+                and not run.mutated_inputs and not run.wild_writes):
+            form, canon = first[call.rank]
+            asked.append((call, form.equal(canon, _output_tensors(call, storage, device))))
+    if asked:
+        for (call, _), same in zip(asked, torch.stack([a for _, a in asked]).tolist()):
+            if same:
+                call.run.same_as_first, call.run.outputs = True, {}
+
+
+def _output_tensors(call: _Call, storage: Any, device: str) -> dict[str, Any]:
+    tensors = call.staged.tensors(storage, call.base, device)
+    return {name: tensors[name] for name in call.staged.plan.outputs}
+
+
+class CanonicalForm:
+    """:func:`difftest.compare.canonical` of a call's output tensors, where they are (on
+    the device), for the calls of one rank of one case (``key``: its
+    :class:`~difftest.compare.RepeatKey`, ``None`` where the canonical form is the
+    outputs themselves). For a rows call: the ``(block's segment, value)`` pairs of
+    ``sorted_token_ids`` sorted (a position outside every segment is keyed by
+    itself, so it keeps its place), with the positions and ``expert_ids`` blocks the
+    dialect leaves unspecified zeroed, then ``expert_ids`` and
+    ``num_tokens_post_pad``. Two runs have the same canonical form exactly when
+    these tensors are equal (:meth:`equal`)."""
+
+    def __init__(self, key: RepeatKey | None) -> None:
+        self.key = key
+        self._segment: Any = None  # int64 [L * P], shifted into the high 32 bits
+        self._masks: tuple[Any, Any] | None = None
+
+    def _layout(self, dev: Any) -> None:
+        import torch
+
+        key = self.key
+        rows, positions, blocks = key.rows, key.positions, key.blocks
+        segment = torch.full((rows, positions), -1, dtype=torch.int64, device=dev)
+        width = min(positions, blocks * key.block_size)
+        by_block = torch.from_numpy(key.block_keys()).to(dev)
+        segment[:, :width] = by_block.repeat_interleave(key.block_size, dim=1)[:, :width]
+        segment = segment.reshape(-1)
+        alone = int(key.lengths.size) + torch.arange(segment.numel(), device=dev)
+        self._segment = torch.where(segment < 0, alone, segment) << 32
+        masks = []
+        for limit, width in ((key.checked_positions, positions), (key.checked_blocks, blocks)):
+            masks.append(None if limit is None else (
+                torch.arange(width, device=dev)
+                < torch.from_numpy(limit).to(dev).reshape(rows, 1)))
+        self._masks = (masks[0], masks[1])
+
+    def __call__(self, outputs: dict[str, Any]) -> list[Any]:
+        import torch
+
+        key = self.key
+        if key is None:
+            return [outputs[name].reshape(-1) for name in sorted(outputs)]
+        values = outputs["sorted_token_ids"].reshape(key.rows, key.positions).to(torch.int64)
+        if self._segment is None:
+            self._layout(values.device)
+        positions, blocks = self._masks
+        if positions is not None:
+            values = torch.where(positions, values, 0)
+        experts = outputs["expert_ids"].reshape(key.rows, key.blocks)
+        if blocks is not None:
+            experts = torch.where(blocks, experts, 0)
+        packed = self._segment | (values.reshape(-1) & 0xFFFFFFFF)
+        return [torch.sort(packed).values, experts.reshape(-1),
+                outputs["num_tokens_post_pad"].reshape(-1)]
+
+    def equal(self, first: list[Any], outputs: dict[str, Any]) -> Any:
+        """A 0-d bool tensor, on the device: whether ``outputs`` have the canonical form
+        ``first`` (this form of the first run); read it when every question is asked."""
+        import torch
+
+        return torch.stack([(a == b).all() for a, b in zip(first, self(outputs))]).all()
 
 
 class _Attribution:

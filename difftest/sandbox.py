@@ -140,6 +140,7 @@ class InProcessRunner:
         self.impl, self.device = impl, device
         self.repeats = repeats if repeats is not None else impl.repeats(device)
         self._pending: list[Case] = []
+        self._keys: list[Any] | None = None
         self._callables = callables if callables is not None else impl.load()
 
     def run(self, case: Case) -> Outcome:
@@ -151,8 +152,8 @@ class InProcessRunner:
     def restart(self) -> None:
         """Nothing to restart: in this process, state a call leaves stays for the next."""
 
-    def submit(self, cases: list[Case]) -> None:
-        self._pending = list(cases)
+    def submit(self, cases: list[Case], keys: list[Any] | None = None) -> None:
+        self._pending, self._keys = list(cases), keys
 
     def collect(self) -> list[Outcome]:
         from .execute import run_batch
@@ -161,7 +162,8 @@ class InProcessRunner:
         if not cases:
             return []
         return [Outcome.of(runs, f"pid{os.getpid()}")
-                for runs in run_batch(cases, self._callables, self.device, self.repeats)]
+                for runs in run_batch(cases, self._callables, self.device, self.repeats,
+                                      keys=self._keys)]
 
     def close(self) -> None:
         pass
@@ -271,10 +273,10 @@ def _serve(conn: Connection, callables: dict[str, Any], device: str) -> None:
     A batch arrives as its cases pickled one by one (:meth:`SandboxRunner._encode`)."""
     from .execute import run_batch
 
-    for blobs, repeats in _messages(conn):
+    for blobs, repeats, keys in _messages(conn):
         cases = [pickle.loads(blob) for blob in blobs]
         runs = run_batch(cases, callables, device, repeats,
-                         on_case=lambda one: conn.send(("case", one)))
+                         on_case=lambda one: conn.send(("case", one)), keys=keys)
         if runs and _fatal(runs[-1]):
             # the CUDA context is poisoned: nothing this process runs next means anything
             os._exit(3)
@@ -1127,7 +1129,8 @@ class SandboxRunner:
         self._wire = wire
         return [wire[id(case)][1] for case in cases]
 
-    def _send(self, cases: list[Case]) -> tuple[_Worker, float]:
+    def _send(self, cases: list[Case], keys: list[Any] | None = None
+              ) -> tuple[_Worker, float]:
         """Send ``cases`` to the current worker; a worker found dead on sending is replaced.
 
         On CUDA the batch is one message (one staged block, one copy to the
@@ -1137,17 +1140,18 @@ class SandboxRunner:
         """
         blobs = self._encode(cases)
         one = str(self.device).startswith("cuda") or len(blobs) == 1
-        messages = [blobs] if one else [blobs[:1], blobs[1:]]
+        messages = [(blobs, keys)] if one else [
+            (blobs[:1], keys and keys[:1]), (blobs[1:], keys and keys[1:])]
         while True:
             worker = self._current()
             worker.clear_stderr()
             since = time.perf_counter()
-            if worker.send((messages[0], self.repeats)):
+            if worker.send((messages[0][0], self.repeats, messages[0][1])):
                 break
             self._lose(worker)
         self._arm()  # while the worker runs the cases
-        for message in messages[1:]:
-            if not worker.send((message, self.repeats)):
+        for message, message_keys in messages[1:]:
+            if not worker.send((message, self.repeats, message_keys)):
                 break
         return worker, since
 
@@ -1182,13 +1186,16 @@ class SandboxRunner:
             self._lose(worker)  # it reported a sticky error and is exiting: not waited for
         return Outcome.of(runs, name), arrived
 
-    def submit(self, cases: list[Case]) -> None:
-        """Start running ``cases`` as one batch; :meth:`collect` gives their outcomes."""
+    def submit(self, cases: list[Case], keys: list[Any] | None = None) -> None:
+        """Start running ``cases`` as one batch; :meth:`collect` gives their outcomes.
+        ``keys``: per case ``None`` or its :class:`~difftest.compare.RepeatKey` by rank,
+        for the worker to leave out the outputs of repeats equal to the first run
+        (:func:`difftest.execute.run_batch`)."""
         cases = list(cases)
         if not cases:
             self._pending = ([], None, 0.0)
             return
-        worker, since = self._send(cases)
+        worker, since = self._send(cases, keys)
         self._pending = (cases, worker, since)
 
     def collect(self) -> list[Outcome]:

@@ -205,3 +205,43 @@ def test_a_crashing_cuda_kernel_holds_the_whole_run_budget(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["elapsed_s"] <= Budget(seconds=seconds).limit_s, run  # start-up (build) aside
     assert any((out / "bugs").iterdir())
+
+
+@pytest.mark.parametrize("fault", [None, "odd-block-resets-count"])
+def test_repeats_left_out_on_the_gpu_evaluate_as_if_sent_whole(fault):
+    # the CUDA kernels' repeats, mid and large cases of every dialect: with RepeatKeys the
+    # worker leaves out those equal to run 1 (atomics reorder segments, so most are not
+    # byte for byte), and every case evaluates as it does with all its repeats sent;
+    # the race of odd-block-resets-count is still seen
+    from cuda_impl import cuda
+    from difftest.compare import repeat_key
+    from difftest.evaluate import evaluate, expected_by_rank
+    from difftest.execute import run_batch
+    from difftest.registry import CUDA_REPEATS
+    from difftest.sandbox import Outcome
+
+    fns = cuda.implementation(fault)  # the fault's build has its dialects only
+    drawn = [c for d in ("vllm-lora", "sglang-lora", "align", "sglang-align") if d in fns
+             for c in _draw(d, 100, seed=11) if c.num_routes >= 1024]
+    assert len(drawn) >= 30
+    left_out = reordered = 0
+    verdicts = set()
+    for case in drawn:
+        expected = expected_by_rank(case)
+        keys = [{rank: repeat_key(e) for rank, e in expected.items()}]
+        runs = run_batch([case], fns, "cuda", CUDA_REPEATS, keys=keys)[0]
+        whole = run_batch([case], fns, "cuda", CUDA_REPEATS)[0]
+        for repeat in runs[1:]:
+            left_out += sum(r.same_as_first for r in repeat)
+        reordered += any(not np.array_equal(r.outputs["sorted_token_ids"],
+                                            whole[0][i].outputs["sorted_token_ids"])
+                         for repeat in whole[1:] for i, r in enumerate(repeat)
+                         if "sorted_token_ids" in r.outputs)
+        a = evaluate(case, Outcome(runs), stable=cuda.STABLE, expected=expected)
+        b = evaluate(case, Outcome(whole), stable=cuda.STABLE, expected=expected)
+        verdicts.add(a.verdict)
+        if fault is None:
+            assert a.verdict == b.verdict == "pass", (case.case_id, a.detail, b.detail)
+    assert reordered and left_out, (len(drawn), reordered, left_out)
+    if fault is not None:  # a race: each run of it decides alone, but it is caught
+        assert "mismatch" in verdicts, verdicts
