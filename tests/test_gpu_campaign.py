@@ -223,7 +223,7 @@ def test_repeats_left_out_on_the_gpu_evaluate_as_if_sent_whole(fault):
     fns = cuda.implementation(fault)  # the fault's build has its dialects only
     drawn = [c for d in ("vllm-lora", "sglang-lora", "align", "sglang-align") if d in fns
              for c in _draw(d, 100, seed=11) if c.num_routes >= 1024]
-    assert len(drawn) >= 30
+    assert len(drawn) >= 20
     left_out = reordered = 0
     verdicts = set()
     for case in drawn:
