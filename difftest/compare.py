@@ -213,16 +213,14 @@ def repeat_key(expected: Any) -> RepeatKey | None:
     the outputs' bytes (``ep-remap``)."""
     if not isinstance(expected, RowsExpected):
         return None
-    ids = np.asarray(expected.expert_ids)
-    L, M = ids.shape
-    lengths, per_row = [], []
-    for row, active in enumerate(expected.active_blocks()):
-        values = ids[row, :int(active)]
-        starts = np.flatnonzero(np.diff(values, prepend=values[:1] - 1) != 0)
-        lengths.append(np.diff(np.append(starts, values.size)))
-        per_row.append(starts.size)
-    return RepeatKey(L, expected.sorted_token_ids.shape[1], M, expected.block_size,
-                     np.concatenate(lengths).astype(np.int32),
+    L, M = np.asarray(expected.expert_ids).shape
+    B = expected.block_size
+    rows = [segments(expected.expert_ids[row], B, int(active))
+            for row, active in enumerate(expected.active_blocks())]
+    lengths = [(end - start) // B for row in rows for _, start, end in row]
+    per_row = [len(row) for row in rows]
+    return RepeatKey(L, expected.sorted_token_ids.shape[1], M, B,
+                     np.array(lengths, dtype=np.int32),
                      np.array(per_row, dtype=np.int32),
                      None if expected.checked_blocks is None
                      else np.asarray(expected.checked_blocks, dtype=np.int64).reshape(L),
