@@ -72,6 +72,9 @@ SANITIZER_SKIPPED = ("(compute-sanitizer re-run skipped: the run's budget was sp
 # as it would be unbatched.
 BATCH_CASES = 64
 BATCH_ROUTES = 1 << 16
+# Batches closed while the worker still runs the one before wait for it, this many at
+# most (one more is sent at once, waiting on the worker): drawing goes on meanwhile
+READY_BATCHES = 2
 # a case of at least this many routes (all ranks) is sent with its RepeatKeys, so that
 # its worker leaves out the repeats equal to the first run: the larger cases' outputs
 # are most of what a CUDA campaign moves, and canonicalising them most of its compare
@@ -873,6 +876,10 @@ class Campaign:
         before = self.result.cases
         # one queue per size class: [cases, routes, the size that closes the next batch]
         queues: dict[str, list[Any]] = {size: [[], 0, 1] for size in SIZE_CLASSES}
+        # closed batches not yet sent: they wait while the worker is busy (up to
+        # READY_BATCHES of them), so that drawing goes on instead of waiting on it
+        ready: list[list[Case]] = []
+        busy = getattr(self.runner, "busy", lambda: False)
         state = {"stopped": False, "drawn": 0, "armed": False}
         limits = self.impl.limits
         strategy = cases(dialects=dialects, contracts=contracts, classes=classes,
@@ -941,7 +948,7 @@ class Campaign:
                 if self._spent() or (max_examples is not None
                                      and self.result.cases + len(self._inflight)
                                      + sum(len(q[0]) for q in queues.values())
-                                     >= max_examples):
+                                     + sum(len(b) for b in ready) >= max_examples):
                     raise _BudgetExhausted
                 if case.case_id in self.ran or case.case_id in self._queued:
                     self.result.duplicates += 1
@@ -951,9 +958,10 @@ class Campaign:
                 queue[0].append(case)
                 queue[1] += case.num_routes * len(case.ranks())
                 if len(queue[0]) >= queue[2] or queue[1] >= BATCH_ROUTES:
-                    batch = queue[0]
+                    ready.append(queue[0])
                     queue[:] = [[], 0, min(2 * queue[2], BATCH_CASES)]
-                    dispatch(batch)
+                while ready and (len(ready) > READY_BATCHES or not busy()):
+                    dispatch(ready.pop(0))
 
             return hseed(self.seed)(drive) if self.seed is not None else drive
 
@@ -979,10 +987,10 @@ class Campaign:
                 try:
                     # the cases generated but not yet run, then the batch in flight; after
                     # Ctrl-C or an error only the batch in flight (it is running already)
-                    for queue in queues.values():
-                        if queue[0] and not (interrupted or state["stopped"]):
-                            dispatch(queue[0])
-                            queue[0] = []
+                    ready += [queue[0] for queue in queues.values() if queue[0]]
+                    while ready and not (interrupted or state["stopped"]):
+                        dispatch(ready.pop(0))
+                    ready.clear()
                     self._drain_or_fail(failed)
                 except _BudgetExhausted:
                     self._drain_or_fail(failed)

@@ -1198,6 +1198,12 @@ class SandboxRunner:
         worker, since = self._send(cases, keys)
         self._pending = (cases, worker, since)
 
+    def busy(self) -> bool:
+        """Whether the batch :meth:`submit` started is still running (:meth:`collect`
+        would wait): its worker is alive and some of its cases have not answered yet."""
+        cases, worker, _ = self._pending
+        return bool(cases) and worker.inbox.qsize() < len(cases) and worker.alive()
+
     def collect(self) -> list[Outcome]:
         """The outcomes of the batch :meth:`submit` started, in its order.
 

@@ -14,6 +14,7 @@ import pytest
 
 from difftest import registry
 from difftest.campaign import Campaign
+from difftest.classify import SIZE_CLASSES
 from difftest.case import Case
 from difftest.sandbox import SandboxRunner
 
@@ -194,6 +195,47 @@ def test_generated_batches_hold_one_size_class_each_and_grow_from_one_case(tmp_p
     assert set(firsts) >= {"decode", "huge"} and set(firsts.values()) == {1}
     decode = [len(b) for b in batches if b[0] == "decode"]
     assert decode[:4] == [1, 2, 4, 8]  # growing, while huge cases went in batches between
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_closed_batches_wait_while_the_worker_is_busy_and_drawing_goes_on(
+        tmp_path, monkeypatch, busy):
+    # a batch closed while the worker still runs the one before is not sent (drawing goes
+    # on) until the worker is idle or READY_BATCHES more have closed behind it
+    pytest.importorskip("torch")
+    import difftest.strategies
+    from difftest.campaign import READY_BATCHES
+    from difftest.sandbox import InProcessRunner
+
+    drawn: list[str] = []  # case ids in the order drawn (a skipped repeat included)
+    strategies = difftest.strategies.cases
+    monkeypatch.setattr(difftest.strategies, "cases", lambda **kw: strategies(**kw).map(
+        lambda case: drawn.append(case.case_id) or case))
+
+    class Runner(InProcessRunner):
+        sent: list = []  # per submit: its case ids, and how many cases were drawn by then
+
+        def busy(self):
+            return busy and bool(self._pending)
+
+        def submit(self, cases, keys=None):
+            self.sent.append(([c.case_id for c in cases], len(drawn)))
+            super().submit(cases, keys)
+
+    impl = registry.resolve("torch")
+    campaign = Campaign(impl, Runner(impl, "cpu"), tmp_path, seed=5)
+    campaign.generate(dialects=impl.dialects, contracts=("production", "defensive"),
+                      max_examples=400)
+    campaign.close()
+    sent = Runner.sent
+    assert campaign.result.cases == sum(len(ids) for ids, _ in sent) == 400
+    closed = [max(drawn.index(i) for i in ids) + 1 for ids, _ in sent]  # drawn when closed
+    lag = READY_BATCHES if busy else 0
+    flushed = [k for k, (_, at) in enumerate(sent) if at == len(drawn)]  # at the end
+    assert len(flushed) <= lag + len(SIZE_CLASSES) and len(sent) > len(flushed) + 10
+    for k, (_, at) in enumerate(sent[:len(sent) - len(flushed)]):
+        # the first is sent as soon as it closes: nothing runs before it
+        assert at == closed[k + lag if k else 0], k
 
 
 def test_a_campaign_given_stages_times_every_stage_of_every_case_it_records(tmp_path):

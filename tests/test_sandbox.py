@@ -169,6 +169,38 @@ def test_a_batch_that_hangs_pins_the_timeout_on_its_case():
         assert runner.restarts == 1
 
 
+def _until_idle(runner, seconds: float = 20.0) -> bool:
+    """Poll ``runner.busy()`` until it is False; whether it became so in ``seconds``."""
+    end = time.monotonic() + seconds
+    while runner.busy():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_busy_while_a_case_of_the_batch_has_not_answered_and_not_once_it_did_or_died():
+    hangs = registry.resolve("py:user_impls:hangs_on_disabled_adapter", "vllm-lora")
+    with SandboxRunner(hangs, "cpu", timeout_s=1.0, confirm_timeouts=False) as runner:
+        assert not runner.busy()  # nothing submitted
+        runner.run(_vllm_case(1))  # loaded
+        runner.submit([_vllm_case(2), _vllm_case(2, enabled=(0, 1, 1))])
+        time.sleep(0.5)  # the first answered long ago; the second spins
+        assert runner.busy()
+        assert [o.verdict for o in runner.collect()][1] == "timeout"
+        assert not runner.busy()  # collected
+        runner.submit([_vllm_case(3), _vllm_case(1)])
+        assert _until_idle(runner)  # both answered: collect would not wait
+        assert [evaluate(c, o, stable=hangs.stable).verdict for c, o in
+                zip([_vllm_case(3), _vllm_case(1)], runner.collect())] == ["pass", "pass"]
+    segfaults = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
+    with SandboxRunner(segfaults, "cpu", timeout_s=30) as runner:
+        runner.run(_vllm_case(1))
+        runner.submit([_vllm_case(0), _vllm_case(2)])
+        assert _until_idle(runner)  # the worker died at the first: the second never answers
+        assert [o.verdict for o in runner.collect()] == ["crash"]
+
+
 def test_the_smallest_case_of_every_dialect_is_production_and_the_oracle_takes_it():
     # the zygote warms up on these: they must be well formed and exercise nothing
     from difftest.case import DIALECTS
