@@ -14,8 +14,8 @@ import pytest
 
 from difftest import registry
 from difftest.campaign import Campaign
-from difftest.classify import SIZE_CLASSES
 from difftest.case import Case
+from difftest.classify import SIZE_CLASSES
 from difftest.sandbox import SandboxRunner
 
 TESTS = Path(__file__).parent
