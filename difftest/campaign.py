@@ -75,6 +75,13 @@ BATCH_ROUTES = 1 << 16
 # Batches closed while the worker still runs the one before wait for it, this many at
 # most (one more is sent at once, waiting on the worker): drawing goes on meanwhile
 READY_BATCHES = 2
+# Cases per Hypothesis example (strategies.families): the one Hypothesis draws and up to
+# this many less one siblings, its structure with the values of other seeds. A small
+# case's draw and Hypothesis' engine work are most of what a campaign spends on it.
+# The first FAMILY_AFTER examples of a generation are one case each: a bug that some
+# structure triggers is found as soon as without siblings (they add no new structure)
+FAMILY_CASES = 4
+FAMILY_AFTER = 256
 # a case of at least this many routes (all ranks) is sent with its RepeatKeys, so that
 # its worker leaves out the repeats equal to the first run: the larger cases' outputs
 # are most of what a CUDA campaign moves, and canonicalising them most of its compare
@@ -211,6 +218,8 @@ class CampaignResult:
     shrink_s: dict[str, float] = field(default_factory=dict)  # signature -> seconds shrinking
     internal: InternalError | None = None  # a bug of ours that ended the run (run_campaign)
     duplicates: int = 0  # drawn cases skipped: their case id ran (or was queued) already
+    #: siblings never run: a case of their family (strategies.families) crashed or hung
+    siblings_dropped: int = 0
     elapsed_s: float = 0.0
     replayed: int = 0
     confirm_s: float = 0.0  # spent re-running failures alone and looking for culprits
@@ -465,6 +474,10 @@ class Campaign:
         self.phase = "generate"
         self.ran: dict[str, str | None] = {}  # case_id -> its signature (None: it passed)
         self._queued: set[str] = set()
+        # generated cases -> their family's number; the families of which a case lost
+        # its worker (their siblings not yet run are dropped, see dispatch)
+        self._family: dict[str, int] = {}
+        self._lost_families: set[int] = set()
         self._db_first: set[str] = set()  # signatures whose first case the database holds
         self._case_files: dict[str, int] = {}  # failing cases recorded per signature
         self._inflight: list[Case] = []
@@ -545,6 +558,7 @@ class Campaign:
         compared = time.perf_counter()
         self._record(case, evaluation, outcome, seed, batch)
         self._ran(case, outcome.worker, batch)
+        self._family.pop(case.case_id, None)
         if stages is not None:
             size = size_class(case)
             stages.add("oracle", size, oracle_done - start)
@@ -569,13 +583,22 @@ class Campaign:
         worker is idle. Past the deadline nothing new starts: the collected cases
         are recorded and :class:`BudgetSpent` raised (the rest never ran and is
         not recorded).
+
+        A generated case whose family (:func:`difftest.strategies.families`) lost its
+        worker on one of its cases is dropped, not run: it shares that case's structure,
+        and most likely its crash or hang, at the cost of a worker (or a timeout) each.
         """
         evaluations: list[Evaluation] = []
+        batch = self._undropped(batch)
         self._expect(batch)  # while the worker runs the batch in flight
         while True:
             previous, number = self._inflight, self._inflight_batch
             outcomes = self.runner.collect() if previous else []
-            rest = previous[len(outcomes):]
+            for case, outcome in zip(previous, outcomes):
+                if outcome.verdict in WORKER_LOST and case.case_id in self._family:
+                    self._lost_families.add(self._family[case.case_id])
+            rest = self._undropped(previous[len(outcomes):])
+            batch = self._undropped(batch)
             self._inflight = []
             self._settle()  # the worker is idle: confirm what was recorded last time
 
@@ -599,6 +622,19 @@ class Campaign:
             evaluations += record()
             if not rest:
                 return evaluations
+
+    def _undropped(self, cases: list[Case]) -> list[Case]:
+        """``cases`` less the siblings of a family that lost its worker (see dispatch)."""
+        if not self._lost_families:
+            return cases
+        kept = []
+        for case in cases:
+            if self._family.get(case.case_id) in self._lost_families:
+                self._expected.pop(case.case_id, None)  # computed when it was to be sent
+                self.result.siblings_dropped += 1
+            else:
+                kept.append(case)
+        return kept
 
     def _expect(self, batch: list[Case]) -> None:
         """The oracle's values of the cases of ``batch`` to be sent with RepeatKeys (those
@@ -856,13 +892,17 @@ class Campaign:
         (replayed ones included), ``seconds`` from now or ``deadline`` (whichever comes
         first; with none of them, ``DEFAULT_MAX_EXAMPLES``), or the first failure with
         ``stop_on_failure``; the batch in flight may finish until ``drain_deadline``.
-        A case id already run or queued is skipped, not run. ``classes`` focuses the
-        cases (:func:`difftest.strategies.cases`)."""
+        A case id already run or queued is skipped, not run. Each Hypothesis example
+        draws a family of up to :data:`FAMILY_CASES` cases
+        (:func:`difftest.strategies.families`); the siblings of a case that crashed or
+        hung are dropped (:meth:`dispatch`), and those dropped once drawing has ended
+        are not made up for. ``classes`` focuses the cases
+        (:func:`difftest.strategies.cases`)."""
         from hypothesis import HealthCheck, Phase, Verbosity, given, settings
         from hypothesis import seed as hseed
         from hypothesis import strategies as st
 
-        from .strategies import cases, probes_possible
+        from .strategies import families, probes_possible
 
         if seconds is not None:
             ends = time.monotonic() + seconds
@@ -882,17 +922,22 @@ class Campaign:
         busy = getattr(self.runner, "busy", lambda: False)
         state = {"stopped": False, "drawn": 0, "armed": False}
         limits = self.impl.limits
-        strategy = cases(dialects=dialects, contracts=contracts, classes=classes,
-                         limits=limits, out_of_domain=PROBE_ONE_IN)
+        # one case an example until FAMILY_AFTER examples were drawn, then families: which
+        # of the two draws may depend on that count, as both make the same choices the
+        # same way and draw the same first case
+        single, grown = (families(size, dialects=dialects, contracts=contracts,
+                                  classes=classes, limits=limits, out_of_domain=PROBE_ONE_IN)
+                         for size in (1, FAMILY_CASES))
         # with declared limits, a run starts with a few out-of-domain probes (a run of
         # their own: which strategy draws must not depend on state outside Hypothesis);
         # the count of cases is ours (max_examples, replayed ones included): Hypothesis
         # may draw a case again, which is skipped
         room = 10**9 if max_examples is None else max(0, max_examples - self.result.cases)
         probes = min(PROBES_PER_RUN, room) if probes_possible(limits) else 0
-        runs = [(cases(dialects=dialects, contracts=contracts, limits=limits,
-                       out_of_domain=1), probes)] if probes else []
-        runs.append((strategy, 10**9))
+        probe = families(1, dialects=dialects, contracts=contracts, limits=limits,
+                         out_of_domain=1)
+        runs: list[tuple[Callable[[], Any], int]] = [(lambda: probe, probes)] if probes else []
+        runs.append((lambda: grown if state["drawn"] >= FAMILY_AFTER else single, 10**9))
         failed: list[InternalError] = []
 
         def internal(exc: Exception, where: str, *, broken: bool) -> _BudgetExhausted:
@@ -924,7 +969,7 @@ class Campaign:
                 state["stopped"] = True
                 raise _BudgetExhausted
 
-        def driver(source: Any, examples: int) -> Callable[[], None]:
+        def driver(source: Callable[[], Any], examples: int) -> Callable[[], None]:
             @settings(max_examples=examples, phases=[Phase.generate], database=None,
                       deadline=None, suppress_health_check=list(HealthCheck),
                       verbosity=Verbosity.quiet, derandomize=False)
@@ -934,34 +979,39 @@ class Campaign:
                 # to draw the same way, and a stop before the draw would not
                 start = time.perf_counter()
                 try:  # drawn here, so that a bug of the generator is caught as ours
-                    case = data.draw(source)
+                    family = data.draw(source())
                 except Exception as exc:  # noqa: BLE001 - the generator is ours, not the kernel
                     if type(exc).__module__.startswith("hypothesis"):
                         raise  # Hypothesis' own control flow (a rejected draw)
                     state["drawn"] += 1  # the draw that failed
                     raise internal(exc, "the case generator", broken=False) from None
                 state["drawn"] += 1
+                number = state["drawn"]
                 if self.stages is not None:
-                    self.stages.add("draw", size_class(case), time.perf_counter() - start)
-                if sigint["sigint"]:
-                    raise _Interrupted
-                if self._spent() or (max_examples is not None
-                                     and self.result.cases + len(self._inflight)
-                                     + sum(len(q[0]) for q in queues.values())
-                                     + sum(len(b) for b in ready) >= max_examples):
-                    raise _BudgetExhausted
-                if case.case_id in self.ran or case.case_id in self._queued:
-                    self.result.duplicates += 1
-                    return  # Hypothesis drew it again: run once only
-                self._queued.add(case.case_id)
-                queue = queues[size_class(case)]
-                queue[0].append(case)
-                queue[1] += case.num_routes * len(case.ranks())
-                if len(queue[0]) >= queue[2] or queue[1] >= BATCH_ROUTES:
-                    ready.append(queue[0])
-                    queue[:] = [[], 0, min(2 * queue[2], BATCH_CASES)]
-                while ready and (len(ready) > READY_BATCHES or not busy()):
-                    dispatch(ready.pop(0))
+                    share = (time.perf_counter() - start) / len(family)
+                    for case in family:
+                        self.stages.add("draw", size_class(case), share)
+                for case in family:
+                    if sigint["sigint"]:
+                        raise _Interrupted
+                    if self._spent() or (max_examples is not None
+                                         and self.result.cases + len(self._inflight)
+                                         + sum(len(q[0]) for q in queues.values())
+                                         + sum(len(b) for b in ready) >= max_examples):
+                        raise _BudgetExhausted
+                    if case.case_id in self.ran or case.case_id in self._queued:
+                        self.result.duplicates += 1
+                        continue  # drawn again (or a sibling equal to one): run once only
+                    self._queued.add(case.case_id)
+                    self._family[case.case_id] = number
+                    queue = queues[size_class(case)]
+                    queue[0].append(case)
+                    queue[1] += case.num_routes * len(case.ranks())
+                    if len(queue[0]) >= queue[2] or queue[1] >= BATCH_ROUTES:
+                        ready.append(queue[0])
+                        queue[:] = [[], 0, min(2 * queue[2], BATCH_CASES)]
+                    while ready and (len(ready) > READY_BATCHES or not busy()):
+                        dispatch(ready.pop(0))
 
             return hseed(self.seed)(drive) if self.seed is not None else drive
 
@@ -1220,6 +1270,7 @@ class Campaign:
             "budget": {"seconds": self.budget.seconds, "max_examples": self.budget.max_examples,
                        "shrink_seconds": self.budget.shrink_seconds},
             "duplicates_skipped": self.result.duplicates,
+            "siblings_dropped": self.result.siblings_dropped,
         }, indent=1))
         reports.write_summary(self.out_dir)  # shows run.json's domain and capped signatures
         return self.result

@@ -38,8 +38,9 @@ class InternalError(Exception):
     it and where the full traceback was saved.
 
     ``what`` is that line's first part (``"the case generator raised AssertionError:
-    ..."``); ``seed`` and ``draw`` (the 1-based number of the generated case) say how
-    to draw it again; ``traceback`` is the formatted traceback of the cause.
+    ..."``); ``seed`` and ``draw`` (the 1-based number of the Hypothesis example that
+    generated the case, with its siblings) say how to draw it again; ``traceback`` is
+    the formatted traceback of the cause.
     """
 
     def __init__(self, what: str, *, seed: int | None = None, draw: int | None = None,

@@ -219,8 +219,9 @@ def test_a_case_id_runs_once_however_often_it_is_drawn_or_saved(tmp_path, monkey
     drawn = [Case("align", "production", np.full((t, 1), 0, dtype=np.int32), 2, 1)
              for t in (1, 2, 3)]
     # many draws, three distinct cases: Hypothesis draws each again and again
-    again = st.tuples(st.sampled_from(drawn), st.integers(0, 1000)).map(lambda pair: pair[0])
-    monkeypatch.setattr(strategies, "cases", lambda **kw: again)
+    again = st.tuples(st.sampled_from(drawn), st.sampled_from(drawn),
+                      st.integers(0, 1000)).map(lambda t: list(t[:2]))  # families of two
+    monkeypatch.setattr(strategies, "families", lambda size, **kw: again)
     impl = registry.resolve("torch", "align")
     db = FailureDatabase(tmp_path / "db")
     db.save(impl.name, "align--mismatch--expert_ids", "first", drawn[0])

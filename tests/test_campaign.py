@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from difftest import campaign as campaign_module
 from difftest import registry
 from difftest.campaign import Campaign
 from difftest.case import Case
@@ -100,14 +101,16 @@ def test_crashing_or_hanging_callable_runs_to_the_end_of_its_budget(name, verdic
 
 
 class _StopsAtCrash:
-    """A runner whose batches stop at the first case with T = 0, as a worker does at a
-    sticky device error; the rest of such a batch did not run."""
+    """A runner whose batches stop at the first case with T = 0 (or for which ``crashes``
+    is true), as a worker does at a sticky device error; the rest of such a batch did not
+    run."""
 
-    def __init__(self, campaign_cases):
+    def __init__(self, campaign_cases, crashes=lambda case: case.topk_ids.shape[0] == 0):
         self.submitted: list[list[int]] = []
         self.recorded_at_submit: list[int] = []
         self._pending: list[Case] = []
         self._recorded = campaign_cases
+        self._crashes = crashes
 
     def restart(self):
         pass
@@ -129,7 +132,7 @@ class _StopsAtCrash:
         fns = torch_impl.implementation()
         outcomes = []
         for case in self._pending:
-            if case.topk_ids.shape[0] == 0:
+            if self._crashes(case):
                 outcomes.append(Outcome(verdict="crash", detail="sticky device error"))
                 break
             outcomes.append(Outcome(run_case(case, fns, "cpu")))
@@ -160,6 +163,66 @@ def test_the_rest_of_a_batch_stopped_by_a_crash_runs_alone_at_once_the_crash_rec
     assert [row["T"] for row in campaign.case_rows] == [1, 0, 2, 3, 4]
     assert campaign.result.verdicts == {"pass": 4, "crash": 1}
     campaign.log.close()
+
+
+def test_the_siblings_of_a_case_that_lost_its_worker_are_dropped_not_run(tmp_path, monkeypatch):
+    # a family shares its structure, so most likely its crash: once one of its cases
+    # crashed, the siblings not yet run are dropped, whichever batch they are in
+    pytest.importorskip("torch")
+    import difftest.strategies
+
+    monkeypatch.setattr(campaign_module, "FAMILY_AFTER", 0)
+    drawn: list[list[str]] = []  # the case ids of each family drawn
+    strategies = difftest.strategies.families
+    monkeypatch.setattr(difftest.strategies, "families", lambda size, **kw: strategies(
+        size, **kw).map(lambda family: drawn.append([c.case_id for c in family]) or family))
+    impl = registry.resolve("torch")
+    campaign = Campaign(impl, None, tmp_path, seed=2)
+    campaign.runner = _StopsAtCrash(lambda: campaign.result.cases,
+                                    crashes=lambda case: case.topk_ids.dtype == np.int64)
+    campaign.generate(dialects=impl.dialects, contracts=("production", "defensive"),
+                      max_examples=300)
+    campaign.close()
+    verdict = {row["case_id"]: row["verdict"] for row in campaign.case_rows}
+    owner: dict[str, int] = {}  # a case is of the first family that drew it
+    for number, family in enumerate(drawn):
+        for case_id in family:
+            owner.setdefault(case_id, number)
+    members = [[i for i in dict.fromkeys(f) if owner[i] == n] for n, f in enumerate(drawn)]
+    crashed = [f for f in members if any(verdict.get(i) == "crash" for i in f)]
+    assert len(crashed) >= 10 and all(v in ("pass", "crash") for v in verdict.values())
+    dropped: set[str] = set()
+    for family in members:
+        ran = [i for i in family if i in verdict]
+        if family in crashed:  # the first of it to run crashed; the rest never ran
+            assert [verdict[i] for i in ran] == ["crash"], [verdict[i] for i in ran]
+            dropped |= {i for i in family if i not in verdict and i in campaign._queued}
+        else:
+            assert all(verdict[i] == "pass" for i in ran)
+    assert campaign.result.siblings_dropped == len(dropped) > 10
+
+
+@pytest.mark.parametrize("after", [0, 30])
+def test_each_example_draws_one_case_until_family_after_then_a_family(tmp_path, monkeypatch,
+                                                                        after):
+    pytest.importorskip("torch")
+    import difftest.strategies
+    from difftest.campaign import FAMILY_CASES
+    from difftest.sandbox import InProcessRunner
+
+    monkeypatch.setattr(campaign_module, "FAMILY_AFTER", after)
+    sizes: list[int] = []  # the family size asked for, per example
+    strategies = difftest.strategies.families
+    monkeypatch.setattr(difftest.strategies, "families", lambda size, **kw: strategies(
+        size, **kw).map(lambda family: sizes.append(size) or family))
+    impl = registry.resolve("torch")
+    campaign = Campaign(impl, InProcessRunner(impl, "cpu"), tmp_path, seed=1)
+    campaign.generate(dialects=impl.dialects, contracts=("production", "defensive"),
+                      max_examples=200)
+    campaign.close()
+    assert campaign.result.cases == 200
+    assert sizes[:after] == [1] * after and set(sizes[after:]) == {FAMILY_CASES}
+    assert len(sizes) < after + (200 - after) / 2  # families of several cases
 
 
 def test_generated_batches_hold_one_size_class_each_and_grow_from_one_case(tmp_path):
@@ -208,9 +271,16 @@ def test_closed_batches_wait_while_the_worker_is_busy_and_drawing_goes_on(
     from difftest.sandbox import InProcessRunner
 
     drawn: list[str] = []  # case ids in the order drawn (a skipped repeat included)
-    strategies = difftest.strategies.cases
-    monkeypatch.setattr(difftest.strategies, "cases", lambda **kw: strategies(**kw).map(
-        lambda case: drawn.append(case.case_id) or case))
+    ends: list[int] = []  # len(drawn) after each family
+    strategies = difftest.strategies.families
+
+    def family_drawn(family):
+        drawn.extend(case.case_id for case in family)
+        ends.append(len(drawn))
+        return family
+
+    monkeypatch.setattr(difftest.strategies, "families",
+                        lambda size, **kw: strategies(size, **kw).map(family_drawn))
 
     class Runner(InProcessRunner):
         sent: list = []  # per submit: its case ids, and how many cases were drawn by then
@@ -229,7 +299,8 @@ def test_closed_batches_wait_while_the_worker_is_busy_and_drawing_goes_on(
     campaign.close()
     sent = Runner.sent
     assert campaign.result.cases == sum(len(ids) for ids, _ in sent) == 400
-    closed = [max(drawn.index(i) for i in ids) + 1 for ids, _ in sent]  # drawn when closed
+    # drawn when the batch closed: the family of its last case was drawn whole by then
+    closed = [min(e for e in ends if e > max(drawn.index(i) for i in ids)) for ids, _ in sent]
     lag = READY_BATCHES if busy else 0
     flushed = [k for k, (_, at) in enumerate(sent) if at == len(drawn)]  # at the end
     assert len(flushed) <= lag + len(SIZE_CLASSES) and len(sent) > len(flushed) + 10

@@ -372,3 +372,106 @@ def test_values_follow_their_style_and_seed_0_flips_no_coin():
     plain, seeded = Values(0), Values(1)
     assert not any(plain.chance(0.99) for _ in range(100))
     assert sum(seeded.chance(0.25) for _ in range(4000)) in range(900, 1100)
+
+
+# -- families -----------------------------------------------------------------------
+def _structure(case: Case) -> tuple:
+    return (case.dialect, case.contract, case.note, case.num_tokens, case.topk,
+            case.num_experts, case.block_size, case.max_loras, case.ep, case.topk_ids.dtype)
+
+
+def _generated(strategy, examples: int = 150) -> list:
+    from hypothesis import Phase
+
+    found: list = []
+
+    @settings(max_examples=examples, database=None, derandomize=True, deadline=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def collect(drawn):
+        found.append(drawn)
+
+    collect()
+    return found
+
+
+def test_a_family_is_the_case_cases_draws_and_siblings_of_its_structure_with_other_values():
+    from difftest.strategies import families
+
+    firsts = [case.case_id for case in _generated(cases())]
+    family_list = _generated(families(4))
+    assert [family[0].case_id for family in family_list] == firsts
+    assert sum(len(family) == 4 for family in family_list) > 0.9 * len(family_list)
+    distinct, same = 0, collections.Counter()
+    for family in family_list:
+        for sibling in family[1:]:
+            # the same structure; or, where that gave a case of the family again (no
+            # values to vary), other sizes: the same dialect, contract and foci
+            same[_structure(sibling) == _structure(family[0])] += 1
+            assert _structure(sibling)[:3] == _structure(family[0])[:3]
+            assert sibling.contract == contract_of(sibling)
+            assert sibling.edge_classes == edge_classes_of(sibling)
+            foci = set(sibling.note.removeprefix("focus=").split("+")) - {"broad"}
+            assert foci <= set(sibling.edge_classes), (sibling.note, sibling.edge_classes)
+            assert sibling.seed != family[0].seed
+        distinct += len({case.case_id for case in family}) == len(family)
+    assert distinct > 0.9 * len(family_list) and same[True] > 3 * same[False] > 0
+
+
+def test_the_siblings_of_an_empty_batch_vary_its_sizes():
+    from difftest.strategies import families
+
+    empty = [f for f in _generated(families(4, classes=("empty-batch",)), 60)]
+    assert all(case.num_tokens == 0 for family in empty for case in family)
+    assert sum(len({case.case_id for case in family}) >= 3 for family in empty) > 0.8 * len(
+        empty)
+    for family in empty:  # without LoRA an empty batch has no values: its sizes differ
+        if family[0].max_loras == 0 and len({case.case_id for case in family}) > 1:
+            assert len({case.topk for case in family}) > 1
+
+
+def test_a_sibling_flips_the_coins_of_its_first_case_and_draws_its_draws_or_diverges():
+    from difftest.strategies._base import Diverged, Tape, Values
+
+    first = Values(5)
+    ps = (0.5, 0.5, 0.9, 0.1, 0.5)
+    coins = [first.chance(p) for p in ps]
+    ids = first.ints(64, 0, 9).tolist()
+    sibling = first.sibling(1)
+    assert [sibling.chance(p) for p in ps] == coins and True in coins and False in coins
+    assert sibling.ints(64, 0, 9).tolist() != ids
+    again = first.sibling(1)
+    assert again.seed == sibling.seed and again.ints(64, 0, 9).tolist() == Values(
+        sibling.seed).ints(64, 0, 9).tolist()  # a sibling's arrays are its seed's
+    with pytest.raises(Diverged):
+        first.sibling(2).chance(0.3)  # another coin than the first case's first
+    extra = first.sibling(3)
+    [extra.chance(p) for p in ps]
+    with pytest.raises(Diverged):
+        extra.chance(0.5)  # a coin more than the first case flipped
+
+    from difftest.strategies._base import _integers
+
+    numbers, flags = _integers(0, 9), st.booleans()
+    tape = Tape(lambda strategy: 7 if strategy is numbers else True)
+    assert (tape.record(numbers), tape.record(flags)) == (7, True)
+    replay = tape.replay()
+    assert (replay(numbers), replay(flags)) == (7, True)
+    with pytest.raises(Diverged):
+        replay(numbers)  # a draw more than the first case made
+    with pytest.raises(Diverged):
+        tape.replay()(flags)  # another strategy than the first case's first draw
+    with pytest.raises(Diverged):
+        tape.replay()(st.sampled_from((7, 8)))  # another strategy than an integer one
+    # an integer draw whose range moved keeps its value, moved into the range
+    assert [tape.replay()(_integers(a, b)) for a, b in ((0, 3), (8, 20), (2, 9))] == [3, 8, 7]
+    varied = [tape.replay(np.random.default_rng(i))(_integers(0, 99)) for i in range(20)]
+    assert len(set(varied)) > 10 and all(0 <= v <= 99 for v in varied)
+
+
+def test_families_of_bad_size_are_refused():
+    from difftest.strategies import families
+
+    for size in (0, -1, 2.0):
+        with pytest.raises(UsageError, match=r"size=.*integer >= 1"):
+            families(size)

@@ -1,8 +1,9 @@
 """Hypothesis strategies for MoE alignment cases (SPEC §7 contracts, §8 edge classes).
 
-:func:`cases` is what campaigns draw from; the component strategies
+:func:`cases` is what tests draw from, :func:`families` (a case and its siblings:
+its structure with other values) what campaigns draw from; the component strategies
 (:func:`block_sizes`, :func:`expert_counts`, :func:`topk_ids_arrays`,
-:func:`lora_layouts`, :func:`ep_groups`) are the pieces it is made of, public so
+:func:`lora_layouts`, :func:`ep_groups`) are the pieces they are made of, public so
 that a test can draw just the part it needs.
 
 How a case is built.  Edge classes that matter are rare under uniform random
@@ -58,7 +59,14 @@ The parts: :mod:`.components` (the public component strategies),
 """
 
 from ._base import ELEMENTWISE_MAX_ROUTES
-from ._case import DEFENSIVE_ONLY, EDGE_FOCUS, cases, focus_classes, probes_possible
+from ._case import (
+    DEFENSIVE_ONLY,
+    EDGE_FOCUS,
+    cases,
+    families,
+    focus_classes,
+    probes_possible,
+)
 from ._ids import ROUTINGS
 from ._lora import LORA_FEATURES, LoraLayout
 from ._sizes import DEFAULT_MAX_TOKENS
@@ -84,6 +92,7 @@ __all__ = [
     "cases",
     "ep_groups",
     "expert_counts",
+    "families",
     "focus_classes",
     "lora_layouts",
     "probes_possible",

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from hypothesis import strategies as st
@@ -37,6 +37,17 @@ class Values:
         _check_choice("style", style, VALUE_STYLES)
         self.seed, self.style = seed, style
         self.rng = np.random.default_rng(seed)
+        self.coins: list[tuple[float, bool]] = []  # every chance(p) so far: (p, result)
+        self._replayed: Iterator[tuple[float, bool]] | None = None
+
+    def sibling(self, index: int) -> Values:
+        """The values of another seed (derived from this one's and ``index``) whose
+        :meth:`chance` coins fall as this one's fell, in the same order and with the
+        same ``p`` (else :class:`Diverged`): the same structure, other arrays."""
+        seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
+        other = Values(seed, self.style)
+        other._replayed = iter(self.coins)
+        return other
 
     def ints(self, size: int, low: int, high: int) -> np.ndarray:
         """``size`` int64 values in ``[low, high]``, spread as :attr:`style` says."""
@@ -83,7 +94,61 @@ class Values:
         boolean leans to 1/2 whatever ``p`` is, and ``integers(0, 99) >= k`` gives
         100 choices two results, so that mutated choices draw a case again and again.
         """
-        return self.seed != 0 and bool(self.rng.random() < p)
+        if self._replayed is not None:
+            coin = next(self._replayed, None)
+            if coin is None or coin[0] != p:
+                raise Diverged(f"coin {len(self.coins)} is not the first case's")
+            self.coins.append(coin)
+            return coin[1]
+        result = self.seed != 0 and bool(self.rng.random() < p)
+        self.coins.append((p, result))
+        return result
+
+
+class Diverged(Exception):
+    """A sibling case's build asked for another draw or coin than its first case's did
+    at that point (its values steered the builder elsewhere): the sibling is dropped."""
+
+
+class Tape:
+    """The draws of one case's build, to build its siblings with the same ones.
+
+    :meth:`record` draws as Hypothesis' ``draw`` and keeps each strategy and value;
+    :meth:`replay` is a ``draw`` that gives the kept values back in order, each only
+    to the very strategy object it came from (the builder's strategies are cached, one
+    object per argument set), else :class:`Diverged` — but a draw of :func:`_integers`
+    whose range the sibling's values moved (a request count over a span that starts
+    elsewhere) gets the kept value moved into the new range; with ``vary``, the draws of
+    :func:`_integers` (the sizes) are drawn again from that generator instead, each in
+    its strategy's range.
+    """
+
+    def __init__(self, draw: st.DrawFn) -> None:
+        self._draw = draw
+        self.draws: list[tuple[Any, Any]] = []
+
+    def record(self, strategy: Any) -> Any:
+        value = self._draw(strategy)
+        self.draws.append((strategy, value))
+        return value
+
+    def replay(self, vary: np.random.Generator | None = None) -> Callable[[Any], Any]:
+        kept = iter(self.draws)
+
+        def draw(strategy: Any) -> Any:
+            entry = next(kept, None)
+            integers = _INTEGER_RANGES.get(strategy)  # (low, high) of an _integers draw
+            if entry is None or (entry[0] is not strategy and (
+                    integers is None or entry[0] not in _INTEGER_RANGES)):
+                raise Diverged("a draw the first case did not make")
+            if integers is None:
+                return entry[1]
+            low, high = integers
+            if vary is not None:
+                return int(vary.integers(low, high + 1))
+            return min(max(entry[1], low), high)
+
+        return draw
 
 
 def _draw_seed(draw: st.DrawFn) -> Values:
@@ -99,9 +164,19 @@ def _draw_style(draw: st.DrawFn, values: Values, routes: int) -> Values:
     return values
 
 
+#: The range of each strategy :func:`_integers` made (for :meth:`Tape.replay`).
+_INTEGER_RANGES: dict[Any, tuple[int, int]] = {}
+
+
 #: ``st.integers`` and ``st.sampled_from`` (options a tuple), one strategy object per
 #: argument set: building one and validating it costs more than drawing from it.
-_integers = functools.lru_cache(maxsize=8192)(st.integers)
+@functools.lru_cache(maxsize=8192)
+def _integers(low: int, high: int) -> st.SearchStrategy[int]:
+    strategy = st.integers(low, high)
+    _INTEGER_RANGES[strategy] = (low, high)
+    return strategy
+
+
 _sampled_from = functools.lru_cache(maxsize=4096)(st.sampled_from)
 
 

@@ -4,10 +4,12 @@ ingredients it adds, its EP group, and the assembly of one :class:`~difftest.cas
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 from hypothesis import reject
 from hypothesis import strategies as st
+from hypothesis.errors import UnsatisfiedAssumption
 from hypothesis.strategies import SearchStrategy
 
 from ..case import (
@@ -24,6 +26,9 @@ from ..dialects import DIALECT_INFO
 from ..errors import UsageError
 from ..limits import Limits, in_domain, validate, violations
 from ._base import (
+    Diverged,
+    Tape,
+    Values,
     _check_choice,
     _draw_seed,
     _draw_style,
@@ -149,6 +154,42 @@ def cases(dialects: Sequence[str] | None = None,
     adapter slot, seed 0 and the ``"small"`` value style (the values themselves
     shrink with :mod:`difftest.shrink`).
     """
+    return _strategy(_cases, dialects, contracts, max_tokens, allow_large, classes, limits,
+                     out_of_domain)
+
+
+def families(size: int, dialects: Sequence[str] | None = None,
+             contracts: Sequence[str] = CONTRACTS, *,
+             max_tokens: int = DEFAULT_MAX_TOKENS,
+             allow_large: bool = True,
+             classes: Sequence[str] | None = None,
+             limits: Limits | None = None,
+             out_of_domain: int = 0) -> SearchStrategy[list[Case]]:
+    """Families of up to ``size`` cases, each of them a case of :func:`cases` (same
+    arguments): the first is the case :func:`cases` draws from the same choices, the
+    others its *siblings*, built from the same draws and the same coin flips of the
+    structure (:meth:`~._base.Values.chance`) with values of other seeds
+    (:meth:`~._base.Values.sibling`) — the same dialect, contract, foci, sizes, EP
+    group and layout decisions, other ids, slots, positions.  A sibling equal to a case
+    of its family (nothing to vary: an empty batch, a one-route case) is built again
+    with its integer draws (``K``, ``L``, ``T`` where drawn so) drawn anew in their
+    ranges; it may still be equal to one.  A sibling whose values (or sizes) steer the
+    builder to a draw or coin its first case did not make, or outside ``limits``, is
+    left out.
+
+    A family costs Hypothesis one example: its draws and engine work are what a
+    campaign spends most of its time on for a small case (``bench/campaign.py``)."""
+    if not isinstance(size, int) or size < 1:
+        raise UsageError(f"size={size!r}: must be an integer >= 1 (cases per family)")
+    return _strategy(functools.partial(_families, size), dialects, contracts, max_tokens,
+                     allow_large, classes, limits, out_of_domain)
+
+
+def _strategy(build: Any, dialects: Sequence[str] | None, contracts: Sequence[str],
+              max_tokens: int, allow_large: bool, classes: Sequence[str] | None,
+              limits: Limits | None, out_of_domain: int) -> SearchStrategy:
+    """``build`` (:func:`_cases` or :func:`_families` of a size) for the arguments,
+    checked."""
     dialects = tuple(DIALECTS if dialects is None else dialects)
     contracts = tuple(contracts)
     if not dialects:
@@ -168,12 +209,12 @@ def cases(dialects: Sequence[str] | None = None,
     probes = out_of_domain if probes_possible(limits) else 0
     items = tuple(sorted(limits.items()))
     if classes is None:
-        return _cases(dialects, contracts, max_tokens, bool(allow_large),
-                      limit_items=items, out_of_domain=probes)
+        return build(dialects, contracts, max_tokens, bool(allow_large),
+                     limit_items=items, out_of_domain=probes)
     focus = _focus_of(classes, dialects, contracts, max_tokens, bool(allow_large), limits)
     return st.sampled_from(sorted(focus)).flatmap(
-        lambda pair: _cases((pair[0],), (pair[1],), max_tokens, bool(allow_large),
-                            focus[pair], limit_items=items, out_of_domain=probes))
+        lambda pair: build((pair[0],), (pair[1],), max_tokens, bool(allow_large),
+                           focus[pair], limit_items=items, out_of_domain=probes))
 
 
 def _focus_of(classes: Sequence[str], dialects: tuple[str, ...], contracts: tuple[str, ...],
@@ -242,14 +283,42 @@ def _compatible(first: str, second: str, dialect: str) -> bool:
 
 
 @st.composite
-def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...],
-           max_tokens: int, allow_large: bool, only: tuple[str, ...] | None = None,
-           limit_items: tuple = (), out_of_domain: int = 0) -> Case:
+def _cases(draw: st.DrawFn, *args: Any, **kwargs: Any) -> Case:
+    return _build(draw, None, *args, **kwargs)[0]
+
+
+@st.composite
+def _families(draw: st.DrawFn, size: int, *args: Any, **kwargs: Any) -> list[Case]:
+    tape = Tape(draw)
+    first, values = _build(tape.record, None, *args, **kwargs)
+    family, ids = [first], {first.case_id}
+    for index in range(1, size):
+        try:
+            sibling = _build(tape.replay(), values.sibling(index), *args, **kwargs)[0]
+            if sibling.case_id in ids:  # no values to vary (an empty batch): vary the sizes
+                vary = np.random.default_rng([values.seed, index, 1])
+                sibling = _build(tape.replay(vary), values.sibling(index), *args,
+                                 **kwargs)[0]
+        except (Diverged, UnsatisfiedAssumption):
+            continue  # the sibling's values led elsewhere, or out of the declared domain
+        family.append(sibling)
+        ids.add(sibling.case_id)
+    return family
+
+
+def _build(draw: Any, sibling: Values | None, dialects: tuple[str, ...],
+           contracts: tuple[str, ...], max_tokens: int, allow_large: bool,
+           only: tuple[str, ...] | None = None, limit_items: tuple = (),
+           out_of_domain: int = 0) -> tuple[Case, Values]:
+    """One case from ``draw`` (Hypothesis', or a :class:`~._base.Tape`'s) and its values;
+    with ``sibling``, the seed drawn is replaced by those values."""
     dialect = draw(_sampled_from(dialects))
     contract = draw(_sampled_from(contracts))
     limits: Limits = dict(limit_items)
     # the seed first: the weighted coin flips of the structure come from it too
     values = _draw_seed(draw)
+    if sibling is not None:
+        values = sibling
     probe = out_of_domain == 1 or (out_of_domain > 1 and values.chance(1 / out_of_domain))
     # Hypothesis does not draw one sampled_from evenly: over a few hundred
     # examples some options get a third of their share.  So a case gets up to
@@ -328,7 +397,8 @@ def _cases(draw: st.DrawFn, dialects: tuple[str, ...], contracts: tuple[str, ...
         note = f"out-of-domain probe: {', '.join(outside)}; {note}"
     elif limits and not in_domain(case, limits):
         reject()  # a size derived from the others (P, N, a rank's E) left the domain
-    return case.replace(edge_classes=edge_classes_of(case), note=note, case_id=case.case_id)
+    return case.replace(edge_classes=edge_classes_of(case), note=note,
+                        case_id=case.case_id), values
 
 
 def _loose_padded_size(draw: st.DrawFn, plan: _Plan) -> int:
