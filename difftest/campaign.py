@@ -474,9 +474,11 @@ class Campaign:
         self.phase = "generate"
         self.ran: dict[str, str | None] = {}  # case_id -> its signature (None: it passed)
         self._queued: set[str] = set()
-        # generated cases -> their family's number; the families of which a case lost
-        # its worker (their siblings not yet run are dropped, see dispatch)
+        # generated cases -> their family's number (the Hypothesis examples of the
+        # campaign, counted); the families of which a case lost its worker (their
+        # siblings not yet run are dropped, see dispatch)
         self._family: dict[str, int] = {}
+        self._examples = 0
         self._lost_families: set[int] = set()
         self._db_first: set[str] = set()  # signatures whose first case the database holds
         self._case_files: dict[str, int] = {}  # failing cases recorded per signature
@@ -986,7 +988,7 @@ class Campaign:
                     state["drawn"] += 1  # the draw that failed
                     raise internal(exc, "the case generator", broken=False) from None
                 state["drawn"] += 1
-                number = state["drawn"]
+                self._examples += 1
                 if self.stages is not None:
                     share = (time.perf_counter() - start) / len(family)
                     for case in family:
@@ -1003,7 +1005,7 @@ class Campaign:
                         self.result.duplicates += 1
                         continue  # drawn again (or a sibling equal to one): run once only
                     self._queued.add(case.case_id)
-                    self._family[case.case_id] = number
+                    self._family[case.case_id] = self._examples
                     queue = queues[size_class(case)]
                     queue[0].append(case)
                     queue[1] += case.num_routes * len(case.ranks())
