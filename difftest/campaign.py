@@ -632,6 +632,7 @@ class Campaign:
         kept = []
         for case in cases:
             if self._family.get(case.case_id) in self._lost_families:
+                del self._family[case.case_id]  # never run, so never popped by _finish
                 self._expected.pop(case.case_id, None)  # computed when it was to be sent
                 self.result.siblings_dropped += 1
             else:

@@ -165,17 +165,23 @@ def test_the_rest_of_a_batch_stopped_by_a_crash_runs_alone_at_once_the_crash_rec
     campaign.log.close()
 
 
+def _watch_families(monkeypatch, seen):
+    """Campaigns draw their families through ``seen(size, family)`` as they draw them."""
+    import difftest.strategies
+
+    families = difftest.strategies.families
+    monkeypatch.setattr(difftest.strategies, "families", lambda size, **kw: families(
+        size, **kw).map(lambda family: seen(size, family) or family))
+
+
 def test_the_siblings_of_a_case_that_lost_its_worker_are_dropped_not_run(tmp_path, monkeypatch):
     # a family shares its structure, so most likely its crash: once one of its cases
     # crashed, the siblings not yet run are dropped, whichever batch they are in
     pytest.importorskip("torch")
-    import difftest.strategies
-
     monkeypatch.setattr(campaign_module, "FAMILY_AFTER", 0)
     drawn: list[list[str]] = []  # the case ids of each family drawn
-    strategies = difftest.strategies.families
-    monkeypatch.setattr(difftest.strategies, "families", lambda size, **kw: strategies(
-        size, **kw).map(lambda family: drawn.append([c.case_id for c in family]) or family))
+    _watch_families(monkeypatch, lambda size, family: drawn.append(
+        [c.case_id for c in family]))
     impl = registry.resolve("torch")
     campaign = Campaign(impl, None, tmp_path, seed=2)
     campaign.runner = _StopsAtCrash(lambda: campaign.result.cases,
@@ -206,15 +212,12 @@ def test_the_siblings_of_a_case_that_lost_its_worker_are_dropped_not_run(tmp_pat
 def test_each_example_draws_one_case_until_family_after_then_a_family(tmp_path, monkeypatch,
                                                                         after):
     pytest.importorskip("torch")
-    import difftest.strategies
     from difftest.campaign import FAMILY_CASES
     from difftest.sandbox import InProcessRunner
 
     monkeypatch.setattr(campaign_module, "FAMILY_AFTER", after)
     sizes: list[int] = []  # the family size asked for, per example
-    strategies = difftest.strategies.families
-    monkeypatch.setattr(difftest.strategies, "families", lambda size, **kw: strategies(
-        size, **kw).map(lambda family: sizes.append(size) or family))
+    _watch_families(monkeypatch, lambda size, family: sizes.append(size))
     impl = registry.resolve("torch")
     campaign = Campaign(impl, InProcessRunner(impl, "cpu"), tmp_path, seed=1)
     campaign.generate(dialects=impl.dialects, contracts=("production", "defensive"),
@@ -266,21 +269,17 @@ def test_closed_batches_wait_while_the_worker_is_busy_and_drawing_goes_on(
     # a batch closed while the worker still runs the one before is not sent (drawing goes
     # on) until the worker is idle or READY_BATCHES more have closed behind it
     pytest.importorskip("torch")
-    import difftest.strategies
     from difftest.campaign import READY_BATCHES
     from difftest.sandbox import InProcessRunner
 
     drawn: list[str] = []  # case ids in the order drawn (a skipped repeat included)
     ends: list[int] = []  # len(drawn) after each family
-    strategies = difftest.strategies.families
 
-    def family_drawn(family):
+    def family_drawn(size, family):
         drawn.extend(case.case_id for case in family)
         ends.append(len(drawn))
-        return family
 
-    monkeypatch.setattr(difftest.strategies, "families",
-                        lambda size, **kw: strategies(size, **kw).map(family_drawn))
+    _watch_families(monkeypatch, family_drawn)
 
     class Runner(InProcessRunner):
         sent: list = []  # per submit: its case ids, and how many cases were drawn by then
