@@ -20,7 +20,11 @@ in one process); the ``all`` row adds ``wait`` (the campaign blocked on its
 worker, the transfers between them included) and ``engine`` (the rest of
 generation: Hypothesis' own work outside our draws). The last column is what
 the run achieved: distinct cases recorded / seconds of generation, summed over
-the side-by-side campaigns.
+the side-by-side campaigns. ``busy`` is the CPU time each side used while
+generating, as a share of generation's wall time (averaged over the campaigns):
+the campaign's process (all its threads) and its worker (from ``/proc``; ``-``
+where a worker was replaced or ``/proc`` cannot tell). A side near 100 % is what
+bounds the run; neither near it means they wait on each other.
 
     python3 bench/campaign.py --device cpu --seconds 30 --workers 1,2
     python3 bench/campaign.py --device cuda --seconds 30 --workers 1,4,16
@@ -31,6 +35,7 @@ Prints one table and writes ``bench/results/campaign.csv``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,6 +47,18 @@ from _common import base_parser, check_device, default_impl, fmt_rate, print_tab
 WORKER_STAGES = ("stage", "run", "inspect")
 MAIN_STAGES = ("draw", "oracle", "compare", "record")
 STAGES = ("draw", "stage", "run", "inspect", "oracle", "compare", "record")
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User and system CPU seconds process ``pid`` used, all its threads (``None``: no
+    pid, or ``/proc`` cannot tell)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_campaign(impl_name: str, device: str, seconds: float, seed: int, out: Path,
@@ -60,13 +77,19 @@ def one_campaign(impl_name: str, device: str, seconds: float, seed: int, out: Pa
         campaign = Campaign(impl, runner, out, seed=seed, budget=budget)
         campaign.stages = stages = Stages()
         clock = campaign.clock
-        start = time.perf_counter()
+        worker, worker_cpu = runner.worker_pid, cpu_seconds(runner.worker_pid)
+        own_cpu, start = time.process_time(), time.perf_counter()
         campaign.generate(dialects=impl.dialects, contracts=("production", "defensive"),
                           max_examples=None, deadline=clock.generate_end,
                           drain_deadline=clock.drain_end)
         wall = time.perf_counter() - start
+        own_cpu = time.process_time() - own_cpu
+        end_cpu = cpu_seconds(worker) if runner.worker_pid == worker else None
         result = campaign.close()
     return {"wall_s": wall, "cases": result.cases, "duplicates": result.duplicates,
+            "campaign_cpu_s": own_cpu,
+            "worker_cpu_s": None if end_cpu is None or worker_cpu is None
+            else end_cpu - worker_cpu,
             "verdicts": result.verdicts, "dispatch_s": stages.dispatch_s,
             "class_cases": stages.cases,
             "seconds": [[stage, size, s] for (stage, size), s in stages.seconds.items()]}
@@ -116,6 +139,10 @@ def rows_of(workers: int, results: list[dict]) -> list[dict]:
             row["wait_s"] = sum(r["dispatch_s"] for r in results) - main
             row["engine_s"] = sum(r["wall_s"] - r["dispatch_s"] for r in results) - row["draw_s"]
             row["duplicates"] = sum(r["duplicates"] for r in results)
+            walls = sum(r["wall_s"] for r in results)
+            row["campaign_busy"] = sum(r["campaign_cpu_s"] for r in results) / walls
+            row["worker_busy"] = (None if any(r["worker_cpu_s"] is None for r in results)
+                                  else sum(r["worker_cpu_s"] for r in results) / walls)
             row["verdicts"] = " ".join(f"{v}={sum(r['verdicts'].get(v, 0) for r in results)}"
                                        for v in sorted({v for r in results for v in r["verdicts"]}))
         rows.append(row)
@@ -151,10 +178,19 @@ def main() -> None:
         s = row.get(f"{stage}_s", 0.0)
         return fmt_rate(row["cases"] / s) if s > 0 and row["cases"] else "-"
 
-    headers = ["workers / size", "cases", *STAGES, "wait", "engine", "distinct cases/s"]
+    def busy(row: dict) -> str:
+        if row["size"] != "all":
+            return ""
+        worker = row["worker_busy"]
+        return (f"{row['campaign_busy']:.0%} / "
+                + ("-" if worker is None else f"{worker:.0%}"))
+
+    headers = ["workers / size", "cases", *STAGES, "wait", "engine",
+               "busy: campaign / worker", "distinct cases/s"]
     table = [[f"{r['workers']} / {r['size']}", r["cases"], *(rate(r, s) for s in STAGES),
               rate(r, "wait") if r["size"] == "all" else "",
-              rate(r, "engine") if r["size"] == "all" else "", fmt_rate(r["cases_per_s"])]
+              rate(r, "engine") if r["size"] == "all" else "", busy(r),
+              fmt_rate(r["cases_per_s"])]
              for r in rows]
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
     print_table(

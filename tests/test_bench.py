@@ -46,3 +46,6 @@ def test_benchmark_smoke_run_prints_its_table_and_writes_its_csv(name, tmp_path)
     assert rows, "empty CSV"
     verdicts = " ".join(str(r.get("verdicts", "")) for r in rows)
     assert "mismatch" not in verdicts and "crash" not in verdicts, verdicts
+    if name == "campaign":  # how busy each side was: the campaign's process and its worker
+        everything = next(r for r in rows if r["size"] == "all")
+        assert float(everything["campaign_busy"]) > 0 and float(everything["worker_busy"]) > 0
