@@ -52,13 +52,12 @@ STAGES = ("draw", "stage", "run", "inspect", "oracle", "compare", "record")
 def cpu_seconds(pid: int | None) -> float | None:
     """User and system CPU seconds process ``pid`` used, all its threads (``None``: no
     pid, or ``/proc`` cannot tell)."""
-    if pid is None:
+    from difftest.sandbox import proc_stat
+
+    fields = None if pid is None else proc_stat(pid)
+    if fields is None:
         return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def one_campaign(impl_name: str, device: str, seconds: float, seed: int, out: Path,

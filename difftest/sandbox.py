@@ -570,6 +570,16 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (Linux): the state
+    (field 3 of proc(5)) first; ``None`` when there is no such process or file."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _zombie_exit_code(pid: int, pidfd: int | None) -> int | None:
     """The exit code (negative: the signal) of a process that has died and not been
     reaped yet, from ``/proc/<pid>/stat`` (Linux); ``None`` when that cannot be told.
@@ -582,10 +592,8 @@ def _zombie_exit_code(pid: int, pidfd: int | None) -> int | None:
         select.select([pidfd], [], [], 0.05)
     deadline = time.monotonic() + 0.05
     while True:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+        fields = proc_stat(pid)
+        if fields is None:
             return None
         if fields[0] == "Z" and len(fields) >= 50:
             return os.waitstatus_to_exitcode(int(fields[49]))  # field 52: exit_code
