@@ -499,6 +499,12 @@ class Campaign:
         self._flaky_ids: set[str] = set()
         self.stages: Stages | None = None  # timed only when given one (bench/campaign.py)
         self._sanitizing = _Sanitizing(impl)
+        # queued batches (execute.run_batch) while nothing has failed, where the runner
+        # takes them; the cases of a queued batch with a failure, to run again case by
+        # case (dispatch), and those failures, kept while that run shows no wild write
+        self._queue_batches = bool(getattr(runner, "queued_batches", False))
+        self._redo: list[Case] = []
+        self._held: dict[str, tuple[Any, Evaluation]] = {}
         # a campaign dropped without close() ends the interpreters it started all the same
         weakref.finalize(self, self._sanitizing.kill)
 
@@ -546,28 +552,72 @@ class Campaign:
         self._settle()
         return evaluation
 
-    def _finish(self, case: Case, outcome: Any, seed: int | None, batch: int) -> Evaluation:
-        """Evaluate and record one case; with :attr:`stages`, its oracle (then computed
-        apart from the comparison), comparison and recording are timed."""
+    def _evaluate(self, case: Case, outcome: Any) -> Evaluation:
+        """Evaluate one case; with :attr:`stages`, its oracle (then computed apart from the
+        comparison) and comparison are timed."""
         stages = self.stages
         start = time.perf_counter()
-        expected = self._expected.pop(case.case_id, None)
+        expected = self._expected.get(case.case_id)
         if expected is None and stages is not None and outcome.verdict not in WORKER_LOST:
             expected = expected_by_rank(case)
         oracle_done = time.perf_counter()
         evaluation = evaluate(case, outcome, stable=self.impl.stable, limits=self.impl.limits,
                               expected=expected)
-        compared = time.perf_counter()
-        self._record(case, evaluation, outcome, seed, batch)
-        self._ran(case, outcome.worker, batch)
-        self._family.pop(case.case_id, None)
         if stages is not None:
             size = size_class(case)
             stages.add("oracle", size, oracle_done - start)
-            stages.add("compare", size, compared - oracle_done)
-            stages.add("record", size, time.perf_counter() - compared)
-            stages.recorded(case, outcome)
+            stages.add("compare", size, time.perf_counter() - oracle_done)
         return evaluation
+
+    def _finish(self, case: Case, outcome: Any, seed: int | None, batch: int,
+                evaluation: Evaluation | None = None) -> Evaluation:
+        """Record one case, evaluated first unless ``evaluation`` is given; with
+        :attr:`stages`, the recording is timed."""
+        if evaluation is None:
+            evaluation = self._evaluate(case, outcome)
+        start = time.perf_counter()
+        self._expected.pop(case.case_id, None)
+        self._record(case, evaluation, outcome, seed, batch)
+        self._ran(case, outcome.worker, batch)
+        self._family.pop(case.case_id, None)
+        if self.stages is not None:
+            self.stages.add("record", size_class(case), time.perf_counter() - start)
+            self.stages.recorded(case, outcome)
+        return evaluation
+
+    def _finish_batch(self, cases: list[Case], outcomes: list[Any], batch: int
+                      ) -> list[Evaluation]:
+        """Evaluate and record the collected ``cases`` (their ``outcomes``, in order).
+
+        A failure in a queued batch may be another case's wild write
+        (:func:`difftest.execute.run_batch`): then its queued cases are not recorded
+        but run again case by case (:attr:`_redo`, which :meth:`dispatch` sends next),
+        no batch is queued from then on, and each queued failure is held until that run:
+        where it passes and pins no wild write on any case of its batch, the held
+        failure is the case's own (a race need not fail twice) and is recorded."""
+        evaluations = [self._evaluate(case, outcome) for case, outcome in zip(cases, outcomes)]
+        queued = [any(run.queued for repeat in outcome.runs for run in repeat)
+                  for outcome in outcomes]
+        if any(q and e.failed for q, e in zip(queued, evaluations)):
+            self._queue_batches = False
+            for case, outcome, evaluation, q in zip(cases, outcomes, evaluations, queued):
+                if q:
+                    self._redo.append(case)
+                    if evaluation.failed:
+                        self._held[case.case_id] = (outcome, evaluation)
+            kept = [k for k, q in enumerate(queued) if not q]
+            cases = [cases[k] for k in kept]
+            outcomes = [outcomes[k] for k in kept]
+            evaluations = [evaluations[k] for k in kept]
+        elif self._held:
+            clean = not any(run.wild_writes for outcome in outcomes
+                            for repeat in outcome.runs for run in repeat)
+            for k, case in enumerate(cases):
+                held = self._held.pop(case.case_id, None)
+                if held is not None and clean and not evaluations[k].failed:
+                    outcomes[k], evaluations[k] = held
+        return [self._finish(case, outcome, self.seed, batch, evaluation)
+                for case, outcome, evaluation in zip(cases, outcomes, evaluations)]
 
     def dispatch(self, batch: list[Case]) -> list[Evaluation]:
         """Collect the batch in flight, start ``batch`` in the worker, then evaluate and
@@ -586,6 +636,10 @@ class Campaign:
         are recorded and :class:`BudgetSpent` raised (the rest never ran and is
         not recorded).
 
+        A new batch goes queued where the runner takes queued batches (CUDA) and nothing
+        has failed yet; when a case of a queued batch fails, the batch is run again case
+        by case before the next one (:meth:`_finish_batch`).
+
         A generated case whose family (:func:`difftest.strategies.families`) lost its
         worker on one of its cases is dropped, not run: it shares that case's structure,
         and most likely its crash or hang, at the cost of a worker (or a timeout) each.
@@ -599,16 +653,18 @@ class Campaign:
             for case, outcome in zip(previous, outcomes):
                 if outcome.verdict in WORKER_LOST and case.case_id in self._family:
                     self._lost_families.add(self._family[case.case_id])
-            rest = self._undropped(previous[len(outcomes):])
+            # a queued batch with a failure runs again case by case first (_finish_batch)
+            rest = self._undropped(self._redo + previous[len(outcomes):])
+            self._redo = []
             batch = self._undropped(batch)
             self._inflight = []
             self._settle()  # the worker is idle: confirm what was recorded last time
 
             def record() -> list[Evaluation]:
-                return [self._finish(case, outcome, self.seed, number)
-                        for case, outcome in zip(previous, outcomes)]
+                return self._finish_batch(previous, list(outcomes), number)
 
-            pending = rest or list(batch)
+            fresh = not rest
+            pending = rest or batch
             if pending and self._spent():
                 record()
                 raise BudgetSpent(f"{len(rest) + len(batch)} case(s) not run: "
@@ -616,13 +672,15 @@ class Campaign:
             if pending:
                 self._inflight_batch = self._next_batch()
                 try:
-                    self._submit(pending)
+                    self._submit(pending, queued=fresh)
                 except BaseException:
                     record()  # what ran is on record even when no worker can take the rest
                     raise
                 self._inflight = pending
+            if fresh:
+                batch = []  # sent: a batch run again after it must not send it twice
             evaluations += record()
-            if not rest:
+            if not rest and not self._redo:
                 return evaluations
 
     def _undropped(self, cases: list[Case]) -> list[Case]:
@@ -652,16 +710,18 @@ class Campaign:
                 if self.stages is not None:
                     self.stages.add("oracle", size_class(case), time.perf_counter() - start)
 
-    def _submit(self, cases: list[Case]) -> None:
+    def _submit(self, cases: list[Case], queued: bool = False) -> None:
         """Start ``cases`` in the worker, each with its RepeatKeys where :meth:`_expect`
         computed its oracle values."""
         expected = [self._expected.get(case.case_id) for case in cases]
+        # a new batch is queued while nothing has failed (not a crash's rest, nor a redo)
+        how = {"queued": True} if queued and self._queue_batches else {}
         if not any(e is not None for e in expected):
-            self.runner.submit(cases)
+            self.runner.submit(cases, **how)
             return
         self.runner.submit(cases, keys=[
             None if e is None else {rank: repeat_key(value) for rank, value in e.items()}
-            for e in expected])
+            for e in expected], **how)
 
     def drain(self) -> list[Evaluation]:
         """Collect, evaluate and record every case in flight (see :meth:`dispatch`), and
@@ -691,6 +751,7 @@ class Campaign:
         self.case_rows.append(row)
         if not evaluation.failed:
             return
+        self._queue_batches = False  # from now on every case is attributed as it runs
         rows = mismatch_rows(case, evaluation, self.impl.name)
         self.log.add_mismatches(rows)
         self.mismatch_rows += rows

@@ -13,14 +13,29 @@ it costs one copy to the device, whatever the number of calls, and one copy
 back per case. On the CPU each buffer is its own tensor over its part of the
 host array, so a write past a buffer's storage raises as torch does.
 
-Every case is synchronised before the next one starts (its copy back is
-the synchronisation), so a sticky device error (an illegal address poisons
-the context) is pinned on the case that caused it (``fatal``) and the batch
-stops there: :func:`run_batch` returns the cases up to and including that
-one. The cases after it did not run; the caller runs them in a fresh
-process. The calls of one case run back to back when they are the same call
-repeated (one rank); the calls of an expert-parallel case, one per rank, are
-each synchronised, so the fatal error is also pinned on its rank.
+Every case is synchronised before the next one starts (its copy back is the
+synchronisation; a *queued* batch, below, is the exception), so a sticky
+device error (an illegal address poisons the context) is pinned on the case
+that caused it (``fatal``) and the batch stops there: :func:`run_batch`
+returns the cases up to and including that one. The cases after it did not
+run; the caller runs them in a fresh process. The calls of one case run back
+to back when they are the same call repeated (one rank); the calls of an
+expert-parallel case, one per rank, are each synchronised, so the fatal
+error is also pinned on its rank.
+
+A queued batch (``run_batch(..., queued=True)``: what a campaign on CUDA sends
+while its implementation has failed nowhere) runs the calls of all its cases
+back to back and reads the batch back once: one synchronisation and one copy
+for the batch instead of two or three per case. It is what the case-by-case
+run would return only while nothing went wrong, so anything that could need
+attribution — a call that left a launch error pending, a changed input or
+guard band of any case, a changed zone — makes the batch run again
+case by case on a fresh staging (:meth:`_Batch.run_queued`); a sticky error
+raises :class:`QueuedBatchLost` (the context is gone: the whole batch is to
+run again case by case in a fresh process). What it does not see is a write
+into another case's output or scratch data: that case's outputs are wrong, so
+the caller runs a queued batch again case by case when any case of it failed
+(:meth:`difftest.campaign.Campaign.dispatch`), and its runs say ``queued``.
 
 The result is a :class:`RankRun` of plain NumPy arrays per call: it crosses
 the pipe from a sandbox worker to the runner, which compares it with the
@@ -80,6 +95,14 @@ class RankRun:
     # a repeat the worker found equal to the first run of its rank after
     # canonicalisation (:class:`CanonicalForm`): its outputs are not sent (left empty)
     same_as_first: bool = False
+    # read back with its whole queued batch, without the check after each case
+    # (:meth:`_Batch.run_queued`): a failure of it may be another case's wild write
+    queued: bool = False
+
+
+class QueuedBatchLost(Exception):
+    """A sticky device error while a queued batch ran: no case of it can be read back or
+    blamed; the batch is to run again case by case in a fresh process."""
 
 
 @dataclass(frozen=True)
@@ -412,8 +435,8 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
               repeats: int = 1, *, profile: dict[str, float] | None = None,
               attribute: bool | None = None,
               on_case: Callable[[list[list[RankRun]]], None] | None = None,
-              keys: Sequence[dict[int | None, RepeatKey | None] | None] | None = None
-              ) -> list[list[list[RankRun]]]:
+              keys: Sequence[dict[int | None, RepeatKey | None] | None] | None = None,
+              queued: bool = False) -> list[list[list[RankRun]]]:
     """Every rank of every case, ``repeats`` times: ``runs[case][repeat][rank]``.
 
     The calls run in order; each case is synchronised, and each rank of a
@@ -434,7 +457,10 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
     repeat of such a case that ran cleanly and equals the first run of its rank
     after canonicalisation (:class:`CanonicalForm`) is returned without its
     outputs, marked ``same_as_first`` (what a worker does not send, its runner
-    does not unpickle nor canonicalise).
+    does not unpickle nor canonicalise). ``queued``: run the batch queued (see the
+    module's docstring; attribution on, on any device) when it has more than one case,
+    falling back to the case-by-case run; raises
+    :class:`QueuedBatchLost` after a sticky device error.
     """
     cuda = str(device).startswith("cuda")
     if not cuda:
@@ -445,9 +471,16 @@ def run_batch(cases: Sequence[Case], callables: dict[str, Callable[..., Any]], d
             torch.set_num_threads(CPU_THREADS)
             try:
                 return run_batch(cases, callables, device, repeats, profile=profile,
-                                 attribute=attribute, on_case=on_case, keys=keys)
+                                 attribute=attribute, on_case=on_case, keys=keys,
+                                 queued=queued)
             finally:
                 torch.set_num_threads(threads)
+    if queued and len(cases) > 1:
+        runs = _Batch(cases, repeats, device, ZONE_BYTES, profile).run_queued(
+            callables, on_case, keys)
+        if runs is not None:
+            return runs
+        attribute = True  # what the queued run could not tell apart, attributed
     if not cuda and len(cases) > 1 and not attribute:
         # One block for the batch saves copies to a device; the CPU has none to save, so
         # each case is staged when its turn comes: a worker that dies at one case has
@@ -529,6 +562,74 @@ class _Batch:
         calls = self.per_case[index]
         return calls[0].base, calls[-1].base + calls[-1].staged.nbytes
 
+    def run_queued(self, callables: dict[str, Callable[..., Any]],
+                   on_case: Callable[[list[list[RankRun]]], None] | None,
+                   keys: Sequence[dict[int | None, RepeatKey | None] | None] | None = None
+                   ) -> list[list[list[RankRun]]] | None:
+        """Every call of every case back to back, then one synchronisation and one copy
+        back of the blocks with the answer whether both zones still hold the guard
+        value; ``None`` (nothing sent to ``on_case``) when anything needs the case-by-case
+        run: a call left a launch error pending, a zone changed, or a call's block
+        changed outside its output and scratch data. A call that raises is the error of
+        its case, as in the case-by-case run (an out-of-domain probe rejected, most
+        often). The ranks of an expert-parallel case are queued too (a sticky error,
+        which their synchronisation would pin on a rank, raises
+        :class:`QueuedBatchLost`)."""
+        import torch
+
+        cuda, storage, zone, base = self.cuda, self.storage, self.zone, self.base
+        pending = _pending_cuda_errors() if cuda else None
+        for index, calls in enumerate(self.per_case):
+            fn = callables[self.cases[index].dialect]
+            for call in calls:
+                _make_call(fn, call, storage, cuda, pending, None)
+                if call.run.fatal:
+                    raise QueuedBatchLost(call.run.error)
+                if call.run.launch_error:  # the case-by-case run pins it on its call
+                    return None
+        start = time.perf_counter()
+        self.tick("kernel")
+        if cuda:
+            full = self.full
+            zones = torch.stack([full[:zone].view(torch.int32).eq(GUARD).all(),
+                                 full[zone + base:].view(torch.int32).eq(GUARD).all()]).all()
+            try:  # the one synchronisation: the blocks and the zones' answer in one copy
+                back = torch.cat([full[zone:zone + base], zones.view(1).to(torch.uint8)]
+                                 ).cpu().numpy()
+            except Exception as exc:  # noqa: BLE001 - an error surfacing at the copy
+                if _is_sticky_cuda_error(exc):
+                    raise QueuedBatchLost(_describe(exc)) from exc
+                return None
+            intact, back = bool(back[base]), back[:base]
+        else:
+            whole = self.full.numpy()
+            intact = bool((whole[:zone].view(np.int32) == GUARD).all()
+                          and (whole[zone + base:].view(np.int32) == GUARD).all())
+            back = self.host
+        share = (time.perf_counter() - start) / len(self.per_case)
+        self.tick("transfer")
+        start = time.perf_counter()
+        if not intact or any(_calls_with_stray_changes(calls, back, 0)
+                             for calls in self.per_case):
+            return None
+        asked: list[tuple[_Call, Any]] = []
+        for index, calls in enumerate(self.per_case):
+            for call in calls:
+                call.run.queued = True
+                call.staged.outputs(back, call.base, call.run)
+            calls[-1].run.elapsed_s += share
+            if keys is not None and keys[index] is not None:
+                asked += _repeats_asked(calls, keys[index], storage, "cuda" if cuda else "cpu")
+        _mark_same(asked)  # one read of every answer of the batch
+        runs: list[list[list[RankRun]]] = []
+        for calls in self.per_case:
+            calls[0].run.inspect_s = (time.perf_counter() - start) / len(self.per_case)
+            runs.append(_by_repeat(calls))
+            if on_case is not None:
+                on_case(runs[-1])
+        self.tick("inspection")
+        return runs
+
     def run(self, callables: dict[str, Callable[..., Any]],
             on_case: Callable[[list[list[RankRun]]], None] | None,
             keys: Sequence[dict[int | None, RepeatKey | None] | None] | None = None
@@ -548,27 +649,8 @@ class _Batch:
             lo, hi = self.blocks(index)
             done: list[_Call] = []
             for call in calls:
-                tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
-                args = [tensors[a.name] if isinstance(a, TensorArg) else a
-                        for a in call.staged.plan.arguments]
                 done.append(call)
-                start = time.perf_counter()
-                try:
-                    fn(*args)
-                    left = pending.take() if pending is not None else None
-                    if left is not None:  # before a sync, which could raise it as its own
-                        call.run.error = f"launch error left pending by the call: {left}"
-                        call.run.launch_error = True
-                    if each:
-                        sync()
-                except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
-                    call.run.error, call.run.launch_error = _describe(exc), False
-                    call.run.frames = _frames(exc)
-                    call.run.fatal = cuda and _is_sticky_cuda_error(exc)
-                    left = pending.take() if pending is not None and not call.run.fatal else None
-                    if left is not None:
-                        call.run.error += f" (and it left a launch error pending: {left})"
-                call.run.elapsed_s = time.perf_counter() - start
+                _make_call(fn, call, storage, cuda, pending, sync if each else None)
                 if call.run.fatal:
                     break
             back = None
@@ -606,14 +688,12 @@ class _Batch:
                     else:
                         call.staged.outputs(back, call.base - lo, call.run)
                 if keys is not None and keys[index] is not None:
-                    _mark_repeats(done, keys[index], storage, "cuda" if cuda else "cpu")
+                    _mark_same(_repeats_asked(done, keys[index], storage,
+                                              "cuda" if cuda else "cpu"))
             if done:
                 done[0].run.inspect_s = time.perf_counter() - start
             self.tick("inspection")
-            by_repeat: dict[int, list[RankRun]] = {}
-            for call in done:
-                by_repeat.setdefault(call.repeat, []).append(call.run)
-            runs.append(list(by_repeat.values()))
+            runs.append(_by_repeat(done))
             if on_case is not None:
                 on_case(runs[-1])
             if any(call.run.fatal for call in done):
@@ -621,15 +701,48 @@ class _Batch:
         return runs
 
 
-def _mark_repeats(calls: list[_Call], keys: dict[int | None, RepeatKey | None],
-                  storage: Any, device: str) -> None:
-    """Mark ``same_as_first`` (and drop the outputs of) each repeat among ``calls`` (one
-    case's, read back and inspected) that ran cleanly and equals the first run of its
-    rank after canonicalisation; a repeat that raised, or changed a guard band or an
-    input, is left whole. The comparisons stay on the device until one read of their
-    answers."""
-    import torch
+def _by_repeat(calls: list[_Call]) -> list[list[RankRun]]:
+    """The runs of one case's ``calls``, ``runs[repeat][rank]``."""
+    by_repeat: dict[int, list[RankRun]] = {}
+    for call in calls:
+        by_repeat.setdefault(call.repeat, []).append(call.run)
+    return list(by_repeat.values())
 
+
+def _make_call(fn: Callable[..., Any], call: _Call, storage: Any, cuda: bool,
+               pending: _PendingCudaErrors | None, sync: Callable[[], None] | None) -> None:
+    """Make one call on its staged tensors and put what it did on ``call.run``: an
+    exception it raised (``fatal`` when sticky), a launch error it left pending (read
+    before ``sync``, given for a call synchronised on its own, could raise it as its
+    own), the seconds it took."""
+    tensors = call.staged.tensors(storage, call.base, "cuda" if cuda else "cpu")
+    args = [tensors[a.name] if isinstance(a, TensorArg) else a
+            for a in call.staged.plan.arguments]
+    start = time.perf_counter()
+    try:
+        fn(*args)
+        left = pending.take() if pending is not None else None
+        if left is not None:
+            call.run.error = f"launch error left pending by the call: {left}"
+            call.run.launch_error = True
+        if sync is not None:
+            sync()
+    except Exception as exc:  # noqa: BLE001 - any exception is the verdict "error"
+        call.run.error, call.run.launch_error = _describe(exc), False
+        call.run.frames = _frames(exc)
+        call.run.fatal = cuda and _is_sticky_cuda_error(exc)
+        left = pending.take() if pending is not None and not call.run.fatal else None
+        if left is not None:
+            call.run.error += f" (and it left a launch error pending: {left})"
+    call.run.elapsed_s = time.perf_counter() - start
+
+
+def _repeats_asked(calls: list[_Call], keys: dict[int | None, RepeatKey | None],
+                   storage: Any, device: str) -> list[tuple[_Call, Any]]:
+    """For each repeat among ``calls`` (one case's, read back and inspected) that ran
+    cleanly, the question, asked on the device, whether it equals the first run of its
+    rank after canonicalisation (for :func:`_mark_same`); a repeat that raised, or
+    changed a guard band or an input, is not asked about (it is left whole)."""
     first: dict[int | None, tuple[CanonicalForm, list[Any]]] = {}
     asked: list[tuple[_Call, Any]] = []
     for call in calls:
@@ -643,6 +756,14 @@ def _mark_repeats(calls: list[_Call], keys: dict[int | None, RepeatKey | None],
                 and not run.mutated_inputs and not run.wild_writes):
             form, canon = first[call.rank]
             asked.append((call, form.equal(canon, _output_tensors(call, storage, device))))
+    return asked
+
+
+def _mark_same(asked: list[tuple[_Call, Any]]) -> None:
+    """Mark ``same_as_first`` (and drop the outputs of) each repeat :func:`_repeats_asked`
+    found equal to its first run, in one read of the answers."""
+    import torch
+
     if asked:
         for (call, _), same in zip(asked, torch.stack([a for _, a in asked]).tolist()):
             if same:

@@ -55,7 +55,11 @@ reads them, so the worker never waits for the runner), so when it dies or
 hangs the case it was running is known: :meth:`~SandboxRunner.collect`
 returns the outcomes up to and including that one (a hang confirmed first),
 and the caller submits the rest again, which a spare runs at once. Each case
-has ``timeout_s`` from the end of the one before it.
+has ``timeout_s`` from the end of the one before it. A *queued* batch (what a
+CUDA campaign sends while nothing has failed: one synchronisation for the
+batch, :func:`difftest.execute.run_batch`) answers all at once; when its
+worker dies or hangs no case is to blame yet, and the runner runs the batch
+again case by case on a spare.
 
 :class:`InProcessRunner` has the same interface without the isolation, for
 tests and for implementations known to be well behaved.
@@ -133,14 +137,20 @@ class Outcome:
 
 
 class InProcessRunner:
-    """Runs cases in this process. No isolation: for tests and trusted code."""
+    """Runs cases in this process. No isolation: for tests and trusted code.
+    ``queued_batches``: whether a campaign sends it queued batches (off unless asked:
+    a sticky error of one, :class:`~difftest.execute.QueuedBatchLost`, has no spare
+    to go to)."""
 
     def __init__(self, impl: Implementation, device: str, repeats: int | None = None,
-                 callables: dict[str, Any] | None = None) -> None:
+                 callables: dict[str, Any] | None = None, queued_batches: bool = False
+                 ) -> None:
         self.impl, self.device = impl, device
         self.repeats = repeats if repeats is not None else impl.repeats(device)
+        self.queued_batches = queued_batches
         self._pending: list[Case] = []
         self._keys: list[Any] | None = None
+        self._queued = False
         self._callables = callables if callables is not None else impl.load()
 
     def run(self, case: Case) -> Outcome:
@@ -152,8 +162,9 @@ class InProcessRunner:
     def restart(self) -> None:
         """Nothing to restart: in this process, state a call leaves stays for the next."""
 
-    def submit(self, cases: list[Case], keys: list[Any] | None = None) -> None:
-        self._pending, self._keys = list(cases), keys
+    def submit(self, cases: list[Case], keys: list[Any] | None = None,
+               queued: bool = False) -> None:
+        self._pending, self._keys, self._queued = list(cases), keys, queued
 
     def collect(self) -> list[Outcome]:
         from .execute import run_batch
@@ -163,7 +174,7 @@ class InProcessRunner:
             return []
         return [Outcome.of(runs, f"pid{os.getpid()}")
                 for runs in run_batch(cases, self._callables, self.device, self.repeats,
-                                      keys=self._keys)]
+                                      keys=self._keys, queued=self._queued)]
 
     def close(self) -> None:
         pass
@@ -270,13 +281,18 @@ def _messages(conn: Connection) -> Iterator[Any]:
 def _serve(conn: Connection, callables: dict[str, Any], device: str) -> None:
     """Run batches until told to stop, sending each case's runs as soon as it is done.
 
-    A batch arrives as its cases pickled one by one (:meth:`SandboxRunner._encode`)."""
-    from .execute import run_batch
+    A batch arrives as its cases pickled one by one (:meth:`SandboxRunner._encode`). A
+    queued one (:func:`~difftest.execute.run_batch`) that hit a sticky error sends
+    nothing: the runner runs it again case by case on a spare."""
+    from .execute import QueuedBatchLost, run_batch
 
-    for blobs, repeats, keys in _messages(conn):
+    for blobs, repeats, keys, queued in _messages(conn):
         cases = [pickle.loads(blob) for blob in blobs]
-        runs = run_batch(cases, callables, device, repeats,
-                         on_case=lambda one: conn.send(("case", one)), keys=keys)
+        try:
+            runs = run_batch(cases, callables, device, repeats, queued=queued,
+                             on_case=lambda one: conn.send(("case", one)), keys=keys)
+        except QueuedBatchLost:
+            os._exit(3)
         if runs and _fatal(runs[-1]):
             # the CUDA context is poisoned: nothing this process runs next means anything
             os._exit(3)
@@ -864,6 +880,9 @@ class _Zygote:
             pass
 
 
+_IDLE: tuple[list[Case], None, float, None, bool] = ([], None, 0.0, None, False)
+
+
 class SandboxRunner:
     """Runs cases in a warm worker process, with warm spares to take over after a crash.
 
@@ -874,6 +893,8 @@ class SandboxRunner:
     the plan's ``max_spares``). ``fallback``: why workers are spawned
     interpreters instead of forks, ``None`` while they are forks. ``plan``
     (default :func:`plan_for` the device) says how workers come to be.
+    ``queued_batches``: whether a campaign sends it queued batches (on CUDA, where
+    they save a synchronisation and a copy per case; see :meth:`collect`).
     """
 
     def __init__(self, impl: Implementation, device: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -884,6 +905,7 @@ class SandboxRunner:
         self.repeats = repeats if repeats is not None else impl.repeats(device)
         self.cuda_device = cuda_device
         self.plan = plan or plan_for(device)
+        self.queued_batches = str(device).startswith("cuda")
         self._forks = hasattr(os, "fork")
         self.fallback: str | None = None
         self._zygote: _Zygote | None = None
@@ -893,7 +915,8 @@ class SandboxRunner:
         self._forks_asked = 0  # forks requested from the zygote, not yet among the spares
         self._retired: list[_Worker] = []  # ended, not yet gone
         self._started = False  # the first worker is up: any later new one is a cold start
-        self._pending: tuple[list[Case], _Worker | None, float] = ([], None, 0.0)
+        # the batch in flight: its cases, worker, when sent, keys, whether queued
+        self._pending: tuple[list[Case], _Worker | None, float, Any, bool] = _IDLE
         self._wire: dict[int, tuple[Case, bytes]] = {}  # id -> the case and its pickle
         # time.monotonic() at which every wait is cut (BudgetSpent): the campaign's budget
         self.deadline: float | None = None
@@ -1137,7 +1160,7 @@ class SandboxRunner:
         self._wire = wire
         return [wire[id(case)][1] for case in cases]
 
-    def _send(self, cases: list[Case], keys: list[Any] | None = None
+    def _send(self, cases: list[Case], keys: list[Any] | None = None, queued: bool = False
               ) -> tuple[_Worker, float]:
         """Send ``cases`` to the current worker; a worker found dead on sending is replaced.
 
@@ -1147,19 +1170,19 @@ class SandboxRunner:
         by :meth:`collect`, at its case).
         """
         blobs = self._encode(cases)
-        one = str(self.device).startswith("cuda") or len(blobs) == 1
+        one = str(self.device).startswith("cuda") or len(blobs) == 1 or queued
         messages = [(blobs, keys)] if one else [
             (blobs[:1], keys and keys[:1]), (blobs[1:], keys and keys[1:])]
         while True:
             worker = self._current()
             worker.clear_stderr()
             since = time.perf_counter()
-            if worker.send((messages[0][0], self.repeats, messages[0][1])):
+            if worker.send((messages[0][0], self.repeats, messages[0][1], queued)):
                 break
             self._lose(worker)
         self._arm()  # while the worker runs the cases
         for message, message_keys in messages[1:]:
-            if not worker.send((message, self.repeats, message_keys)):
+            if not worker.send((message, self.repeats, message_keys, False)):
                 break
         return worker, since
 
@@ -1194,22 +1217,23 @@ class SandboxRunner:
             self._lose(worker)  # it reported a sticky error and is exiting: not waited for
         return Outcome.of(runs, name), arrived
 
-    def submit(self, cases: list[Case], keys: list[Any] | None = None) -> None:
+    def submit(self, cases: list[Case], keys: list[Any] | None = None,
+               queued: bool = False) -> None:
         """Start running ``cases`` as one batch; :meth:`collect` gives their outcomes.
         ``keys``: per case ``None`` or its :class:`~difftest.compare.RepeatKey` by rank,
-        for the worker to leave out the outputs of repeats equal to the first run
-        (:func:`difftest.execute.run_batch`)."""
+        for the worker to leave out the outputs of repeats equal to the first run;
+        ``queued``: run them as a queued batch (:func:`difftest.execute.run_batch`)."""
         cases = list(cases)
         if not cases:
-            self._pending = ([], None, 0.0)
+            self._pending = _IDLE
             return
-        worker, since = self._send(cases, keys)
-        self._pending = (cases, worker, since)
+        worker, since = self._send(cases, keys, queued)
+        self._pending = (cases, worker, since, keys, queued)
 
     def busy(self) -> bool:
         """Whether the batch :meth:`submit` started is still running (:meth:`collect`
         would wait): its worker is alive and some of its cases have not answered yet."""
-        cases, worker, _ = self._pending
+        cases, worker = self._pending[:2]
         return bool(cases) and worker.inbox.qsize() < len(cases) and worker.alive()
 
     def collect(self) -> list[Outcome]:
@@ -1221,16 +1245,29 @@ class SandboxRunner:
         caused it: the cases after it did not run, and are the caller's to
         submit again (a spare takes them at once). :attr:`deadline` cuts the
         wait: the outcomes up to the cut (:class:`BudgetSpent` when there are none).
+
+        A queued batch answers all at once, after its one synchronisation, within
+        ``timeout_s`` of the submit. When its worker dies or hangs (a sticky error
+        ends it without an answer) no case of it is to blame yet: the batch runs again
+        case by case on a spare, and that run's outcomes (crash, hang) are returned.
         """
-        (cases, worker, since), self._pending = self._pending, ([], None, 0.0)
+        (cases, worker, since, keys, queued), self._pending = self._pending, _IDLE
         outcomes: list[Outcome] = []
-        for case in cases:
+        for index, case in enumerate(cases):
             try:
                 outcome, since = self._next_outcome(worker, since, self.timeout_s)
             except BudgetSpent:
                 if not outcomes:
                     raise
                 break
+            if queued and not outcome.runs:  # its worker lost with the batch unanswered
+                self.submit(cases[index:], keys and keys[index:])
+                try:
+                    return outcomes + self.collect()
+                except BudgetSpent:
+                    if not outcomes:
+                        raise
+                    return outcomes
             outcome = self._confirmed(case, outcome)
             outcomes.append(outcome)
             if worker is not self._worker:  # lost: the rest did not run

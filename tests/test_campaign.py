@@ -325,3 +325,113 @@ def test_a_campaign_given_stages_times_every_stage_of_every_case_it_records(tmp_
             assert stages.seconds[stage, size] > 0, (stage, size)
     assert stages.dispatch_s > sum(s for (stage, _), s in stages.seconds.items()
                                    if stage in ("oracle", "compare", "record"))
+
+
+class _Queues:
+    """A runner that takes queued batches (as a CUDA sandbox does) and says how each
+    batch was sent; every batch, and a case alone, runs in one block between zones
+    (attribution on, as on CUDA), so a far write lands in memory the run owns."""
+
+    queued_batches = True
+
+    def __init__(self, fns):
+        self.fns, self.sent, self._pending = fns, [], ([], False)
+
+    def restart(self):
+        pass
+
+    def run(self, case):
+        self._pending = ([case], False)
+        return self.collect()[0]
+
+    def submit(self, cases, keys=None, queued=False):
+        self.sent.append((len(cases), queued))
+        self._pending = (list(cases), queued)
+
+    def collect(self):
+        from difftest.execute import run_batch
+        from difftest.sandbox import Outcome
+
+        (cases, queued), self._pending = self._pending, ([], False)
+        return [Outcome(runs) for runs in run_batch(cases, self.fns, "cpu", attribute=True,
+                                                     queued=queued)] if cases else []
+
+
+def _queued_campaign(tmp_path, fn):
+    pytest.importorskip("torch")
+    campaign = Campaign(registry.resolve("torch", "align"), _Queues({"align": fn}),
+                        tmp_path, seed=0)
+    return campaign, campaign.runner
+
+
+def test_a_queued_batch_with_a_failure_is_recorded_from_its_case_by_case_run(tmp_path):
+    # the third case writes into the second's outputs, which only the case-by-case run
+    # pins on the writer; the second's wrong outputs in the queued run are not recorded
+    import _wild
+    from test_execute import _store_two
+
+    from cuda_impl import torch_impl
+
+    behind = _wild.offsets()[1]
+    ok = torch_impl.implementation()["align"]
+
+    def writes_behind(*args):
+        ok(*args)
+        if args[1] == 7:
+            _store_two(args[3], behind)
+
+    campaign, runner = _queued_campaign(tmp_path, writes_behind)
+    assert campaign.dispatch(list(_wild.CASES)) == []
+    campaign.drain()
+    assert runner.sent == [(5, True), (5, False)]
+    rows = [(row["case_id"], row["verdict"], row["checks_failed"]) for row in campaign.case_rows]
+    ids = [c.case_id for c in _wild.CASES]
+    assert rows == [(ids[0], "pass", []), (ids[1], "pass", []),
+                    (ids[2], "mismatch", ["wild_write"]), (ids[3], "pass", []),
+                    (ids[4], "pass", [])]
+    campaign.dispatch([_wild.align(2), _wild.align(1)])  # after a failure: case by case
+    campaign.drain()
+    assert runner.sent[-1] == (2, False)
+    campaign.log.close()
+
+
+def test_a_queued_failure_the_case_by_case_run_does_not_repeat_is_held_as_the_cases_own(
+        tmp_path):
+    # a race that fires once: the case-by-case run passes and pins no wild write anywhere
+    import _wild
+
+    from cuda_impl import torch_impl
+
+    ok = torch_impl.implementation()["align"]
+    fired: list = []
+
+    def wrong_once(*args):
+        ok(*args)
+        if args[1] == 7 and not fired:
+            fired.append(1)
+            args[5].add_(1)  # num_tokens_post_pad
+
+    campaign, runner = _queued_campaign(tmp_path, wrong_once)
+    campaign.dispatch(list(_wild.CASES))
+    campaign.drain()
+    # then, as for any failure that does not fail again alone, pairs look for a culprit
+    assert runner.sent[:2] == [(5, True), (5, False)]
+    assert len(runner.sent) > 2 and set(runner.sent[2:]) == {(2, False)}
+    assert [row["verdict"] for row in campaign.case_rows] == [
+        "pass", "pass", "mismatch", "pass", "pass"]
+    assert campaign.case_rows[2]["checks_failed"] == ["num_tokens_post_pad"]
+    campaign.log.close()
+
+
+def test_a_clean_queued_batch_is_recorded_once_and_batches_stay_queued(tmp_path):
+    import _wild
+
+    from cuda_impl import torch_impl
+
+    campaign, runner = _queued_campaign(tmp_path, torch_impl.implementation()["align"])
+    campaign.dispatch(list(_wild.CASES))
+    campaign.dispatch([_wild.align(2), _wild.align(1)])
+    campaign.drain()
+    assert runner.sent == [(5, True), (2, True)]
+    assert [row["verdict"] for row in campaign.case_rows] == ["pass"] * 7
+    campaign.log.close()

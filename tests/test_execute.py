@@ -47,13 +47,16 @@ def _same(a, b) -> None:
         np.testing.assert_array_equal(a.outputs[name], b.outputs[name])
 
 
-def test_a_batch_gives_every_case_what_it_gives_alone():
-    cases = _draw(40, seed=4)  # a seed whose 40 draws hold every dialect
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_batch_gives_every_case_what_it_gives_alone(queued):
+    cases = _draw(40, seed=4)  # a seed whose 40 draws hold every dialect, and EP cases
     assert {c.dialect for c in cases} == {"align", "vllm-lora", "sglang-lora", "ep-remap",
                                           "sglang-align"}
+    assert any(len(c.ranks()) > 1 for c in cases)
     fns = torch_impl.implementation()
-    batch = run_batch(cases, fns, "cpu", repeats=2)
+    batch = run_batch(cases, fns, "cpu", repeats=2, queued=queued)
     assert len(batch) == len(cases)
+    assert all(run.queued is queued for runs in batch for repeat in runs for run in repeat)
     for case, runs in zip(cases, batch):
         alone = run_case(case, fns, "cpu", repeats=2)
         assert len(runs) == 2 and [len(r) for r in runs] == [len(case.ranks())] * 2
@@ -244,3 +247,97 @@ def test_a_write_its_victim_overwrites_is_still_the_writers_wild_write():
     [w] = runs[2][0][0].wild_writes
     assert (w.case_id, w.buffer, w.role, w.position, w.value) == (
         _wild.CASES[3].case_id, "sorted_token_ids", "output", 0, 2)
+
+
+def _not_queued(runs) -> bool:
+    return not any(run.queued for case in runs for repeat in case for run in repeat)
+
+
+def test_a_clean_queued_batch_runs_every_call_once_then_streams_what_each_case_gives_alone():
+    import _wild
+
+    calls: list = []
+    streamed: list = []
+    counted = _counted(torch_impl.implementation()["align"], calls)
+
+    def fn(*args):  # every call is made before the first case is read back
+        assert not streamed
+        return counted(*args)
+
+    runs = run_batch(_wild.CASES, {"align": fn}, "cpu", queued=True, on_case=streamed.append)
+    assert calls == [3, 3, 7, 3, 3]
+    assert len(streamed) == 5 and all(s is r for s, r in zip(streamed, runs))
+    for case, case_runs in zip(_wild.CASES, runs):
+        assert case_runs[0][0].queued and not case_runs[0][0].wild_writes
+        _same(case_runs[0][0], run_case(case, torch_impl.implementation(), "cpu")[0][0])
+
+
+def test_a_queued_batch_with_a_changed_input_runs_again_case_by_case_and_pins_the_write():
+    import _wild
+
+    calls: list = []
+    streamed: list = []
+    fn = _counted(_wild.writer(_store_two), calls)
+    runs = run_batch(_wild.CASES, {"align": fn}, "cpu", queued=True, on_case=streamed.append)
+    assert calls == [3, 3, 7, 3, 3] * 2  # queued, then case by case on a fresh staging
+    assert len(streamed) == 5 and all(s is r for s, r in zip(streamed, runs))
+    assert _not_queued(runs)
+    assert [(w.case_id, w.buffer, w.role, w.position, w.value)
+            for w in runs[2][0][0].wild_writes] == _wild.WRITES
+
+
+def test_an_error_stays_in_its_queued_batch_and_an_overrun_runs_it_again_case_by_case():
+    raising = {"align": user_impls.align_raises_on_expert_map}
+    plain = Case("align", "production", np.array([[0, 1]], dtype=np.int32), 2, 2)
+    mapped = plain.replace(expert_map=np.array([0, -1], dtype=np.int32))
+    batch = run_batch([plain, mapped, plain], raising, "cpu", queued=True)
+    assert all(runs[0][0].queued for runs in batch)
+    assert [runs[0][0].error for runs in batch] == [
+        None, "NotImplementedError: expert_map is not supported", None]
+    assert batch[1][0][0].frames and batch[2][0][0].outputs["num_tokens_post_pad"].tolist() == [4]
+    fns = {"vllm-lora": user_impls.writes_past_last_row}  # T > 3 overruns by one element
+    batch = run_batch([_vllm(2), _vllm(4), _vllm(2)], fns, "cpu", queued=True)
+    assert _not_queued(batch)
+    damage = [runs[0][0].guard_damage for runs in batch]
+    assert damage == [{}, {"sorted_token_ids": [(batch[1][0][0].outputs[
+        "sorted_token_ids"].size, 7)]}, {}]
+
+
+def test_a_queued_batch_does_not_see_a_write_into_another_cases_outputs():
+    # what the campaign runs again case by case when a case of the batch fails
+    import _wild
+
+    behind = _wild.offsets()[1]  # the second case's expert_ids[1], read back already
+    ok = torch_impl.implementation()["align"]
+
+    def writes_behind(*args):
+        ok(*args)
+        if args[1] == 7:
+            _store_two(args[3], behind)
+
+    queued = run_batch(_wild.CASES, {"align": writes_behind}, "cpu", queued=True)
+    assert not any(run.wild_writes for case in queued for repeat in case for run in repeat)
+    assert queued[1][0][0].queued and queued[1][0][0].outputs["expert_ids"][1] == 2
+    attributed = run_batch(_wild.CASES, {"align": writes_behind}, "cpu", attribute=True)
+    assert [(w.case_id, w.buffer, w.position) for w in attributed[2][0][0].wild_writes] == [
+        (_wild.CASES[1].case_id, "expert_ids", 1)]
+
+
+def test_a_queued_batch_with_a_write_into_a_zone_runs_again_case_by_case_and_names_it():
+    import _wild
+
+    staged = [Staged(DIALECT_INFO["align"].plan(c, None)) for c in _wild.CASES]
+    origin = sum(s.nbytes for s in staged[:2]) + next(
+        b.data for b in staged[2].buffers if b.name == "sorted_token_ids")
+    ok = torch_impl.implementation()["align"]
+    calls: list = []
+
+    def writes_before_the_batch(*args):
+        calls.append(args[1])
+        ok(*args)
+        if args[1] == 7:
+            _store_two(args[3], -64 - origin)
+
+    runs = run_batch(_wild.CASES, {"align": writes_before_the_batch}, "cpu", queued=True)
+    assert calls == [3, 3, 7, 3, 3] * 2 and _not_queued(runs)
+    assert [(w.case_id, w.count) for w in runs[2][0][0].wild_writes] == [(None, 4)]  # bytes

@@ -49,7 +49,8 @@ def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
-def test_a_write_far_into_other_cases_blames_its_writer_and_no_other_case(faulty):
+@pytest.mark.parametrize("queued", [False, True])  # queued: it changed an input, run again
+def test_a_write_far_into_other_cases_blames_its_writer_and_no_other_case(faulty, queued):
     import _wild
 
     from difftest.evaluate import evaluate
@@ -63,7 +64,8 @@ def test_a_write_far_into_other_cases_blames_its_writer_and_no_other_case(faulty
         faulty.store_at(tensor.data_ptr(), offset // 4, 2, _stream())
 
     cases = _wild.CASES
-    runs = run_batch(cases, {"align": _wild.writer(store)}, "cuda", repeats=1)
+    runs = run_batch(cases, {"align": _wild.writer(store)}, "cuda", repeats=1, queued=queued)
+    assert not any(run.queued for case in runs for repeat in case for run in repeat)
     verdicts = [evaluate(c, Outcome(r), stable=False) for c, r in zip(cases, runs)]
     assert [v.verdict for v in verdicts] == ["pass", "pass", "mismatch", "pass", "pass"]
     assert verdicts[2].checks_failed == ["wild_write"]
@@ -72,7 +74,12 @@ def test_a_write_far_into_other_cases_blames_its_writer_and_no_other_case(faulty
     assert f"into case {cases[1].case_id}'s output expert_ids[1]: value 2" in verdicts[2].detail
 
 
-def test_a_campaign_reports_the_writer_confirmed_alone_and_no_victim(faulty, tmp_path):
+@pytest.mark.parametrize("far", ["ahead and behind", "behind"])
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_campaign_reports_the_writer_confirmed_alone_and_no_victim(faulty, tmp_path, queued,
+                                                                     far):
+    # behind alone: only into the second case's outputs, which a queued batch does not see
+    # (the second case fails there, and the batch runs again case by case)
     import _wild
 
     from difftest.campaign import Campaign
@@ -84,20 +91,29 @@ def test_a_campaign_reports_the_writer_confirmed_alone_and_no_victim(faulty, tmp
 
     impl = Implementation("py:test:writes_far", "py", ("align",), ("cuda",), False, "test",
                           target="test:writes_far")
-    runner = InProcessRunner(impl, "cuda", repeats=1,
-                             callables={"align": _wild.writer(store)})
+    if far == "behind":
+        def store_behind(tensor, offset):
+            if offset < 0:
+                store(tensor, offset)
+    runner = InProcessRunner(impl, "cuda", repeats=1, queued_batches=queued,
+                             callables={"align": _wild.writer(
+                                 store if far != "behind" else store_behind)})
     campaign = Campaign(impl, runner, tmp_path, seed=0)
     campaign.dispatch(list(_wild.CASES))
     campaign.drain()
     campaign.log.close()
     assert campaign.result.verdicts == {"pass": 4, "mismatch": 1}
+    assert [row["verdict"] for row in campaign.case_rows] == [
+        "pass", "pass", "mismatch", "pass", "pass"]
     [(sig, failure)] = campaign.result.failures.items()
     assert sig == "align--mismatch--wild_write" and failure.case == _wild.CASES[2]
     # alone, its stores land in the zones around its block: the same failure
     assert failure.confirmation.reproduced and failure.confirmation.attempts == 1
 
 
-def test_a_launch_error_left_pending_is_pinned_on_its_call_and_the_next_case_passes(faulty):
+@pytest.mark.parametrize("queued", [False, True])  # queued: a launch error, run again
+def test_a_launch_error_left_pending_is_pinned_on_its_call_and_the_next_case_passes(faulty,
+                                                                                   queued):
     from cuda_impl import torch_impl
     from difftest.evaluate import evaluate
     from difftest.execute import run_batch
@@ -115,8 +131,9 @@ def test_a_launch_error_left_pending_is_pinned_on_its_call_and_the_next_case_pas
     from _wild import align
 
     cases = [align(0), align(1, num_experts=5), align(2), align(0)]
-    runs = run_batch(cases, {"align": launches_empty_grid}, "cuda", repeats=2)
+    runs = run_batch(cases, {"align": launches_empty_grid}, "cuda", repeats=2, queued=queued)
     assert len(runs) == 4  # nothing was fatal
+    assert not any(run.queued for case in runs for repeat in case for run in repeat)
     verdicts = [evaluate(c, Outcome(r), stable=False) for c, r in zip(cases, runs)]
     assert [v.verdict for v in verdicts] == ["pass", "error", "pass", "pass"]
     assert verdicts[1].checks_failed == ["launch_error"]
@@ -129,7 +146,8 @@ def test_a_launch_error_left_pending_is_pinned_on_its_call_and_the_next_case_pas
     assert torch.zeros(4, device="cuda").add_(1).sum().item() == 4
 
 
-def test_the_zero_grid_launch_fault_is_a_launch_error_of_its_case_in_a_batch():
+@pytest.mark.parametrize("queued", [False, True])
+def test_the_zero_grid_launch_fault_is_a_launch_error_of_its_case_in_a_batch(queued):
     # cuda:zero-grid-launch launches its large path with zero blocks when T = 0, E > 64
     from _wild import align
 
@@ -142,7 +160,7 @@ def test_the_zero_grid_launch_fault_is_a_launch_error_of_its_case_in_a_batch():
     empty = Case("align", "defensive", np.zeros((0, 2), dtype=np.int32), 100, 2)
     cases = [align(0), empty, align(1), empty.replace(num_experts=4)]
     fns = cuda.implementation("zero-grid-launch")
-    runs = run_batch(cases, fns, "cuda", repeats=2)
+    runs = run_batch(cases, fns, "cuda", repeats=2, queued=queued)
     verdicts = [evaluate(c, Outcome(r), stable=cuda.STABLE) for c, r in zip(cases, runs)]
     assert [v.verdict for v in verdicts] == ["pass", "error", "pass", "pass"]
     assert verdicts[1].checks_failed == ["launch_error"]

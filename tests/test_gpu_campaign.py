@@ -125,6 +125,58 @@ def test_a_batch_with_an_illegal_address_stops_at_its_case_and_the_rest_runs_aft
         assert (runner.restarts, runner.cold_starts) == (1, 0)  # a spare ran the rest
 
 
+def test_a_queued_batch_with_an_illegal_address_runs_again_and_the_crash_is_its_case():
+    from difftest import registry
+    from difftest.evaluate import evaluate
+    from difftest.sandbox import SandboxRunner
+
+    impl = registry.resolve("cuda:no-slot-upper-guard", "vllm-lora")
+    wild, fine = _slot_past_the_rows(1 << 28), _fine(2)
+    cases = [fine, fine, wild, fine, fine]
+    with SandboxRunner(impl, "cuda", timeout_s=60) as runner:
+        assert runner.queued_batches
+        runner.submit(cases, queued=True)
+        outcomes = runner.collect()  # no answer from the queued run: case by case on a spare
+        assert [evaluate(c, o, stable=False).verdict for c, o in zip(cases, outcomes)] == [
+            "pass", "pass", "crash"]
+        assert outcomes[2].runs[0][0].fatal and outcomes[2].runs[0][0].error
+        assert not any(r.queued for o in outcomes for repeat in o.runs for r in repeat)
+        assert runner.restarts == 2
+        runner.submit(cases[3:], queued=True)
+        outcomes = runner.collect()
+        assert [evaluate(c, o, stable=False).verdict
+                for c, o in zip(cases[3:], outcomes)] == ["pass", "pass"]
+        assert all(r.queued for o in outcomes for repeat in o.runs for r in repeat)
+
+
+def test_a_queued_batch_on_the_gpu_gives_every_case_what_it_gives_case_by_case():
+    # repeats, and RepeatKeys for the larger cases: their equal repeats are left out too
+    from cuda_impl import cuda
+    from difftest.compare import repeat_key
+    from difftest.evaluate import evaluate, expected_by_rank
+    from difftest.execute import run_batch
+    from difftest.registry import CUDA_REPEATS
+    from difftest.sandbox import Outcome
+
+    cases = _draw("vllm-lora", 30, seed=11) + _draw("align", 30, seed=12)
+    expected = [expected_by_rank(c) for c in cases]
+    keys = [{rank: repeat_key(e) for rank, e in ex.items()} if c.num_routes >= 1024 else None
+            for c, ex in zip(cases, expected)]
+    assert any(keys) and not all(keys)
+    fns = cuda.implementation()
+    queued = run_batch(cases, fns, "cuda", CUDA_REPEATS, keys=keys, queued=True)
+    attributed = run_batch(cases, fns, "cuda", CUDA_REPEATS, keys=keys)
+    assert len(queued) == len(cases)
+    left_out = 0
+    for case, ex, a, b in zip(cases, expected, queued, attributed):
+        assert all(r.queued for repeat in a for r in repeat)
+        assert evaluate(case, Outcome(a), stable=cuda.STABLE, expected=ex).verdict == "pass"
+        assert evaluate(case, Outcome(b), stable=cuda.STABLE, expected=ex).verdict == "pass"
+        assert [len(repeat) for repeat in a] == [len(repeat) for repeat in b]
+        left_out += sum(r.same_as_first for repeat in a for r in repeat)
+    assert left_out
+
+
 def test_a_crash_in_a_repeated_call_is_one_fatal_run_of_its_case():
     from difftest import registry
     from difftest.evaluate import evaluate

@@ -157,6 +157,35 @@ def test_a_batch_with_a_segfault_pins_it_on_its_case_and_the_spare_runs_the_rest
         assert (runner.restarts, runner.cold_starts) == (1, 0)
 
 
+def test_a_queued_batch_whose_worker_dies_runs_again_case_by_case_and_the_crash_is_its_case():
+    impl = registry.resolve("py:user_impls:segfaults_on_empty_batch", "vllm-lora")
+    cases = [_vllm_case(3), _vllm_case(1), _vllm_case(0), _vllm_case(2)]
+    with SandboxRunner(impl, "cpu", timeout_s=30) as runner:
+        runner.submit(cases[:2], queued=True)
+        clean = runner.collect()
+        assert all(run.queued for o in clean for repeat in o.runs for run in repeat)
+        runner.submit(cases, queued=True)
+        outcomes = runner.collect()
+        # no answer from the queued run: the spare ran the batch case by case
+        verdicts = [evaluate(c, o, stable=impl.stable).verdict for c, o in zip(cases, outcomes)]
+        assert verdicts == ["pass", "pass", "crash"]
+        assert "SIGSEGV" in outcomes[2].detail
+        assert not any(run.queued for o in outcomes for repeat in o.runs for run in repeat)
+        assert runner.restarts == 2  # the queued run's worker, and the case by case run's
+
+
+def test_a_queued_batch_that_hangs_runs_again_case_by_case_and_the_timeout_is_its_case():
+    impl = registry.resolve("py:user_impls:hangs_on_disabled_adapter", "vllm-lora")
+    cases = [_vllm_case(2), _vllm_case(2, enabled=(0, 1, 1)), _vllm_case(1)]
+    with SandboxRunner(impl, "cpu", timeout_s=1.0, confirm_timeouts=False) as runner:
+        runner.run(cases[0])
+        runner.submit(cases, queued=True)
+        verdicts = [evaluate(c, o, stable=impl.stable).verdict
+                    for c, o in zip(cases, runner.collect())]
+        assert verdicts == ["pass", "timeout"]
+        assert runner.restarts == 2
+
+
 def test_a_batch_that_hangs_pins_the_timeout_on_its_case():
     impl = registry.resolve("py:user_impls:hangs_on_disabled_adapter", "vllm-lora")
     cases = [_vllm_case(2), _vllm_case(2, enabled=(0, 1, 1)), _vllm_case(1)]
