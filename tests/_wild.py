@@ -39,8 +39,16 @@ def offsets() -> tuple[int, int]:
     return data(3, "topk_ids") - origin, data(1, "expert_ids") + 4 - origin
 
 
-def writer(store):
-    """The correct torch ``align``, plus the two stores of the case with E = 7."""
+def store_two(tensor, offset: int) -> None:
+    """The CPU's store: ``2`` as int32 at ``offset`` bytes from ``tensor``'s data."""
+    import ctypes
+
+    ctypes.memmove(tensor.data_ptr() + offset, (ctypes.c_int32 * 1)(2), 4)
+
+
+def writer(store, behind_only: bool = False):
+    """The correct torch ``align``, plus the two stores of the case with E = 7 (only the
+    one into the second case's outputs, already read back, with ``behind_only``)."""
     ok = torch_impl.implementation()["align"]
     ahead, behind = offsets()
 
@@ -49,7 +57,7 @@ def writer(store):
         ok(topk_ids, num_experts, block_size, sorted_token_ids, expert_ids,
            num_tokens_post_pad, expert_map)
         if num_experts == 7:
-            for offset in (ahead, behind):
+            for offset in (behind,) if behind_only else (ahead, behind):
                 store(sorted_token_ids, offset)
 
     return writes_far

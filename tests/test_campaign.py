@@ -368,19 +368,9 @@ def test_a_queued_batch_with_a_failure_is_recorded_from_its_case_by_case_run(tmp
     # the third case writes into the second's outputs, which only the case-by-case run
     # pins on the writer; the second's wrong outputs in the queued run are not recorded
     import _wild
-    from test_execute import _store_two
 
-    from cuda_impl import torch_impl
-
-    behind = _wild.offsets()[1]
-    ok = torch_impl.implementation()["align"]
-
-    def writes_behind(*args):
-        ok(*args)
-        if args[1] == 7:
-            _store_two(args[3], behind)
-
-    campaign, runner = _queued_campaign(tmp_path, writes_behind)
+    campaign, runner = _queued_campaign(tmp_path, _wild.writer(_wild.store_two,
+                                                               behind_only=True))
     assert campaign.dispatch(list(_wild.CASES)) == []
     campaign.drain()
     assert runner.sent == [(5, True), (5, False)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -170,10 +169,7 @@ def test_a_write_into_another_cases_block_is_the_writers_failure_not_its_victims
     # other blocks, so the attribution CUDA gets by default is checked here, switched on.
     import _wild
 
-    def store(tensor, offset):
-        ctypes.memmove(tensor.data_ptr() + offset, (ctypes.c_int32 * 1)(2), 4)
-
-    cases, writes_far = _wild.CASES, _wild.writer(store)
+    cases, writes_far = _wild.CASES, _wild.writer(_wild.store_two)
     runs = run_batch(cases, {"align": writes_far}, "cpu", attribute=True)
     verdicts = [evaluate(c, Outcome(r), stable=False) for c, r in zip(cases, runs)]
     assert [v.verdict for v in verdicts] == ["pass", "pass", "mismatch", "pass", "pass"]
@@ -204,11 +200,9 @@ def test_a_case_alone_shows_its_far_write_in_the_zone_around_its_block():
     # block and land in the guard zones around the batch: still its wild_write
     import _wild
 
-    def store(tensor, offset):
-        ctypes.memmove(tensor.data_ptr() + offset, (ctypes.c_int32 * 1)(2), 4)
-
     writer = _wild.CASES[2]
-    [runs] = run_batch([writer], {"align": _wild.writer(store)}, "cpu", attribute=True)
+    [runs] = run_batch([writer], {"align": _wild.writer(_wild.store_two)}, "cpu",
+                       attribute=True)
     [wild] = runs[0][0].wild_writes
     assert (wild.case_id, wild.count) == (None, 8)  # bytes: two stores of 2 over GUARD
     verdict = evaluate(writer, Outcome(runs), stable=False)

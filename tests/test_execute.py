@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import user_impls  # noqa: E402  (needs torch)
+from _wild import store_two as _store_two  # noqa: E402
 
 from cuda_impl import torch_impl  # noqa: E402
 from difftest.case import Case  # noqa: E402
@@ -163,12 +164,6 @@ def test_a_sticky_error_at_the_copy_back_goes_to_the_call_that_was_repeated():
 
 
 # -- attribution: after each case, the rest of the batch compared -----------------------
-def _store_two(tensor, offset):
-    import ctypes
-
-    ctypes.memmove(tensor.data_ptr() + offset, (ctypes.c_int32 * 1)(2), 4)
-
-
 def _counted(fn, calls: list):
     def counted(*args):
         calls.append(args[1])  # num_experts: which case of the _wild batch
@@ -307,14 +302,8 @@ def test_a_queued_batch_does_not_see_a_write_into_another_cases_outputs():
     # what the campaign runs again case by case when a case of the batch fails
     import _wild
 
-    behind = _wild.offsets()[1]  # the second case's expert_ids[1], read back already
-    ok = torch_impl.implementation()["align"]
-
-    def writes_behind(*args):
-        ok(*args)
-        if args[1] == 7:
-            _store_two(args[3], behind)
-
+    # the second case's expert_ids[1], read back already
+    writes_behind = _wild.writer(_store_two, behind_only=True)
     queued = run_batch(_wild.CASES, {"align": writes_behind}, "cpu", queued=True)
     assert not any(run.wild_writes for case in queued for repeat in case for run in repeat)
     assert queued[1][0][0].queued and queued[1][0][0].outputs["expert_ids"][1] == 2

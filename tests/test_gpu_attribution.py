@@ -91,13 +91,8 @@ def test_a_campaign_reports_the_writer_confirmed_alone_and_no_victim(faulty, tmp
 
     impl = Implementation("py:test:writes_far", "py", ("align",), ("cuda",), False, "test",
                           target="test:writes_far")
-    if far == "behind":
-        def store_behind(tensor, offset):
-            if offset < 0:
-                store(tensor, offset)
     runner = InProcessRunner(impl, "cuda", repeats=1, queued_batches=queued,
-                             callables={"align": _wild.writer(
-                                 store if far != "behind" else store_behind)})
+                             callables={"align": _wild.writer(store, far == "behind")})
     campaign = Campaign(impl, runner, tmp_path, seed=0)
     campaign.dispatch(list(_wild.CASES))
     campaign.drain()
